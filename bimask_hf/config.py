@@ -1,0 +1,175 @@
+"""`BiMaskConfig`: every setting of Bi-Mask N:M sparse training in one validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CONFIG_NAME = "bimask_config.json"
+
+MODES = ("dense", "srste", "bimask", "transposable", "pre", "post")
+from .search import METHODS as PERMUTATION_SEARCHES  # noqa: E402
+GROUP_LAYOUTS = ("channels_last", "flat")
+
+# The seed scripts' `--mask_mode` names.
+SEED_MODE_NAMES = {"m1": "dense", "m2": "bimask", "m3": "pre", "m4": "post"}
+
+
+@dataclass
+class BiMaskConfig:
+    """Configuration of N:M sparse training with Bi-directional Masks.
+
+    Saved as ``bimask_config.json`` next to the model weights, so a sparse checkpoint records how it
+    was made and can be re-patched with the same settings.
+    """
+
+    n: int = field(default=2, metadata={"help": "Weights kept in every group of M (the N of N:M)."})
+    m: int = field(default=4, metadata={"help": "Group size (the M of N:M)."})
+    mode: str = field(
+        default="bimask",
+        metadata={
+            "help": "How the mask acts: dense | srste | bimask | transposable | pre | post "
+            "(the seed's m1/m2/m3/m4 are accepted as aliases)."
+        },
+    )
+    decay: float = field(
+        default=2e-4, metadata={"help": "SR-STE decay on pruned weights: adds decay*(1-Mf)*W to dL/dW."}
+    )
+    permutation_interval: int = field(
+        default=100,
+        metadata={"help": "Optimizer steps between backward-mask permutation refreshes (the seed's --iter)."},
+    )
+    num_permutations: int = field(
+        default=100,
+        metadata={"help": "Candidates of the random permutation search (the seed's --greedy_num)."},
+    )
+    permutation_search: str = field(
+        default="swap",
+        metadata={
+            "help": "Row-permutation search for the backward mask: 'swap' (vectorised local search, "
+            "default), 'random' (the paper's best-of-K) or 'identity'."
+        },
+    )
+    group_layout: str = field(
+        default="channels_last",
+        metadata={
+            "help": "Column order of conv weights for N:M groups: 'channels_last' ((kh, kw, c): groups run "
+            "along input channels, as sparse tensor cores expect) or 'flat' (PyTorch's (c, kh, kw))."
+        },
+    )
+    density: float | None = field(
+        default=None,
+        metadata={"help": "If set, use unstructured top-|W| masks keeping this share of each layer instead of N:M."},
+    )
+    target_modules: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Layers to sparsify: a string is a full regex match on the qualified module name, a list "
+            "matches exact names or name suffixes. None = every eligible Linear/Conv2d but stem and head."
+        },
+    )
+    exclude_modules: str | list[str] | None = field(
+        default=None, metadata={"help": "Layers never to sparsify, matched like target_modules."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the permutation search (identical on every rank)."})
+
+    def __post_init__(self) -> None:
+        self.mode = SEED_MODE_NAMES.get(self.mode, self.mode)
+        for name in ("n", "m", "permutation_interval", "num_permutations", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"BiMaskConfig.{name} must be an integer, got {value!r}.")
+        if self.n < 1:
+            raise ValueError(f"BiMaskConfig.n must be >= 1, got n={self.n}.")
+        if self.m < 1:
+            raise ValueError(f"BiMaskConfig.m must be >= 1, got m={self.m}.")
+        if self.n > self.m:
+            raise ValueError(
+                f"BiMaskConfig.n must be <= m (N:M keeps N of every M weights), got n={self.n}, m={self.m}."
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"BiMaskConfig.mode must be one of {MODES} (or m1..m4), got {self.mode!r}.")
+        if self.permutation_search not in PERMUTATION_SEARCHES:
+            raise ValueError(
+                f"BiMaskConfig.permutation_search must be one of {PERMUTATION_SEARCHES}, "
+                f"got {self.permutation_search!r}."
+            )
+        if self.group_layout not in GROUP_LAYOUTS:
+            raise ValueError(
+                f"BiMaskConfig.group_layout must be one of {GROUP_LAYOUTS}, got {self.group_layout!r}."
+            )
+        if self.permutation_interval < 1:
+            raise ValueError(
+                f"BiMaskConfig.permutation_interval must be >= 1, got {self.permutation_interval}."
+            )
+        if self.num_permutations < 1:
+            raise ValueError(f"BiMaskConfig.num_permutations must be >= 1, got {self.num_permutations}.")
+        if not isinstance(self.decay, (int, float)) or self.decay < 0:
+            raise ValueError(f"BiMaskConfig.decay must be a float >= 0, got {self.decay!r}.")
+        self.decay = float(self.decay)
+        if self.density is not None:
+            if not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
+                raise ValueError(f"BiMaskConfig.density must be in (0, 1], got {self.density!r}.")
+            self.density = float(self.density)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, set)):
+                value = sorted(value)
+            if value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"BiMaskConfig.{name} must be a regex string or a list of names, got {value!r}.")
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise ValueError(f"BiMaskConfig.{name} must hold module-name strings, got {value!r}.")
+            setattr(self, name, value)
+
+    @property
+    def pattern(self) -> str:
+        """Human name of the sparsity pattern, e.g. ``"2:4"`` or ``"50% unstructured"``."""
+        if self.density is not None:
+            return f"{self.density:.0%} unstructured"
+        return f"{self.n}:{self.m}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BiMaskConfig:
+        """Build a config from a dict, ignoring keys that are not fields (e.g. saved metadata)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> str:
+        """Write ``bimask_config.json`` (sorted keys) into ``save_directory``; ``extra`` keys are stored too."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        data = {**self.to_dict(), **extra}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def load_json(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
+        """The raw contents of ``bimask_config.json`` from a folder, a file path or a Hub repo id."""
+        path = os.fspath(path_or_repo_id)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"No {CONFIG_NAME} in folder {path_or_repo_id!r}: it was not saved by bimask-hf "
+                    "(save with BiMaskConfig.save_pretrained or bimask_hf.save_sparse_model)."
+                )
+        elif not os.path.isfile(path):
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(repo_id=path, filename=CONFIG_NAME, **hub_kwargs)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> BiMaskConfig:
+        """Load ``bimask_config.json`` from a local folder or a Hub repo id."""
+        return cls.from_dict(cls.load_json(path_or_repo_id, **hub_kwargs))

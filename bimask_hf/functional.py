@@ -1,0 +1,140 @@
+"""Masked linear and conv2d with Bi-Mask gradients, as private autograd Functions.
+
+For ``y = x (W*Mf)^T + b`` the backward pass returns
+
+* ``dL/dx = g (W*Mb)``                      (the input gradient through the backward mask),
+* ``dL/dW = g^T x + decay * (1 - Mf) * W``  (dense straight-through gradient plus SR-STE decay),
+* ``dL/db = sum(g)``.
+
+Convolutions use PyTorch's native ops (``conv2d`` forward, one ``convolution_backward`` call for the
+input and weight gradients): the weight gradient does not depend on the weight, so passing ``W*Mb``
+gives the Bi-Mask input gradient and the dense weight gradient at once. Under ``torch.autocast`` the
+matmuls run in the autocast dtype and the weight gradient is returned in the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["masked_linear", "masked_conv2d"]
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    if t is None or dtype is None or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
+def _weight_grad_extra(grad_w: torch.Tensor, weight: torch.Tensor, fwd_mask: torch.Tensor, decay: float) -> torch.Tensor:
+    grad_w = grad_w.to(weight.dtype)
+    if decay:
+        grad_w = grad_w + decay * weight.detach() * (~fwd_mask)
+    return grad_w
+
+
+class _MaskedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, fwd_mask, bwd_mask, decay):  # type: ignore[override]
+        dtype = _autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = _cast(x, dtype)
+            out = F.linear(xc, _cast(weight * fwd_mask, dtype), _cast(bias, dtype))
+        ctx.save_for_backward(xc, weight, fwd_mask, bwd_mask)
+        ctx.decay = decay
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        xc, weight, fwd_mask, bwd_mask = ctx.saved_tensors
+        grad_out = grad_out.to(xc.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ (weight * bwd_mask).to(xc.dtype)).to(ctx.x_dtype)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad_extra(g2.T @ xc.reshape(-1, xc.shape[-1]), weight, fwd_mask, ctx.decay)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class _MaskedConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, fwd_mask, bwd_mask, decay, stride, padding, dilation, groups):  # type: ignore[override]
+        dtype = _autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = _cast(x, dtype)
+            out = F.conv2d(xc, _cast(weight * fwd_mask, dtype), _cast(bias, dtype), stride, padding, dilation, groups)
+        ctx.save_for_backward(xc, weight, fwd_mask, bwd_mask)
+        ctx.decay = decay
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        xc, weight, fwd_mask, bwd_mask = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        grad_out = grad_out.to(xc.dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = bool(need_b and ctx.has_bias)
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out,
+            xc,
+            (weight * bwd_mask).to(xc.dtype),
+            [weight.shape[0]] if ctx.has_bias else None,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            [need_x, need_w, need_b],
+        )
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
+        if grad_w is not None:
+            grad_w = _weight_grad_extra(grad_w, weight, fwd_mask, ctx.decay)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def masked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fwd_mask: torch.Tensor,
+    bwd_mask: torch.Tensor,
+    decay: float = 0.0,
+) -> torch.Tensor:
+    """``F.linear(x, W*Mf, b)`` whose input gradient goes through ``W*Mb`` and whose weight gradient is
+    the dense straight-through ``g^T x`` plus ``decay * (1 - Mf) * W``."""
+    return _MaskedLinearFn.apply(x, weight, bias, fwd_mask, bwd_mask, float(decay))
+
+
+def masked_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fwd_mask: torch.Tensor,
+    bwd_mask: torch.Tensor,
+    decay: float = 0.0,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d`` with the masks of :func:`masked_linear`; ``padding`` must be explicit integers."""
+    return _MaskedConv2dFn.apply(
+        x, weight, bias, fwd_mask, bwd_mask, float(decay), tuple(stride), tuple(padding), tuple(dilation), groups
+    )

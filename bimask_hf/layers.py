@@ -1,0 +1,337 @@
+"""`BiMaskLinear` and `BiMaskConv2d`: drop-in sparse layers for every mode of the method.
+
+They subclass ``nn.Linear`` / ``nn.Conv2d`` and keep the parameter names ``weight`` and ``bias``, so a
+patched model's state dict has the plain model's keys plus one buffer per layer,
+``bimask_permutation`` (the backward mask's row permutation, saved so a resumed run continues with it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MODES, BiMaskConfig
+from .functional import masked_conv2d, masked_linear
+from .masks import (
+    backward_mask,
+    matrix_to_weight,
+    nm_mask,
+    retention,
+    search_permutation,
+    transposable_mask,
+    unstructured_mask,
+    weight_to_matrix,
+)
+
+__all__ = ["BiMaskLinear", "BiMaskConv2d", "BiMaskLayer", "PERMUTATION_KEY"]
+
+PERMUTATION_KEY = "bimask_permutation"
+_DECAY_MODES = ("srste", "bimask", "transposable")
+
+
+class BiMaskLayer:
+    """Behaviour shared by :class:`BiMaskLinear` and :class:`BiMaskConv2d` (a mixin over nn.Module)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    training: bool
+
+    def _init_bimask(
+        self,
+        n: int = 2,
+        m: int = 4,
+        mode: str = "bimask",
+        decay: float = 2e-4,
+        density: float | None = None,
+        group_layout: str = "channels_last",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if not 1 <= n <= m:
+            raise ValueError(f"Invalid N:M pattern {n}:{m}: need 1 <= N <= M.")
+        self.n, self.m, self.mode, self.decay = n, m, mode, float(decay)
+        self.density = density
+        self.group_layout = group_layout
+        rows = self.weight.shape[0]
+        row_groups = self._row_groups()
+        # Backward masks need whole groups of M rows inside every conv group; otherwise uni-directional.
+        self.bidirectional = density is None and (rows // row_groups) % m == 0
+        perm = torch.arange(rows, device=self.weight.device)
+        self.register_buffer(PERMUTATION_KEY, perm, persistent=True)
+        self.forward_mask: torch.Tensor | None = None
+        self.backward_mask: torch.Tensor | None = None
+        self._mask_key: tuple | None = None
+
+    # ---- configuration -------------------------------------------------------------------------
+    def _row_groups(self) -> int:
+        return getattr(self, "groups", 1) if isinstance(self, nn.Conv2d) else 1
+
+    @property
+    def effective_mode(self) -> str:
+        """The mode actually run: ``bimask`` falls back to ``srste`` when rows do not form groups of M."""
+        if self.mode == "bimask" and not self.bidirectional:
+            return "srste"
+        return self.mode
+
+    @property
+    def pattern(self) -> str:
+        """``"2:4"`` or ``"50% unstructured"``."""
+        return f"{self.density:.0%} unstructured" if self.density is not None else f"{self.n}:{self.m}"
+
+    def bimask_extra_repr(self) -> str:
+        return f"pattern={self.pattern}, mode={self.effective_mode}, decay={self.decay}, layout={self.group_layout}"
+
+    # ---- masks ---------------------------------------------------------------------------------
+    def compute_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward mask, backward mask) for the current weights, both boolean and shaped like ``weight``."""
+        weight = self.weight.detach()
+        if self.mode == "dense":
+            ones = torch.ones_like(weight, dtype=torch.bool)
+            return ones, ones
+        if self.density is not None:
+            mf = unstructured_mask(weight, self.density)
+            return mf, mf
+        matrix = weight_to_matrix(weight, self.group_layout)
+        if self.mode == "transposable":
+            mf_m = transposable_mask(matrix, self.n, self.m)
+            mf = matrix_to_weight(mf_m, weight.shape, self.group_layout)
+            return mf, mf
+        mf_m = nm_mask(matrix, self.n, self.m)
+        mf = matrix_to_weight(mf_m, weight.shape, self.group_layout)
+        if self.effective_mode != "bimask":
+            return mf, mf
+        mb_m = backward_mask(matrix, mf_m, getattr(self, PERMUTATION_KEY), self.n, self.m)
+        return mf, matrix_to_weight(mb_m, weight.shape, self.group_layout)
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for the current weights, cached until the weights or the permutation change in place."""
+        perm = getattr(self, PERMUTATION_KEY)
+        key = (self.weight.data_ptr(), self.weight._version, perm.data_ptr(), perm._version, self.mode)
+        if key != self._mask_key or self.forward_mask is None:
+            self.forward_mask, self.backward_mask = self.compute_masks()
+            self._mask_key = key
+        return self.forward_mask, self.backward_mask  # type: ignore[return-value]
+
+    def retention(self) -> float:
+        """``|Mb| / |Mf|`` of the current masks (1.0 outside ``bimask`` mode)."""
+        mf, mb = self.masks()
+        return retention(mf, mb)
+
+    def sparse_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses, ``W * Mf`` (pruned entries exactly zero)."""
+        mf, _ = self.masks()
+        return self.weight.detach() * mf
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Prune the parameter in place, ``W <- W * Mf`` (modes ``pre`` and ``post``)."""
+        mf, _ = self.masks()
+        self.weight.mul_(mf)
+
+    @torch.no_grad()
+    def refresh_permutation(
+        self, method: str = "swap", num_candidates: int = 100, generator: torch.Generator | None = None
+    ) -> float:
+        """Search a new row permutation for the backward mask; returns the seconds spent.
+
+        The search starts from the current permutation, so retention never drops at a refresh. In a
+        grouped conv each conv group is searched on its own rows, as its input gradient only reduces
+        over them.
+        """
+        if self.effective_mode != "bimask":
+            return 0.0
+        start = time.perf_counter()
+        weight = self.weight.detach()
+        mf = nm_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
+        perm = getattr(self, PERMUTATION_KEY)
+        groups = self._row_groups()
+        rows = weight.shape[0] // groups
+        parts = []
+        for g in range(groups):
+            lo = g * rows
+            init = perm[lo : lo + rows] - lo
+            part = search_permutation(
+                mf[lo : lo + rows], self.n, self.m, method=method, num_candidates=num_candidates,
+                generator=generator, init=init,
+            )
+            parts.append(part + lo)
+        perm.copy_(torch.cat(parts))
+        return time.perf_counter() - start
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+        # A plain (unpatched) checkpoint has no permutation: keep the current one instead of failing.
+        key = prefix + PERMUTATION_KEY
+        if key not in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[key] = getattr(self, PERMUTATION_KEY)
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._mask_key = None
+
+    def _masked_call(self, x: torch.Tensor, fn: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mode == "pre" and self.training:
+            self.project_()
+        mf, mb = self.masks()
+        decay = self.decay if self.mode in _DECAY_MODES else 0.0
+        return fn(x, self.weight, self.bias, mf, mb, decay, **kwargs)
+
+    @classmethod
+    def _settings(cls, config: BiMaskConfig) -> dict[str, Any]:
+        return dict(
+            n=config.n, m=config.m, mode=config.mode, decay=config.decay, density=config.density,
+            group_layout=config.group_layout,
+        )
+
+
+class BiMaskLinear(BiMaskLayer, nn.Linear):
+    """``nn.Linear`` with an N:M (or unstructured) forward mask and a Bi-Mask backward mask."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        n: int = 2,
+        m: int = 4,
+        mode: str = "bimask",
+        decay: float = 2e-4,
+        density: float | None = None,
+        group_layout: str = "channels_last",
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_bimask(n, m, mode, decay, density, group_layout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "dense":
+            self.forward_mask, self.backward_mask = self.masks()
+            return F.linear(x, self.weight, self.bias)
+        return self._masked_call(x, masked_linear)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self.bimask_extra_repr()}"
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, config: BiMaskConfig) -> BiMaskLinear:
+        """Wrap an existing ``nn.Linear``, sharing its parameters (no copy)."""
+        with torch.device("meta"):
+            new = cls(module.in_features, module.out_features, bias=module.bias is not None, **cls._settings(config))
+        new.weight = module.weight
+        new.bias = module.bias
+        new._init_bimask(**cls._settings(config))
+        new.train(module.training)
+        return new
+
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``W * Mf`` (pruned weights exactly zero) and the same bias."""
+        with torch.device("meta"):
+            plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.weight = nn.Parameter(self.sparse_weight().clone(), requires_grad=self.weight.requires_grad)
+        plain.bias = self.bias
+        plain.train(self.training)
+        return plain
+
+
+def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """Explicit symmetric padding of a conv, or None if it cannot be expressed so (e.g. odd 'same')."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0)
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        if any(t % 2 for t in totals):
+            return None
+        return (totals[0] // 2, totals[1] // 2)
+    return tuple(module.padding)  # type: ignore[return-value]
+
+
+class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
+    """``nn.Conv2d`` (any stride, padding, dilation, groups, bias, padding mode) with Bi-Mask masks."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        n: int = 2,
+        m: int = 4,
+        mode: str = "bimask",
+        decay: float = 2e-4,
+        density: float | None = None,
+        group_layout: str = "channels_last",
+    ) -> None:
+        nn.Conv2d.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        self._explicit_padding = conv_padding(self)
+        if self._explicit_padding is None:
+            raise ValueError(
+                f"BiMaskConv2d cannot express padding={self.padding!r} with kernel {self.kernel_size} and "
+                f"dilation {self.dilation} symmetrically; use explicit integer padding."
+            )
+        self._init_bimask(n, m, mode, decay, density, group_layout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "dense":
+            self.forward_mask, self.backward_mask = self.masks()
+            return self._conv_forward(x, self.weight, self.bias)
+        padding = self._explicit_padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return self._masked_call(
+            x, masked_conv2d, stride=self.stride, padding=padding, dilation=self.dilation, groups=self.groups
+        )
+
+    def extra_repr(self) -> str:
+        return f"{nn.Conv2d.extra_repr(self)}, {self.bimask_extra_repr()}"
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, config: BiMaskConfig) -> BiMaskConv2d:
+        """Wrap an existing ``nn.Conv2d``, sharing its parameters (no copy)."""
+        with torch.device("meta"):
+            new = cls(
+                module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                module.dilation, module.groups, module.bias is not None, module.padding_mode,
+                **cls._settings(config),
+            )
+        new.weight = module.weight
+        new.bias = module.bias
+        new._init_bimask(**cls._settings(config))
+        new.train(module.training)
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` holding ``W * Mf`` and the same bias."""
+        with torch.device("meta"):
+            plain = nn.Conv2d(
+                self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                self.groups, self.bias is not None, self.padding_mode,
+            )
+        plain.weight = nn.Parameter(self.sparse_weight().clone(), requires_grad=self.weight.requires_grad)
+        plain.bias = self.bias
+        plain.train(self.training)
+        return plain
+
+
+def layer_density(layer: BiMaskLayer) -> float:
+    """Share of weights the forward pass keeps."""
+    mf, _ = layer.masks()
+    return float(mf.sum()) / max(1, math.prod(mf.shape))

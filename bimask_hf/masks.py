@@ -1,0 +1,222 @@
+"""N:M masks as pure, vectorised functions on 2-D weights.
+
+Rows are outputs ``O``, columns the reduction ``K`` (a conv weight is first viewed as a matrix with
+:func:`weight_to_matrix`). No function here loops in Python over rows, groups or candidates; all of
+them run on CPU and CUDA and are deterministic (ties go to the lower index).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import torch
+
+from .search import permutation_retention, search_permutation
+
+__all__ = [
+    "nm_mask",
+    "backward_mask",
+    "retention",
+    "search_permutation",
+    "permutation_retention",
+    "transposable_mask",
+    "unstructured_mask",
+    "weight_to_matrix",
+    "matrix_to_weight",
+    "keep_top_n",
+]
+
+
+def _check_pattern(n: int, m: int) -> None:
+    if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 1 or n > m:
+        raise ValueError(f"Invalid N:M pattern {n}:{m}: need integers with 1 <= N <= M (e.g. 2:4).")
+
+
+def _check_matrix(weight: torch.Tensor, name: str = "weight") -> None:
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{name} must be a 2-D (rows=outputs, columns=reduction) tensor, got shape {tuple(weight.shape)}; "
+            "view conv weights with weight_to_matrix() first."
+        )
+
+
+def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
+    """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim`` (ties: lower index wins).
+
+    Ranks are computed by pairwise comparison inside each group, which is faster than ``topk`` for the
+    small group sizes of N:M patterns and gives the same answer on every device.
+    """
+    size = scores.shape[dim]
+    if n >= size:
+        return torch.ones_like(scores, dtype=torch.bool)
+    s = scores.movedim(dim, -1)
+    if size > 16:
+        idx = s.topk(n, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+        return keep.movedim(-1, dim)
+    mine = s.unsqueeze(-1)  # (..., size, 1): entry i
+    other = s.unsqueeze(-2)  # (..., 1, size): entry j
+    lower = torch.ones(size, size, dtype=torch.bool, device=s.device).tril(-1)  # j < i
+    beaten_by = (other > mine) | ((other == mine) & lower)
+    keep = beaten_by.sum(-1) < n
+    return keep.movedim(-1, dim)
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Forward mask ``Mf``: in every row and every run of ``m`` consecutive columns keep the ``n`` largest ``|W|``."""
+    _check_pattern(n, m)
+    _check_matrix(weight)
+    rows, cols = weight.shape
+    if cols % m:
+        raise ValueError(f"N:M along columns needs K % M == 0, got K={cols}, M={m}.")
+    groups = weight.detach().abs().reshape(rows, cols // m, m)
+    return keep_top_n(groups, n, dim=-1).reshape(rows, cols)
+
+
+def backward_mask(
+    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int
+) -> torch.Tensor:
+    """Backward mask ``Mb``: N:M along rows taken in ``permutation`` order, restricted to ``forward_mask``.
+
+    Rows are grouped as ``permutation[0:m], permutation[m:2m], ...``; in each group and each column the
+    ``n`` entries of largest ``|W * Mf|`` are kept, then the result is ANDed with ``Mf``. Entries of
+    ``Mf`` always outrank pruned ones, so ``|Mb|`` per group and column is ``min(count(Mf), n)``.
+    """
+    _check_pattern(n, m)
+    _check_matrix(weight)
+    rows, cols = weight.shape
+    if rows % m:
+        raise ValueError(f"N:M along rows needs O % M == 0, got O={rows}, M={m}.")
+    if forward_mask.shape != weight.shape:
+        raise ValueError(f"forward_mask shape {tuple(forward_mask.shape)} != weight shape {tuple(weight.shape)}.")
+    if permutation.shape != (rows,):
+        raise ValueError(f"permutation must have shape ({rows},), got {tuple(permutation.shape)}.")
+    scores = torch.where(forward_mask, weight.detach().abs(), -1.0)[permutation]
+    keep_permuted = keep_top_n(scores.reshape(rows // m, m, cols), n, dim=1).reshape(rows, cols)
+    keep = torch.empty_like(keep_permuted)
+    keep[permutation] = keep_permuted
+    return keep & forward_mask
+
+
+def retention(forward_mask: torch.Tensor, backward_mask: torch.Tensor) -> float:
+    """``|Mb| / |Mf|``: the share of forward weights that also act in the backward pass."""
+    kept = int(forward_mask.sum())
+    if kept == 0:
+        return 1.0
+    return int((backward_mask & forward_mask).sum()) / kept
+
+
+@functools.lru_cache(maxsize=32)
+def _doubly_nm_patterns(n: int, m: int) -> torch.Tensor:
+    """All ``m x m`` 0/1 matrices with exactly ``n`` ones in every row and column, as (P, m*m) floats."""
+    row_choices = [sum(1 << c for c in cols) for cols in itertools.combinations(range(m), n)]
+    found: list[list[int]] = []
+
+    def extend(prefix: list[int], col_counts: list[int]) -> None:
+        if len(prefix) == m:
+            found.append(prefix)
+            return
+        rows_left = m - len(prefix)
+        for bits in row_choices:
+            counts = [col_counts[c] + ((bits >> c) & 1) for c in range(m)]
+            # every column must still be able to reach n (and never exceed it)
+            if all(n - rows_left + 1 <= k <= n for k in counts):
+                extend(prefix + [bits], counts)
+
+    extend([], [0] * m)
+    table = torch.tensor([[(bits >> c) & 1 for bits in p for c in range(m)] for p in found], dtype=torch.float32)
+    return table
+
+
+def _transposable_by_swaps(blocks: torch.Tensor, n: int, m: int, max_rounds: int) -> torch.Tensor:
+    """Local search for large M: start from a cyclic doubly-N:M pattern, apply improving 2x2 swaps."""
+    b = blocks.shape[0]
+    i = torch.arange(m, device=blocks.device)
+    pattern = ((i.view(1, m) - i.view(m, 1)) % m < n).expand(b, m, m).clone()
+    for _ in range(max_rounds):
+        p = pattern.float()
+        # move (i,j),(k,l) -> (i,l),(k,j): valid when p[i,j]=p[k,l]=1 and p[i,l]=p[k,j]=0
+        pij = p.view(b, m, m, 1, 1)
+        pkl = p.view(b, 1, 1, m, m)
+        pil = p.view(b, m, 1, 1, m)
+        pkj = p.permute(0, 2, 1).reshape(b, 1, m, m, 1)
+        aij = blocks.view(b, m, m, 1, 1)
+        akl = blocks.view(b, 1, 1, m, m)
+        ail = blocks.view(b, m, 1, 1, m)
+        akj = blocks.permute(0, 2, 1).reshape(b, 1, m, m, 1)
+        valid = pij * pkl * (1 - pil) * (1 - pkj)
+        gain = torch.where(valid > 0, ail + akj - aij - akl, torch.zeros((), device=blocks.device))
+        best_gain, best = gain.reshape(b, -1).max(dim=1)
+        improve = best_gain > 1e-12
+        if not bool(improve.any()):
+            break
+        idx = best[improve]
+        bi, bj, bk, bl = idx // m**3, (idx // m**2) % m, (idx // m) % m, idx % m
+        rows = improve.nonzero().squeeze(1)
+        pattern[rows, bi, bj] = False
+        pattern[rows, bk, bl] = False
+        pattern[rows, bi, bl] = True
+        pattern[rows, bk, bj] = True
+    return pattern
+
+
+def transposable_mask(weight: torch.Tensor, n: int, m: int, max_rounds: int = 64) -> torch.Tensor:
+    """T-mask: N:M along rows *and* columns inside every ``m x m`` block, maximising the kept ``|W|``.
+
+    Exact (all doubly-N:M block patterns are scored with one matmul) for ``m <= 5``; for larger ``m``
+    a vectorised 2x2-swap local search from a cyclic pattern, at most ``max_rounds`` rounds.
+    """
+    _check_pattern(n, m)
+    _check_matrix(weight)
+    rows, cols = weight.shape
+    if rows % m or cols % m:
+        raise ValueError(f"Transposable N:M needs O % M == 0 and K % M == 0, got O={rows}, K={cols}, M={m}.")
+    mags = weight.detach().abs().float()
+    blocks = mags.reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3).reshape(-1, m, m)
+    if m <= 5:
+        patterns = _doubly_nm_patterns(n, m).to(blocks.device)
+        best = (blocks.reshape(-1, m * m) @ patterns.T).argmax(dim=1)
+        chosen = patterns[best].bool().reshape(-1, m, m)
+    else:
+        chosen = _transposable_by_swaps(blocks, n, m, max_rounds)
+    return chosen.reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3).reshape(rows, cols)
+
+
+def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` share (rounded, at least one) of entries with the largest ``|W|``."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}.")
+    flat = weight.detach().abs().flatten()
+    keep = max(1, min(flat.numel(), int(math.floor(density * flat.numel() + 0.5))))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=weight.device)
+    mask[flat.topk(keep, sorted=False).indices] = True
+    return mask.reshape(weight.shape)
+
+
+def weight_to_matrix(weight: torch.Tensor, group_layout: str = "channels_last") -> torch.Tensor:
+    """View a Linear ``(O, K)`` or Conv2d ``(O, C/g, kh, kw)`` weight as the ``(O, K)`` matrix masks act on.
+
+    ``channels_last`` orders columns ``(kh, kw, c)``, so an N:M group runs along input channels at one
+    kernel position; ``flat`` is PyTorch's ``(c, kh, kw)`` flatten.
+    """
+    if weight.dim() == 2:
+        return weight
+    if weight.dim() != 4:
+        raise ValueError(f"Expected a 2-D or 4-D weight, got shape {tuple(weight.shape)}.")
+    if group_layout == "channels_last":
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    if group_layout == "flat":
+        return weight.reshape(weight.shape[0], -1)
+    raise ValueError(f"group_layout must be 'channels_last' or 'flat', got {group_layout!r}.")
+
+
+def matrix_to_weight(matrix: torch.Tensor, shape: torch.Size | tuple[int, ...], group_layout: str = "channels_last") -> torch.Tensor:
+    """Inverse of :func:`weight_to_matrix`: back to the layer's weight ``shape`` (contiguous)."""
+    if len(shape) == 2:
+        return matrix.reshape(shape)
+    out_ch, in_ch, kh, kw = shape
+    if group_layout == "channels_last":
+        return matrix.reshape(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2).contiguous()
+    return matrix.reshape(shape)

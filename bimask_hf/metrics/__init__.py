@@ -1,0 +1,1 @@
+"""Metric modules shipped with bimask-hf (loadable with evaluate.load by path)."""

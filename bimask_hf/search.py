@@ -1,0 +1,349 @@
+"""Row-permutation search for the backward mask of Bi-Mask (SPEC section 1).
+
+The backward mask ``Mb`` is N:M along the rows of ``W * Mf`` after a row permutation ``p``: rows
+``p[0:M], p[M:2M], ...`` form groups, and in every group and column the ``N`` largest ``|W * Mf|``
+are kept. Entries of ``Mf`` always outrank pruned ones, so group ``g`` keeps ``min(C[g, c], N)``
+entries in column ``c``, where ``C[g, c]`` counts the ``Mf`` ones of its rows. The retention
+
+    ``R(p) = sum_{g, c} min(C[g, c], N) / |Mf|``
+
+depends on the forward mask only, and every search here maximises it.
+
+Methods (all vectorised; the only Python loops run over rounds or candidate chunks):
+
+* ``"identity"`` -- ``arange(O)``.
+* ``"random"`` -- the paper's search: best of ``num_candidates`` random permutations, with the
+  identity (or ``init``) as candidate 0 so the result never gets worse.
+* ``"swap"`` -- local search between row groups. Each round pairs the groups at random and, for every
+  pair, scores all ``M * M`` single-row swaps at once with one batched matmul (the gain of a swap is
+  bilinear in the two rows, see :func:`_swap_gains`), then applies the best strictly improving swap
+  of every pair simultaneously (the pairs are disjoint, so the gains add up exactly).
+* ``"matched"`` -- like ``"swap"``, but pairs groups by a matmul score (excess ones of one group
+  against spare room of the other) with a few rounds of mutual-best matching instead of at random.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_MAX_ROUNDS",
+    "DEFAULT_PATIENCE",
+    "search_permutation",
+    "permutation_retention",
+]
+
+#: Names accepted by :func:`search_permutation`.
+METHODS: tuple[str, ...] = ("identity", "random", "swap", "matched")
+
+#: Rounds run by the local searches when ``max_rounds`` is None.
+DEFAULT_MAX_ROUNDS: dict[str, int] = {"swap": 200, "matched": 100}
+
+#: A local search stops early after this many consecutive rounds without any gain.
+DEFAULT_PATIENCE: int = 8
+
+#: Rough bound on the scratch memory of one chunk of random candidates, in bytes.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _check_inputs(forward_mask: torch.Tensor, n: int, m: int) -> tuple[int, int]:
+    if forward_mask.dim() != 2:
+        raise ValueError(f"forward_mask must be 2-D (rows=outputs, columns=reduction), got {tuple(forward_mask.shape)}.")
+    if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 1 or n > m:
+        raise ValueError(f"Invalid N:M pattern {n}:{m}: need integers with 1 <= N <= M (e.g. 2:4).")
+    rows, cols = forward_mask.shape
+    if rows % m:
+        raise ValueError(
+            f"The backward mask is N:M along rows and needs O % M == 0, got O={rows}, M={m}; "
+            "keep such a layer uni-directional."
+        )
+    return rows, cols
+
+
+def _check_permutation(permutation: torch.Tensor, rows: int, name: str = "permutation") -> None:
+    if permutation.shape != (rows,):
+        raise ValueError(f"{name} must have shape ({rows},), got {tuple(permutation.shape)}.")
+
+
+def _group_counts(mask: torch.Tensor, permutation: torch.Tensor, m: int) -> torch.Tensor:
+    """``C[g, c]``: ones of ``mask`` among rows ``permutation[g*m:(g+1)*m]`` in column ``c`` (float)."""
+    rows, cols = mask.shape
+    return mask[permutation].reshape(rows // m, m, cols).sum(dim=1, dtype=torch.float32)
+
+
+def permutation_retention(
+    forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int
+) -> float:
+    """Closed-form retention ``|Mb| / |Mf|`` of ``permutation`` (``sum min(C, N) / |Mf|``).
+
+    Args:
+        forward_mask: boolean ``(O, K)`` forward mask ``Mf``.
+        permutation: ``(O,)`` row order; rows ``permutation[g*m:(g+1)*m]`` form group ``g``.
+        n, m: the N:M pattern of the backward mask.
+
+    Returns:
+        The share of ``Mf`` entries the backward mask keeps (1.0 for an empty mask).
+    """
+    rows, _ = _check_inputs(forward_mask, n, m)
+    _check_permutation(permutation, rows)
+    mask = forward_mask.bool()
+    total = int(mask.sum())
+    if total == 0:
+        return 1.0
+    counts = _group_counts(mask, permutation.to(mask.device, torch.long), m)
+    return float(counts.clamp_(max=n).sum()) / total
+
+
+def _random_permutations(
+    count: int, rows: int, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``count`` independent uniform random permutations of ``arange(rows)`` as a ``(count, rows)`` tensor."""
+    keys = torch.rand(count, rows, generator=generator, device=generator.device if generator else device)
+    return keys.argsort(dim=1).to(device)
+
+
+def _random_search(
+    mask: torch.Tensor, start: torch.Tensor, n: int, m: int, num_candidates: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Best of ``start`` and ``num_candidates - 1`` random permutations (ties: the earlier candidate)."""
+    rows, cols = mask.shape
+    if num_candidates <= 1:
+        return start
+    mask_u8 = mask.to(torch.uint8)
+    # per candidate: gathered uint8 rows (O*K) + per-group counts; keep a chunk under _CHUNK_BYTES
+    chunk = max(1, _CHUNK_BYTES // (2 * rows * cols))
+    best_perm = start
+    best_loss = float(_group_counts(mask, start, m).sub_(n).clamp_(min=0).sum())
+    remaining = num_candidates - 1
+    while remaining > 0:
+        b = min(chunk, remaining)
+        remaining -= b
+        perms = _random_permutations(b, rows, mask.device, generator)
+        counts = mask_u8[perms].reshape(b, rows // m, m, cols).sum(dim=2, dtype=torch.uint8)
+        # sum_c min(C, n) = |Mf| - sum_c max(C - n, 0): minimise the overflow
+        loss = (counts.to(torch.int16) - n).clamp_(min=0).sum(dim=(1, 2), dtype=torch.int32)
+        value, index = loss.min(dim=0)
+        if float(value) < best_loss:
+            best_loss = float(value)
+            best_perm = perms[index]
+    return best_perm
+
+
+def _swap_gains(
+    rows_g: torch.Tensor, rows_h: torch.Tensor, counts_g: torch.Tensor, counts_h: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Gain in ``sum min(C, n)`` of swapping row ``a`` of group ``g`` with row ``b`` of group ``h``.
+
+    With ``lt = [C < n]``, ``le = [C <= n]`` and ``eq = le - lt`` per group and column, moving ``r_b``
+    in and ``r_a`` out of ``g`` changes its kept count by ``r_b.lt_g - r_a.le_g + (r_a*r_b).eq_g``, so
+    the total gain is ``r_a.(lt_h - le_g) + r_b.(lt_g - le_h) + r_a.(eq_g + eq_h).r_b``: two
+    matrix-vector products and one bilinear form, for all ``M*M`` swaps of all pairs at once.
+
+    Args:
+        rows_g, rows_h: ``(P, M, K)`` 0/1 float rows of the paired groups.
+        counts_g, counts_h: ``(P, K)`` their column counts.
+
+    Returns:
+        ``(P, M, M)`` gains (exact integers stored as floats).
+    """
+    lt_g, lt_h = (counts_g < n).float(), (counts_h < n).float()
+    le_g, le_h = (counts_g <= n).float(), (counts_h <= n).float()
+    eq = (le_g - lt_g) + (le_h - lt_h)
+    out_g = torch.bmm(rows_g, (lt_h - le_g).unsqueeze(-1))  # (P, M, 1): row a leaves g for h
+    out_h = torch.bmm(rows_h, (lt_g - le_h).unsqueeze(-1))  # (P, M, 1): row b leaves h for g
+    both = torch.bmm(rows_g * eq.unsqueeze(1), rows_h.transpose(1, 2))  # (P, M, M)
+    return both + out_g + out_h.transpose(1, 2)
+
+
+def _pair_at_random(groups: int, device: torch.device, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    order = _random_permutations(1, groups, device, generator)[0]
+    half = groups // 2
+    return order[:half], order[half : 2 * half]
+
+
+def _mm01(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for small non-negative integer matrices, exact; int8 VNNI kernels on CPU, float on GPU."""
+    if a.device.type == "cpu" and hasattr(torch, "_int_mm"):
+        try:
+            return torch._int_mm(a.to(torch.int8), b.to(torch.int8))
+        except RuntimeError:  # pragma: no cover - very old kernels
+            pass
+    return (a.float() @ b.float()).round_().to(torch.int32)
+
+
+def _all_pair_gains(rows01: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``(O, O)`` gains of swapping row ``a`` with row ``b`` (rows in group order; same group: -1).
+
+    The same bilinear form as :func:`_swap_gains`, for every pair of rows at once:
+    ``S[a, b] = r_a.lt_{g(b)} - r_a.le_{g(a)} + r_a.(eq_{g(a)} * r_b)`` and ``gain = S + S^T``.
+    """
+    rows, cols = rows01.shape
+    groups = rows // m
+    counts = rows01.reshape(groups, m, cols).sum(dim=1, dtype=torch.int32)
+    lt = counts < n
+    le = counts <= n
+    eq = le & ~lt
+    proj = _mm01(rows01, torch.cat([lt, le]).T)  # (O, 2G)
+    group_of = torch.arange(rows, device=rows01.device) // m
+    self_le = proj[:, groups:].gather(1, group_of.unsqueeze(1))  # (O, 1)
+    weighted = rows01 * eq.repeat_interleave(m, dim=0)
+    s = _mm01(weighted, rows01.T)
+    s += proj[:, :groups].repeat_interleave(m, dim=1)
+    s -= self_le
+    gain = s + s.T
+    same = group_of.unsqueeze(0) == group_of.unsqueeze(1)
+    return gain.masked_fill_(same, -1)
+
+
+def _mutual_best_matching(
+    best_gain: torch.Tensor, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint group pairs ``(g, h)`` with positive gain, by repeated mutual-best selection.
+
+    Every iteration each free group points at its best free partner; pairs that point at each other
+    are matched (the globally best remaining pair always is), so this approximates greedy matching.
+    """
+    groups = best_gain.shape[0]
+    device = best_gain.device
+    idx = torch.arange(groups, device=device)
+    free = torch.ones(groups, dtype=torch.bool, device=device)
+    # break ties towards lower indices deterministically
+    score = best_gain.double() - idx.double().unsqueeze(0) * 1e-9 - idx.double().unsqueeze(1) * 1e-9
+    firsts, seconds = [], []
+    for _ in range(iterations):
+        live = score.masked_fill(~(free.unsqueeze(0) & free.unsqueeze(1)), -1.0)
+        value, best = live.max(dim=1)
+        mutual = free & (best[best] == idx) & (idx < best) & (value > 0.5)
+        if not bool(mutual.any()):
+            break
+        a, b = idx[mutual], best[mutual]
+        firsts.append(a)
+        seconds.append(b)
+        free[a] = False
+        free[b] = False
+    if not firsts:
+        return idx[:0], idx[:0]
+    return torch.cat(firsts), torch.cat(seconds)
+
+
+def _swap_search(
+    mask: torch.Tensor,
+    start: torch.Tensor,
+    n: int,
+    m: int,
+    rounds: int,
+    generator: torch.Generator | None,
+    patience: int = DEFAULT_PATIENCE,
+) -> torch.Tensor:
+    """Random-pairing swap search: ``rounds`` rounds of best-swap-per-random-pair of groups."""
+    rows, cols = mask.shape
+    groups = rows // m
+    perm = start.clone()
+    if groups < 2 or n >= m:
+        return perm
+    grouped = mask[perm].float().reshape(groups, m, cols)
+    counts = grouped.sum(dim=1)
+    idle = 0
+    device = mask.device
+    for _ in range(rounds):
+        g, h = _pair_at_random(groups, device, generator)
+        gains = _swap_gains(grouped[g], grouped[h], counts[g], counts[h], n)
+        best_gain, best = gains.reshape(g.numel(), m * m).max(dim=1)
+        take = best_gain > 0.5
+        if not bool(take.any()):
+            idle += 1
+            if idle >= patience:
+                break
+            continue
+        idle = 0
+        g, h, best = g[take], h[take], best[take]
+        i, j = best // m, best % m
+        row_a = grouped[g, i]
+        row_b = grouped[h, j]
+        grouped[g, i] = row_b
+        grouped[h, j] = row_a
+        counts[g] += row_b - row_a
+        counts[h] += row_a - row_b
+        _swap_entries(perm, g * m + i, h * m + j)
+    return perm
+
+
+def _swap_entries(values: torch.Tensor, pos_a: torch.Tensor, pos_b: torch.Tensor) -> None:
+    """Swap ``values[pos_a]`` and ``values[pos_b]`` in place (positions pairwise disjoint)."""
+    moved = values[pos_a].clone()
+    values[pos_a] = values[pos_b]
+    values[pos_b] = moved
+
+
+def _matched_search(
+    mask: torch.Tensor, start: torch.Tensor, n: int, m: int, rounds: int, matching_iterations: int = 8
+) -> torch.Tensor:
+    """All-pairs swap search: every round scores all row swaps, matches groups, applies the best swaps."""
+    rows, cols = mask.shape
+    groups = rows // m
+    perm = start.clone()
+    if groups < 2 or n >= m:
+        return perm
+    rows01 = mask[perm].to(torch.int8)
+    for _ in range(rounds):
+        gain = _all_pair_gains(rows01, n, m)
+        per_pair = gain.reshape(groups, m, groups, m).permute(0, 2, 1, 3).reshape(groups, groups, m * m)
+        best_gain, best = per_pair.max(dim=2)
+        g, h = _mutual_best_matching(best_gain, matching_iterations)
+        if g.numel() == 0:
+            break
+        best = best[g, h]
+        pos_a, pos_b = g * m + best // m, h * m + best % m
+        _swap_entries(rows01, pos_a, pos_b)
+        _swap_entries(perm, pos_a, pos_b)
+    return perm
+
+
+def search_permutation(
+    forward_mask: torch.Tensor,
+    n: int,
+    m: int,
+    method: str = "random",
+    num_candidates: int = 100,
+    generator: torch.Generator | None = None,
+    *,
+    init: torch.Tensor | None = None,
+    max_rounds: int | None = None,
+) -> torch.Tensor:
+    """Find a row permutation maximising the backward-mask retention of ``forward_mask``.
+
+    Args:
+        forward_mask: boolean ``(O, K)`` forward mask ``Mf``; ``O % m`` must be 0.
+        n, m: the N:M pattern.
+        method: one of :data:`METHODS`.
+        num_candidates: random permutations tried by ``"random"`` (candidate 0 is ``init``).
+        generator: source of randomness; same generator state, same result.
+        init: starting permutation (default: identity); no method returns a worse one.
+        max_rounds: rounds of the local searches (default :data:`DEFAULT_MAX_ROUNDS`).
+
+    Returns:
+        ``(O,)`` LongTensor permutation on ``forward_mask``'s device.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown permutation search method {method!r}; choose one of {', '.join(METHODS)}.")
+    rows, _ = _check_inputs(forward_mask, n, m)
+    mask = forward_mask.bool()
+    device = mask.device
+    if init is None:
+        start = torch.arange(rows, device=device)
+    else:
+        _check_permutation(init, rows, "init")
+        start = init.to(device, torch.long)
+    if method == "identity":
+        return torch.arange(rows, device=device)
+    if method == "random":
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}.")
+        return _random_search(mask, start, n, m, num_candidates, generator).clone()
+    rounds = DEFAULT_MAX_ROUNDS[method] if max_rounds is None else max_rounds
+    if rounds < 0:
+        raise ValueError(f"max_rounds must be >= 0, got {rounds}.")
+    if method == "swap":
+        return _swap_search(mask, start, n, m, rounds, generator)
+    return _matched_search(mask, start, n, m, rounds)

@@ -1,0 +1,200 @@
+"""Gradients of every mode against the SPEC's explicit formulas, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bimask_hf import BiMaskConv2d, BiMaskLinear
+from bimask_hf.layers import PERMUTATION_KEY
+
+from .reference import (
+    from_matrix,
+    ref_backward_mask,
+    ref_nm_mask,
+    ref_transposable_mask,
+    ref_unstructured_mask,
+    to_matrix,
+)
+
+DECAY = 0.05  # large, so a missing or wrong decay term shows up clearly
+
+
+def expected_masks(layer, weight: torch.Tensor, mode: str, n: int, m: int, density=None, layout="channels_last"):
+    """(Mf, Mb, decay factor) by the SPEC's table, from loop-based reference masks."""
+    if mode == "dense":
+        ones = torch.ones_like(weight, dtype=torch.bool)
+        return ones, ones, 0.0
+    matrix = to_matrix(weight, layout)
+    if density is not None:
+        mf = ref_unstructured_mask(weight, density)
+        return mf, mf, DECAY if mode in ("srste", "bimask", "transposable") else 0.0
+    if mode == "transposable":
+        mt = from_matrix(ref_transposable_mask(matrix, n, m), weight.shape, layout)
+        return mt, mt, DECAY
+    mf_m = ref_nm_mask(matrix, n, m)
+    mf = from_matrix(mf_m, weight.shape, layout)
+    if mode == "bimask":
+        perm = getattr(layer, PERMUTATION_KEY).tolist()
+        mb = from_matrix(ref_backward_mask(matrix, mf_m, perm, n, m), weight.shape, layout)
+        return mf, mb, DECAY
+    return mf, mf, DECAY if mode == "srste" else 0.0
+
+
+MODES = ["dense", "srste", "bimask", "transposable", "pre", "post"]
+
+
+def _shuffle_permutation(layer, groups: int = 1) -> None:
+    rows = layer.weight.shape[0] // groups
+    gen = torch.Generator().manual_seed(3)
+    perm = torch.cat([torch.randperm(rows, generator=gen) + g * rows for g in range(groups)])
+    getattr(layer, PERMUTATION_KEY).copy_(perm)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pattern", [(2, 4), (1, 4)])
+def test_linear_gradients_match_formulas(mode, pattern):
+    n, m = pattern
+    torch.manual_seed(0)
+    layer = BiMaskLinear(16, 8, n=n, m=m, mode=mode, decay=DECAY).double()
+    _shuffle_permutation(layer)
+    w0 = layer.weight.detach().clone()
+    b0 = layer.bias.detach().clone()
+    x = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 3, 8, dtype=torch.float64)
+    mf, mb, decay = expected_masks(layer, w0, mode, n, m)
+
+    y = layer(x)
+    y.backward(g)
+
+    w_fwd = w0 * mf
+    torch.testing.assert_close(y, x.detach() @ w_fwd.T + b0)
+    torch.testing.assert_close(x.grad, g @ (w0 * mb))
+    g2, x2 = g.reshape(-1, 8), x.detach().reshape(-1, 16)
+    torch.testing.assert_close(layer.weight.grad, g2.T @ x2 + decay * (~mf) * w0)
+    torch.testing.assert_close(layer.bias.grad, g2.sum(0))
+    assert torch.equal(layer.forward_mask, mf)
+    assert torch.equal(layer.backward_mask, mb)
+    if mode == "pre":  # projected in place before the forward
+        torch.testing.assert_close(layer.weight.detach(), w_fwd)
+    else:
+        torch.testing.assert_close(layer.weight.detach(), w0)
+    if mode == "post":
+        layer.project_()
+        torch.testing.assert_close(layer.weight.detach(), w_fwd)
+
+
+@pytest.mark.parametrize("mode", ["srste", "bimask", "pre", "post"])
+def test_linear_unstructured_density(mode):
+    torch.manual_seed(1)
+    layer = BiMaskLinear(12, 8, mode=mode, density=0.5, decay=DECAY).double()
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(6, 8, dtype=torch.float64)
+    mf, mb, decay = expected_masks(layer, w0, mode, 2, 4, density=0.5)
+    layer(x).backward(g)
+    assert int(mf.sum()) == 48
+    torch.testing.assert_close(x.grad, g @ (w0 * mf))  # unstructured: backward mask = forward mask
+    torch.testing.assert_close(layer.weight.grad, g.T @ x.detach() + decay * (~mf) * w0)
+
+
+CONV_CASES = [
+    dict(stride=2, padding=1, dilation=2, groups=2),
+    dict(stride=1, padding=2, dilation=1, groups=1),
+    dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=["s2p1d2g2", "s1p2", "asym"])
+@pytest.mark.parametrize("layout", ["channels_last", "flat"])
+def test_conv_gradients_match_formulas(mode, case, layout):
+    n, m = 2, 4
+    torch.manual_seed(0)
+    layer = BiMaskConv2d(8, 8, 3, **case, n=n, m=m, mode=mode, decay=DECAY, group_layout=layout).double()
+    _shuffle_permutation(layer, case["groups"])
+    w0 = layer.weight.detach().clone()
+    b0 = layer.bias.detach().clone()
+    x = torch.randn(2, 8, 9, 10, dtype=torch.float64, requires_grad=True)
+    mf, mb, decay = expected_masks(layer, w0, mode, n, m, layout=layout)
+    conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
+
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    # References built from plain autograd of F.conv2d with explicitly masked weights.
+    torch.testing.assert_close(y, F.conv2d(x.detach(), w0 * mf, b0, **conv))
+    xr = x.detach().clone().requires_grad_(True)
+    F.conv2d(xr, w0 * mb, None, **conv).backward(g)
+    torch.testing.assert_close(x.grad, xr.grad)
+    wr = w0.clone().requires_grad_(True)
+    F.conv2d(x.detach(), wr, None, **conv).backward(g)
+    torch.testing.assert_close(layer.weight.grad, wr.grad + decay * (~mf) * w0)
+    torch.testing.assert_close(layer.bias.grad, g.sum((0, 2, 3)))
+    assert torch.equal(layer.forward_mask, mf) and torch.equal(layer.backward_mask, mb)
+
+
+def test_conv_padding_modes_and_no_bias():
+    torch.manual_seed(0)
+    layer = BiMaskConv2d(8, 8, 3, padding=1, padding_mode="reflect", bias=False, mode="srste").double()
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    mf, _, _ = expected_masks(layer, layer.weight.detach(), "srste", 2, 4)
+    ref = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), layer.weight.detach() * mf)
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_bimask_is_unidirectional_when_rows_not_divisible():
+    layer = BiMaskLinear(8, 6, mode="bimask")
+    assert not layer.bidirectional and layer.effective_mode == "srste"
+    layer(torch.randn(2, 8))
+    assert torch.equal(layer.forward_mask, layer.backward_mask)
+
+
+def test_masks_follow_weight_updates_and_permutation_changes():
+    torch.manual_seed(0)
+    layer = BiMaskLinear(16, 8)
+    layer(torch.randn(2, 16))
+    mf_before = layer.forward_mask
+    with torch.no_grad():
+        layer.weight.mul_(torch.randn_like(layer.weight))  # in-place, like an optimizer step
+    layer(torch.randn(2, 16))
+    assert not torch.equal(mf_before, layer.forward_mask)
+    expected = ref_nm_mask(layer.weight.detach(), 2, 4)
+    assert torch.equal(layer.forward_mask, expected)
+    getattr(layer, PERMUTATION_KEY).copy_(torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]).flip(0))
+    layer(torch.randn(2, 16))
+    ref_mb = ref_backward_mask(layer.weight.detach(), expected, [3, 2, 1, 0, 7, 6, 5, 4], 2, 4)
+    assert torch.equal(layer.backward_mask, ref_mb)
+
+
+@pytest.mark.parametrize("cls,args", [(BiMaskLinear, (16, 8)), (BiMaskConv2d, (8, 8, 3))])
+def test_autocast_bf16_cpu(cls, args):
+    torch.manual_seed(0)
+    layer = cls(*args, mode="bimask", decay=0.0)
+    shape = (4, 16) if cls is BiMaskLinear else (2, 8, 6, 6)
+    x = torch.randn(*shape, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn_like(y, dtype=torch.float32)
+    y.float().backward(g)
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    # Same computation in float32 as the reference, bf16 tolerance.
+    x32 = x.detach().clone().requires_grad_(True)
+    ref_layer = cls(*args, mode="bimask", decay=0.0)
+    ref_layer.load_state_dict(layer.state_dict())
+    y32 = ref_layer(x32)
+    y32.backward(g)
+    torch.testing.assert_close(y.float(), y32, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(x.grad, x32.grad, atol=0.1, rtol=0.05)
+
+
+def test_state_dict_loads_plain_checkpoint():
+    plain = torch.nn.Linear(16, 8)
+    layer = BiMaskLinear(16, 8)
+    missing, unexpected = layer.load_state_dict(plain.state_dict(), strict=True)
+    assert not missing and not unexpected
+    assert torch.equal(layer.weight, plain.weight)
+    assert PERMUTATION_KEY in layer.state_dict()
