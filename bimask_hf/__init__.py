@@ -6,6 +6,7 @@ Patch a model with :func:`sparsify`, train it (``BiMaskTrainer`` or any loop tha
 
 __version__ = "0.1.0"
 
+from . import models  # noqa: F401,E402  (registers resnet32_cifar & co. with timm)
 from .config import BiMaskConfig
 from .layers import BiMaskConv2d, BiMaskLayer, BiMaskLinear
 from .masks import (
@@ -28,7 +29,29 @@ from .patching import (
     sparsify,
 )
 
+# Heavier entry points (transformers Trainer, datasets) load on first use.
+_LAZY = {
+    "BiMaskTrainer": "trainer",
+    "BiMaskTrainingArguments": "trainer",
+    "BiMaskCallback": "trainer",
+    "create_model": "modeling",
+    "load_image_classification_data": "data",
+    "save_sparse_model": "hub",
+    "load_sparse_model": "hub",
+    "create_model_card": "hub",
+}
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'bimask_hf' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "__version__",
     "BiMaskConfig",
     "BiMaskConv2d",

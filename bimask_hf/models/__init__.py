@@ -1,1 +1,3 @@
-"""Models registered with timm by bimask-hf."""
+"""Models registered with timm by bimask-hf (importing this package registers them)."""
+
+from . import cifar  # noqa: F401

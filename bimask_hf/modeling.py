@@ -1,0 +1,71 @@
+"""Build an image classifier the HF Trainer can train, from a timm name or a transformers id/folder.
+
+timm architectures go through transformers' ``TimmWrapperForImageClassification``, so every model
+takes ``pixel_values`` and ``labels``, returns a ``loss``, and saves with ``save_pretrained`` in the
+format that both ``timm.create_model("hf-hub:...")`` and ``AutoModelForImageClassification`` read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import timm
+import torch.nn as nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+)
+
+from . import models as _models  # noqa: F401  (registers the CIFAR models with timm)
+
+__all__ = ["create_model"]
+
+
+def _label_maps(labels: list[str] | None, num_labels: int) -> dict[str, Any]:
+    names = labels or [f"LABEL_{i}" for i in range(num_labels)]
+    return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def create_model(
+    name_or_path: str,
+    num_labels: int | None = None,
+    labels: list[str] | None = None,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    model_args: dict[str, Any] | None = None,
+) -> nn.Module:
+    """An image-classification model with a Trainer-friendly interface.
+
+    ``name_or_path`` is a timm architecture (``resnet18``, ``deit_small_patch16_224``, ``resnet32_cifar``,
+    ...), a ``timm/...`` or ``hf-hub:...`` id, or a transformers model id / local folder. ``pretrained``
+    loads Hub weights where the name allows (needs network for Hub ids). A new head is created when
+    ``num_labels`` differs from the checkpoint's.
+    """
+    if labels is not None:
+        num_labels = len(labels)
+    if num_labels is None:
+        raise ValueError("create_model needs num_labels or labels.")
+    maps = _label_maps(labels, num_labels)
+    if timm.is_model(name_or_path) and not os.path.isdir(name_or_path):
+        extra = {"in_chans": in_chans, **(model_args or {})}
+        if pretrained:
+            config = TimmWrapperConfig.from_pretrained(f"timm/{name_or_path}", num_labels=num_labels, **maps)
+            config.model_args = extra
+            return TimmWrapperForImageClassification.from_pretrained(
+                f"timm/{name_or_path}", config=config, ignore_mismatched_sizes=True
+            )
+        config = TimmWrapperConfig(architecture=name_or_path, num_labels=num_labels, model_args=extra, **maps)
+        return TimmWrapperForImageClassification(config)
+    repo = name_or_path.removeprefix("hf-hub:")
+    if not os.path.isdir(repo) and "/" not in repo:
+        raise ValueError(
+            f"Unknown model {name_or_path!r}: not a timm architecture (see timm.list_models()), not a local "
+            "folder and not a Hub id of the form 'org/name'."
+        )
+    config = AutoConfig.from_pretrained(repo, num_labels=num_labels, **maps)
+    if pretrained or os.path.isdir(repo):  # a local folder is a trained model: load its weights
+        return AutoModelForImageClassification.from_pretrained(repo, config=config, ignore_mismatched_sizes=True)
+    return AutoModelForImageClassification.from_config(config)

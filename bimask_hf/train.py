@@ -1,0 +1,202 @@
+"""``bimask-train``: train a Bi-Mask N:M sparse model from a YAML recipe plus flag overrides.
+
+    bimask-train recipes/cifar10_resnet32.yaml --n 1 --m 4 --output_dir runs/r32-1x4
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m bimask_hf.train recipes/imagenet_resnet50.yaml
+
+Every flag of ``BiMaskTrainingArguments`` (the Trainer's own plus N:M, mode, search ...), of
+:class:`ModelArguments` and of :class:`DataArguments` can be set in the YAML file or on the command
+line (the command line wins). The paper scripts' flags (``--arch --data_path --job_dir --lr
+--num_epochs --label_smoothing --N --M --iter --greedy_num --mask_mode --use_random_mask
+--random_mask_ratio --nm_layers --wandb_project --wandb_name --resume --pretrain_dir``) are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
+
+# The paper scripts' flags, renamed to ours (flags with the same meaning and name need no entry).
+SEED_FLAGS = {
+    "--arch": "--model",
+    "--data_path": "--dataset",
+    "--job_dir": "--output_dir",
+    "--lr": "--learning_rate",
+    "--num_epochs": "--num_train_epochs",
+    "--label_smoothing": "--label_smoothing_factor",
+    "--resume": "--resume_from_checkpoint",
+    "--wandb_name": "--run_name",
+    "--pretrain_dir": "--pretrained_path",
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which network to train."""
+
+    model: str = field(
+        default="resnet18",
+        metadata={"help": "timm architecture (e.g. resnet50, deit_small_patch16_224, resnet32_cifar) or a "
+                  "transformers model id / local folder."},
+    )
+    pretrained: bool = field(default=False, metadata={"help": "Start from the Hub's pretrained weights."})
+    pretrained_path: str | None = field(
+        default=None,
+        metadata={"help": "Start from the weights of a local folder or Hub id saved by bimask-hf or transformers "
+                  "(the seed's --pretrain_dir)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data, and how it is augmented."""
+
+    dataset: str = field(
+        default="fashion_mnist",
+        metadata={"help": "cifar10 | cifar100 | imagenet-1k | fashion_mnist | digits | a Hub dataset id | a local "
+                  "ImageFolder with train/ and val/ (the seed's --data_path)."},
+    )
+    recipe: str = field(default="default", metadata={"help": "Augmentation recipe: default | cifar | imagenet | deit."})
+    streaming: bool | None = field(default=None, metadata={"help": "Stream the dataset (default: only ImageNet)."})
+    image_size: int | None = field(default=None, metadata={"help": "Input resolution (default: the model's)."})
+    in_chans: int = field(default=3, metadata={"help": "Input channels the model takes (grayscale is expanded)."})
+    train_split: str | None = field(default=None, metadata={"help": "Training split name."})
+    eval_split: str | None = field(default=None, metadata={"help": "Evaluation split name."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (auto-detected)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    mixup_alpha: float | None = field(default=None, metadata={"help": "Mixup alpha (deit recipe: 0.8)."})
+    cutmix_alpha: float | None = field(default=None, metadata={"help": "CutMix alpha (deit recipe: 1.0)."})
+    auto_augment: str | None = field(default=None, metadata={"help": "timm auto-augment policy string."})
+    re_prob: float | None = field(default=None, metadata={"help": "Random-erasing probability."})
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "Shuffle buffer of streamed datasets."})
+    wandb_project: str | None = field(default=None, metadata={"help": "Weights & Biases project (sets WANDB_PROJECT)."})
+    use_random_mask: bool = field(
+        default=False, metadata={"help": "The seed's unstructured mask: same as --density 0.5 unless --density is set."}
+    )
+
+
+def _translate_seed_flags(argv: list[str]) -> list[str]:
+    out = []
+    for token in argv:
+        flag, eq, value = token.partition("=")
+        if flag in SEED_FLAGS:
+            token = SEED_FLAGS[flag] + (eq + value if eq else "")
+        out.append(token)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, Any]:
+    """Parse ``[recipe.yaml] [--flag value ...]`` into (model, data, training) argument dataclasses."""
+    from .trainer import BiMaskTrainingArguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, BiMaskTrainingArguments))
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        recipe_path = argv.pop(0)
+        if not os.path.isfile(recipe_path):
+            raise SystemExit(f"bimask-train: recipe file {recipe_path!r} does not exist (see recipes/ for examples).")
+        with open(recipe_path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        known = {f.name for dc in (ModelArguments, DataArguments, BiMaskTrainingArguments) for f in dataclasses.fields(dc)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"bimask-train: unknown keys {unknown} in {recipe_path}; run bimask-train --help for the list.")
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(values.get(key), list):
+                values[key] = ",".join(values[key])
+        parser.set_defaults(**values)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(_translate_seed_flags(argv))
+    if data_args.use_random_mask and train_args.density is None:
+        train_args.density = 0.5
+        train_args.bimask_config = train_args.to_bimask_config()
+    if data_args.wandb_project:
+        os.environ["WANDB_PROJECT"] = data_args.wandb_project
+    return model_args, data_args, train_args
+
+
+def _is_bimask_folder(path: str) -> bool:
+    from .config import BiMaskConfig
+
+    try:
+        BiMaskConfig.load_json(path)
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+    return True
+
+
+def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any):  # type: ignore[no-untyped-def]
+    """Data, model and `BiMaskTrainer` for parsed arguments (everything `main` does before training)."""
+    from .data import load_image_classification_data
+    from .modeling import create_model
+    from .trainer import BiMaskTrainer
+
+    name = model_args.pretrained_path or model_args.model
+    data = load_image_classification_data(
+        data_args.dataset, model=model_args.model if model_args.pretrained_path is None else None,
+        streaming=data_args.streaming, train_split=data_args.train_split, eval_split=data_args.eval_split,
+        image_column=data_args.image_column, label_column=data_args.label_column, recipe=data_args.recipe,
+        image_size=data_args.image_size, in_chans=data_args.in_chans, auto_augment=data_args.auto_augment,
+        re_prob=data_args.re_prob, mixup_alpha=data_args.mixup_alpha, cutmix_alpha=data_args.cutmix_alpha,
+        label_smoothing=train_args.label_smoothing_factor or None, shuffle_buffer=data_args.shuffle_buffer,
+        seed=train_args.seed, max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+    )
+    if model_args.pretrained_path is not None and _is_bimask_folder(model_args.pretrained_path):
+        from .hub import load_sparse_model
+
+        model = load_sparse_model(model_args.pretrained_path)  # keeps its N:M layers and config
+    else:
+        model = create_model(
+            name, labels=data.labels, in_chans=data_args.in_chans, pretrained=model_args.pretrained,
+        )
+    if data.mixup_fn is not None:
+        train_args.label_smoothing_factor = 0.0  # folded into the mixup targets
+    card = {
+        "model_name": os.path.basename(os.path.normpath(train_args.output_dir)),
+        "base_model": model_args.pretrained_path or (model_args.model if model_args.pretrained else None),
+        "datasets": [data_args.dataset] if not os.path.isdir(data_args.dataset) else [],
+    }
+    trainer = BiMaskTrainer(
+        model=model, args=train_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
+        data_collator=data.collate_fn, mixup_fn=data.mixup_fn, card_info=card,
+    )
+    return data, trainer
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Train, evaluate top-1/top-5, and write a Hub-ready model folder to ``--output_dir``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    model_args, data_args, train_args = parse_args(argv)
+    data, trainer = build(model_args, data_args, train_args)
+    metrics: dict[str, float] = {}
+    if train_args.do_train or not train_args.do_eval:
+        resume = train_args.resume_from_checkpoint
+        if isinstance(resume, str) and resume.lower() in ("true", "1", "last", "yes"):
+            resume = True  # the seed's bare --resume: the newest checkpoint in output_dir
+        trainer.train(resume_from_checkpoint=resume)
+    if data.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        if trainer.is_world_process_zero():
+            print(f"eval top-1 {metrics.get('eval_top1', float('nan')):.2f}%  top-5 {metrics.get('eval_top5', float('nan')):.2f}%")
+        trainer.card_info["metrics"] = {
+            "top1": metrics.get("eval_top1"), "top5": metrics.get("eval_top5"),
+            "dataset": data_args.dataset, "split": data_args.eval_split or "test",
+        }
+    trainer.save_model(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        print(f"Hub-ready model folder: {os.path.abspath(train_args.output_dir)}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""`BiMaskTrainer`: the HF Trainer with Bi-Mask N:M sparse training built in.
+
+One `BiMaskTrainingArguments` dataclass carries the Trainer's flags and the `BiMaskConfig` fields, so
+`HfArgumentParser` reads a single command line. The trainer sparsifies the model (unless it already
+is), and a callback does the per-step work: permutation refreshes every ``permutation_interval``
+optimizer steps (identically seeded on every rank), the in-place projection of ``post`` mode, and
+sparsity metrics in the Trainer's logs for every ``report_to`` tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .config import BiMaskConfig
+from .metrics import compute_topk_metrics, topk_indices
+from .patching import project_, refresh_permutations, report, sparse_layers, sparsify
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BiMaskTrainer", "BiMaskTrainingArguments", "BiMaskCallback", "parse_module_list"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def parse_module_list(value: str | list[str] | None) -> str | list[str] | None:
+    """CLI form of target/exclude patterns: ``"re:<regex>"`` is a regex, else a comma-separated name list."""
+    if value is None or isinstance(value, list):
+        return value
+    value = value.strip()
+    if not value:
+        return None
+    if value.startswith("re:"):
+        return value[3:]
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@dataclass
+class BiMaskTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus every `BiMaskConfig` field (the permutation search uses ``seed``)."""
+
+    n: int = field(default=2, metadata={"help": "N of N:M (kept weights per group).", "aliases": ["--N"]})
+    m: int = field(default=4, metadata={"help": "M of N:M (group size).", "aliases": ["--M"]})
+    mode: str = field(
+        default="bimask",
+        metadata={"help": "dense | srste | bimask | transposable | pre | post (or m1..m4).", "aliases": ["--mask_mode"]},
+    )
+    decay: float = field(default=2e-4, metadata={"help": "SR-STE decay on pruned weights."})
+    permutation_interval: int = field(
+        default=100, metadata={"help": "Optimizer steps between permutation refreshes.", "aliases": ["--iter"]}
+    )
+    num_permutations: int = field(
+        default=100, metadata={"help": "Random-search candidates.", "aliases": ["--greedy_num"]}
+    )
+    permutation_search: str = field(default="swap", metadata={"help": "swap | random | identity."})
+    group_layout: str = field(default="channels_last", metadata={"help": "channels_last | flat."})
+    density: float | None = field(
+        default=None, metadata={"help": "Unstructured top-|W| keep ratio instead of N:M.", "aliases": ["--random_mask_ratio"]}
+    )
+    target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Layers to sparsify: comma-separated names/suffixes, or 're:<regex>'.", "aliases": ["--nm_layers"]},
+    )
+    exclude_modules: str | None = field(default=None, metadata={"help": "Layers to keep dense, same syntax."})
+    exclude_norm_from_weight_decay: bool = field(
+        default=True, metadata={"help": "No weight decay on normalisation layers and biases."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.target_modules = parse_module_list(self.target_modules)  # type: ignore[assignment]
+        self.exclude_modules = parse_module_list(self.exclude_modules)  # type: ignore[assignment]
+        self.bimask_config = self.to_bimask_config()  # validates early, with BiMaskConfig's messages
+
+    def to_bimask_config(self) -> BiMaskConfig:
+        """The `BiMaskConfig` these arguments describe."""
+        return BiMaskConfig(
+            n=self.n, m=self.m, mode=self.mode, decay=self.decay, permutation_interval=self.permutation_interval,
+            num_permutations=self.num_permutations, permutation_search=self.permutation_search,
+            group_layout=self.group_layout, density=self.density, target_modules=self.target_modules,  # type: ignore[arg-type]
+            exclude_modules=self.exclude_modules, seed=self.seed,  # type: ignore[arg-type]
+        )
+
+
+class BiMaskCallback(TrainerCallback):
+    """Per-step Bi-Mask work: permutation refresh, ``post`` projection, pending log metrics."""
+
+    def __init__(self, model: nn.Module, config: BiMaskConfig, print_report: bool = True) -> None:
+        self.model = model
+        self.config = config
+        self.print_report = print_report
+        self.search_seconds = 0.0
+
+    def _refresh(self, step: int) -> None:
+        stats = refresh_permutations(self.model, step=step)
+        self.search_seconds += stats["seconds"]
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == 0 and self.config.mode == "bimask":
+            self._refresh(0)  # a resumed run keeps the permutations its checkpoint holds
+        if self.print_report and state.is_world_process_zero:
+            print(f"bimask-hf: {self.config.pattern} sparse training, mode={self.config.mode}\n{report(self.model)}")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.config.mode == "post":
+            project_(self.model)
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.config.mode == "bimask" and state.global_step % self.config.permutation_interval == 0:
+            self._refresh(state.global_step)
+
+    def sparsity_logs(self) -> dict[str, float]:
+        """``sparsity/*`` metrics of the current masks; resets the accumulated search time."""
+        layers = sparse_layers(self.model)
+        if not layers:
+            return {}
+        kept = total = 0
+        retentions = []
+        for layer in layers.values():
+            mf, mb = layer.masks()
+            kept += int(mf.sum())
+            total += mf.numel()
+            if layer.effective_mode == "bimask":
+                retentions.append(float((mb & mf).sum()) / max(1, int(mf.sum())))
+        logs = {"sparsity/density": kept / total}
+        if retentions:
+            logs["sparsity/retention_mean"] = sum(retentions) / len(retentions)
+            logs["sparsity/retention_min"] = min(retentions)
+        logs["sparsity/permutation_search_seconds"] = self.search_seconds
+        self.search_seconds = 0.0
+        return logs
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with soft (mixup/cutmix) targets."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+class BiMaskTrainer(Trainer):
+    """`transformers.Trainer` for N:M sparse training with Bi-directional Masks.
+
+    Takes the Trainer's arguments plus ``bimask_config`` (defaults to the one in
+    ``BiMaskTrainingArguments``) and ``mixup_fn`` (a ``timm.data.Mixup`` applied to training batches).
+    Evaluation reports top-1/top-5 accuracy unless ``compute_metrics`` is given. ``save_model`` writes a
+    Hub-ready folder (pruned weights exactly zero, ``bimask_config.json``, model card); intermediate
+    checkpoints keep the dense weights and permutations so a resumed run continues exactly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *trainer_args: Any,
+        bimask_config: BiMaskConfig | None = None,
+        mixup_fn: Any = None,
+        card_info: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if bimask_config is None:
+            bimask_config = getattr(model, "bimask_config", None) or getattr(args, "bimask_config", None)
+        if bimask_config is None:
+            bimask_config = BiMaskConfig(seed=args.seed if args is not None else 0)
+        if model is not None and not sparse_layers(model):
+            sparsify(model, bimask_config)
+        elif model is not None:
+            bimask_config = getattr(model, "bimask_config", bimask_config)
+        self.bimask_config = bimask_config
+        self.mixup_fn = mixup_fn
+        self.card_info = dict(card_info or {})
+        if kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = compute_topk_metrics
+            kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
+        super().__init__(model, args, *trainer_args, **kwargs)
+        self.bimask_callback = BiMaskCallback(self.model, bimask_config)
+        self.add_callback(self.bimask_callback)
+
+    # ---- loss --------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        """Adds mixup/cutmix with soft-target cross-entropy; otherwise the Trainer's loss (label smoothing too)."""
+        if self.mixup_fn is not None and model.training and "labels" in inputs:
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            pixel_values = inputs.pop("pixel_values")
+            if pixel_values.shape[0] % 2 == 0:
+                pixel_values, soft = self.mixup_fn(pixel_values, labels)
+            else:  # timm's Mixup needs an even batch; use one-hot targets for an odd one
+                soft = F.one_hot(labels, self.model.config.num_labels).float()
+            outputs = model(pixel_values=pixel_values, **inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            loss = soft_target_cross_entropy(logits, soft.to(logits.device))
+            return (loss, outputs) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    # ---- optimizer -----------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Exclude every normalisation layer (BatchNorm too, not only LayerNorm) and biases from weight decay."""
+        names = super().get_decay_parameter_names(model)
+        if not getattr(self.args, "exclude_norm_from_weight_decay", True):
+            return names
+        norm_params = {
+            f"{mod_name}.{p}" if mod_name else p
+            for mod_name, mod in model.named_modules()
+            if isinstance(mod, _NORM_TYPES)
+            for p, _ in mod.named_parameters(recurse=False)
+        }
+        return [n for n in names if n not in norm_params and not n.endswith(".bias")]
+
+    # ---- logging -------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # type: ignore[override]
+        """Adds ``sparsity/density``, ``sparsity/retention_mean|min`` and the search time to training logs."""
+        if any(k in logs for k in ("loss", "train_loss")):
+            logs = {**logs, **self.bimask_callback.sparsity_logs()}
+        super().log(logs, start_time)
+
+    # ---- saving --------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (internal calls) keep dense weights and permutations for exact resumption; a final
+        ``save_model`` writes a Hub-ready folder with pruned weights exactly zero and a model card."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        self._save_hub_folder(output_dir or self.args.output_dir)
+        if self.args.push_to_hub:
+            self._upload(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_hub_folder(self, output_dir: str) -> None:
+        if not self.args.should_save:
+            return
+        from .hub import save_sparse_model
+
+        save_sparse_model(
+            self.model, output_dir, config=self.bimask_config, card_data=self._card_data(),
+            metrics=self.card_info.get("metrics"),
+        )
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def push_to_hub(  # type: ignore[override]
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Write the Hub-ready folder (merged N:M weights, ``bimask_config.json``, model card) and upload it."""
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self._save_hub_folder(self.args.output_dir)
+        return self._upload(commit_message, blocking=blocking, token=token, revision=revision)
+
+    def _upload(self, commit_message: str | None, blocking: bool = True, token: str | None = None,
+                revision: str | None = None) -> Any:
+        if not self.is_world_process_zero():
+            return None
+        from huggingface_hub import upload_folder
+
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token or self.args.hub_token)
+        self._finish_current_push()
+        return upload_folder(
+            repo_id=self.hub_model_id, folder_path=self.args.output_dir, commit_message=commit_message,
+            token=token or self.args.hub_token, run_as_future=not blocking,
+            ignore_patterns=["_*", "checkpoint-*", "runs/*"], revision=revision or self.args.hub_revision,
+        )
+
+    def _card_data(self) -> dict[str, Any]:
+        args = self.args
+        hyper = {
+            "learning_rate": args.learning_rate, "train_batch_size": args.per_device_train_batch_size,
+            "num_processes": args.world_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "optimizer": str(args.optim), "lr_scheduler_type": str(args.lr_scheduler_type),
+            "num_epochs": args.num_train_epochs, "max_steps": args.max_steps, "weight_decay": args.weight_decay,
+            "label_smoothing_factor": args.label_smoothing_factor, "seed": args.seed,
+            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+            "global_steps": self.state.global_step,
+        }
+        info = {k: v for k, v in self.card_info.items() if k != "metrics"}
+        return {**info, "training_args": {**hyper, **self.card_info.get("training_args", {})}}
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """The model card is written by :meth:`save_model` from ``hub_cards/``; nothing else to do."""
+        return None
