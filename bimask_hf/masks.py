@@ -45,23 +45,23 @@ def _check_matrix(weight: torch.Tensor, name: str = "weight") -> None:
 def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
     """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim`` (ties: lower index wins).
 
-    Ranks are computed by pairwise comparison inside each group, which is faster than ``topk`` for the
-    small group sizes of N:M patterns and gives the same answer on every device.
+    For the small group sizes of N:M patterns, each entry's rank is counted with ``M*(M-1)`` comparisons
+    of whole contiguous slices (the group axis moved to the front), which is several times faster on
+    CPU than ``topk`` over a tiny last dimension and gives the same answer on every device.
     """
     size = scores.shape[dim]
     if n >= size:
         return torch.ones_like(scores, dtype=torch.bool)
-    s = scores.movedim(dim, -1)
     if size > 16:
+        s = scores.movedim(dim, -1)
         idx = s.topk(n, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
-        return keep.movedim(-1, dim)
-    mine = s.unsqueeze(-1)  # (..., size, 1): entry i
-    other = s.unsqueeze(-2)  # (..., 1, size): entry j
-    lower = torch.ones(size, size, dtype=torch.bool, device=s.device).tril(-1)  # j < i
-    beaten_by = (other > mine) | ((other == mine) & lower)
-    keep = beaten_by.sum(-1) < n
-    return keep.movedim(-1, dim)
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).movedim(-1, dim)
+    front = scores.movedim(dim, 0).contiguous()  # (size, ...): one contiguous slice per group position
+    rank = torch.zeros(front.shape, dtype=torch.uint8, device=front.device)
+    for j in range(size):  # a loop over the M positions of a group, not over groups
+        rank[j + 1 :] += front[j] >= front[j + 1 :]  # later entries lose ties to entry j
+        rank[:j] += front[j] > front[:j]
+    return (rank < n).movedim(0, dim)
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:

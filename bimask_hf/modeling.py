@@ -58,7 +58,12 @@ def create_model(
                 f"timm/{name_or_path}", config=config, ignore_mismatched_sizes=True
             )
         config = TimmWrapperConfig(architecture=name_or_path, num_labels=num_labels, model_args=extra, **maps)
-        return TimmWrapperForImageClassification(config)
+        model = TimmWrapperForImageClassification(config)
+        # The wrapper's post_init re-draws every conv/linear from N(0, 0.02); restore timm's own init
+        # (Kaiming for CNNs, trunc-normal for ViTs) from a model timm built itself.
+        native = timm.create_model(name_or_path, num_classes=num_labels, **extra)
+        model.timm_model.load_state_dict(native.state_dict())
+        return model
     repo = name_or_path.removeprefix("hf-hub:")
     if not os.path.isdir(repo) and "/" not in repo:
         raise ValueError(
