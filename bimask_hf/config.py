@@ -12,6 +12,7 @@ CONFIG_NAME = "bimask_config.json"
 
 MODES = ("dense", "srste", "bimask", "transposable", "pre", "post")
 from .search import METHODS as PERMUTATION_SEARCHES  # noqa: E402
+
 GROUP_LAYOUTS = ("channels_last", "flat")
 
 # The seed scripts' `--mask_mode` names.
@@ -47,10 +48,10 @@ class BiMaskConfig:
         metadata={"help": "Candidates of the random permutation search (the seed's --greedy_num)."},
     )
     permutation_search: str = field(
-        default="swap",
+        default="matched",
         metadata={
-            "help": "Row-permutation search for the backward mask: 'swap' (vectorised local search, "
-            "default), 'random' (the paper's best-of-K) or 'identity'."
+            "help": "Row-permutation search for the backward mask: 'matched' (vectorised local search with "
+            "matched group pairs, default), 'swap' (random pairs), 'random' (the paper's best-of-K) or 'identity'."
         },
     )
     group_layout: str = field(

@@ -135,7 +135,7 @@ class BiMaskLayer:
 
     @torch.no_grad()
     def refresh_permutation(
-        self, method: str = "swap", num_candidates: int = 100, generator: torch.Generator | None = None
+        self, method: str = "matched", num_candidates: int = 100, generator: torch.Generator | None = None
     ) -> float:
         """Search a new row permutation for the backward mask; returns the seconds spent.
 

@@ -21,7 +21,20 @@ from transformers import (
 
 from . import models as _models  # noqa: F401  (registers the CIFAR models with timm)
 
-__all__ = ["create_model"]
+__all__ = ["create_model", "check_model_name"]
+
+
+def check_model_name(name_or_path: str) -> str:
+    """``"timm"`` or ``"transformers"`` for a usable model name; ``ValueError`` naming the fix otherwise."""
+    if timm.is_model(name_or_path) and not os.path.isdir(name_or_path):
+        return "timm"
+    repo = name_or_path.removeprefix("hf-hub:")
+    if os.path.isdir(repo) or ("/" in repo and not repo.startswith((".", "/", "~"))):
+        return "transformers"
+    raise ValueError(
+        f"Unknown model {name_or_path!r}: not a timm architecture (see timm.list_models()), not an existing local "
+        "folder and not a Hub id of the form 'org/name'."
+    )
 
 
 def _label_maps(labels: list[str] | None, num_labels: int) -> dict[str, Any]:
@@ -49,7 +62,7 @@ def create_model(
     if num_labels is None:
         raise ValueError("create_model needs num_labels or labels.")
     maps = _label_maps(labels, num_labels)
-    if timm.is_model(name_or_path) and not os.path.isdir(name_or_path):
+    if check_model_name(name_or_path) == "timm":
         extra = {"in_chans": in_chans, **(model_args or {})}
         if pretrained:
             config = TimmWrapperConfig.from_pretrained(f"timm/{name_or_path}", num_labels=num_labels, **maps)
@@ -65,11 +78,6 @@ def create_model(
         model.timm_model.load_state_dict(native.state_dict())
         return model
     repo = name_or_path.removeprefix("hf-hub:")
-    if not os.path.isdir(repo) and "/" not in repo:
-        raise ValueError(
-            f"Unknown model {name_or_path!r}: not a timm architecture (see timm.list_models()), not a local "
-            "folder and not a Hub id of the form 'org/name'."
-        )
     config = AutoConfig.from_pretrained(repo, num_labels=num_labels, **maps)
     if pretrained or os.path.isdir(repo):  # a local folder is a trained model: load its weights
         return AutoModelForImageClassification.from_pretrained(repo, config=config, ignore_mismatched_sizes=True)

@@ -18,11 +18,23 @@ Methods (all vectorised; the only Python loops run over rounds or candidate chun
   pair, scores all ``M * M`` single-row swaps at once with one batched matmul (the gain of a swap is
   bilinear in the two rows, see :func:`_swap_gains`), then applies the best strictly improving swap
   of every pair simultaneously (the pairs are disjoint, so the gains add up exactly).
-* ``"matched"`` -- like ``"swap"``, but pairs groups by a matmul score (excess ones of one group
-  against spare room of the other) with a few rounds of mutual-best matching instead of at random.
+* ``"matched"`` (the strongest) -- every round scores *all* single-row swaps between all groups with
+  two int8 matmuls (``O x O`` gains, :func:`_all_pair_gains`), pairs the groups by repeated
+  mutual-best matching on their best swap gain, and applies the best swap of every matched pair.
+  Once no swap helps and M <= 5, it tries every re-split of the ``2M`` rows of every pair of groups
+  (35 splits at M=4, scored for all pairs at once from joint histograms of column patterns) and then
+  goes back to swaps. It stops at a local optimum, after ``max_rounds`` rounds, or after a round
+  that gained less than :data:`DEFAULT_TOLERANCE` of ``|Mf|``. It uses no randomness.
+
+Measured on 2 CPU threads (``benchmarks/permutation_search.py``), 2:4 on randn weights: random
+best-of-100 gains +0.003 (64x576) and +0.0001 (512x4608) retention; ``"matched"`` gains +0.023 in
+about 10-20 ms and +0.010 in about 150-250 ms, in less time than best-of-100 random.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
 
 import torch
 
@@ -30,6 +42,7 @@ __all__ = [
     "METHODS",
     "DEFAULT_MAX_ROUNDS",
     "DEFAULT_PATIENCE",
+    "DEFAULT_TOLERANCE",
     "search_permutation",
     "permutation_retention",
 ]
@@ -38,10 +51,20 @@ __all__ = [
 METHODS: tuple[str, ...] = ("identity", "random", "swap", "matched")
 
 #: Rounds run by the local searches when ``max_rounds`` is None.
-DEFAULT_MAX_ROUNDS: dict[str, int] = {"swap": 200, "matched": 100}
+DEFAULT_MAX_ROUNDS: dict[str, int] = {"swap": 64, "matched": 50}
+
+#: ``"matched"`` also stops after a round that gains less than this share of ``|Mf|`` in retention
+#: (it converges fully on small layers; big layers stop once rounds bring almost nothing).
+DEFAULT_TOLERANCE: float = 2e-5
 
 #: A local search stops early after this many consecutive rounds without any gain.
 DEFAULT_PATIENCE: int = 8
+
+#: Largest M whose group pairs are re-split exhaustively (C(2M-1, M-1) splits: 10, 35, 126).
+_MAX_SPLIT_M = 5
+
+#: Re-splits are tried (on all group pairs) while the joint-histogram matmul stays under this many MACs.
+_SPLIT_BUDGET = 2**31
 
 #: Rough bound on the scratch memory of one chunk of random candidates, in bytes.
 _CHUNK_BYTES = 256 * 2**20
@@ -49,7 +72,9 @@ _CHUNK_BYTES = 256 * 2**20
 
 def _check_inputs(forward_mask: torch.Tensor, n: int, m: int) -> tuple[int, int]:
     if forward_mask.dim() != 2:
-        raise ValueError(f"forward_mask must be 2-D (rows=outputs, columns=reduction), got {tuple(forward_mask.shape)}.")
+        raise ValueError(
+            f"forward_mask must be 2-D (rows=outputs, columns=reduction), got {tuple(forward_mask.shape)}."
+        )
     if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 1 or n > m:
         raise ValueError(f"Invalid N:M pattern {n}:{m}: need integers with 1 <= N <= M (e.g. 2:4).")
     rows, cols = forward_mask.shape
@@ -72,9 +97,7 @@ def _group_counts(mask: torch.Tensor, permutation: torch.Tensor, m: int) -> torc
     return mask[permutation].reshape(rows // m, m, cols).sum(dim=1, dtype=torch.float32)
 
 
-def permutation_retention(
-    forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int
-) -> float:
+def permutation_retention(forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int) -> float:
     """Closed-form retention ``|Mb| / |Mf|`` of ``permutation`` (``sum min(C, N) / |Mf|``).
 
     Args:
@@ -104,7 +127,12 @@ def _random_permutations(
 
 
 def _random_search(
-    mask: torch.Tensor, start: torch.Tensor, n: int, m: int, num_candidates: int, generator: torch.Generator | None
+    mask: torch.Tensor,
+    start: torch.Tensor,
+    n: int,
+    m: int,
+    num_candidates: int,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Best of ``start`` and ``num_candidates - 1`` random permutations (ties: the earlier candidate)."""
     rows, cols = mask.shape
@@ -156,7 +184,9 @@ def _swap_gains(
     return both + out_g + out_h.transpose(1, 2)
 
 
-def _pair_at_random(groups: int, device: torch.device, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_at_random(
+    groups: int, device: torch.device, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     order = _random_permutations(1, groups, device, generator)[0]
     half = groups // 2
     return order[:half], order[half : 2 * half]
@@ -167,7 +197,7 @@ def _mm01(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu" and hasattr(torch, "_int_mm"):
         try:
             return torch._int_mm(a.to(torch.int8), b.to(torch.int8))
-        except RuntimeError:  # pragma: no cover - very old kernels
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - kernels without int8 CPU GEMM
             pass
     return (a.float() @ b.float()).round_().to(torch.int32)
 
@@ -196,9 +226,7 @@ def _all_pair_gains(rows01: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return gain.masked_fill_(same, -1)
 
 
-def _mutual_best_matching(
-    best_gain: torch.Tensor, iterations: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _mutual_best_matching(best_gain: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Disjoint group pairs ``(g, h)`` with positive gain, by repeated mutual-best selection.
 
     Every iteration each free group points at its best free partner; pairs that point at each other
@@ -276,27 +304,116 @@ def _swap_entries(values: torch.Tensor, pos_a: torch.Tensor, pos_b: torch.Tensor
     values[pos_b] = moved
 
 
+@functools.lru_cache(maxsize=16)
+def _bipartitions(m: int) -> torch.Tensor:
+    """All ways to split ``2m`` rows into two groups of ``m``: ``(S, 2m)`` 0/1 rows, row 0 = no change."""
+    chosen = [c for c in itertools.combinations(range(2 * m), m) if 0 in c]
+    return torch.tensor([[1.0 if r in c else 0.0 for r in range(2 * m)] for c in chosen])
+
+
+@functools.lru_cache(maxsize=16)
+def _split_gain_table(n: int, m: int) -> torch.Tensor:
+    """``(4**m, S)``: kept-count gain of split ``s`` for one column whose pair pattern is ``(u, v)``.
+
+    ``u`` / ``v`` are the column's ``m``-bit patterns in the first / second group (row ``r`` = bit ``r``);
+    the entry is ``min(in, n) + min(out, n)`` under split ``s`` minus the same under no change.
+    """
+    split = _bipartitions(m).tolist()
+    table = []
+    for u in range(2**m):
+        for v in range(2**m):
+            bits = [(u >> r) & 1 for r in range(m)] + [(v >> r) & 1 for r in range(m)]
+            total = sum(bits)
+            kept = []
+            for sel in split:
+                inside = sum(b for b, k in zip(bits, sel) if k)
+                kept.append(min(inside, n) + min(total - inside, n))
+            table.append([k - kept[0] for k in kept])
+    return torch.tensor(table, dtype=torch.float32)
+
+
+def _all_split_gains(rows01: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best re-split of every group pair: ``(G, G)`` gains and split indices.
+
+    Each group's columns are coded as ``m``-bit patterns; one int8 matmul of the one-hot codes gives,
+    for every pair, the joint histogram of column patterns, and a matmul with the per-pattern gain
+    table scores every split of every pair.
+    """
+    rows, cols = rows01.shape
+    groups = rows // m
+    codes = (
+        rows01.reshape(groups, m, cols).long() << torch.arange(m, device=rows01.device).view(1, m, 1)
+    ).sum(1)
+    onehot = codes.unsqueeze(1) == torch.arange(2**m, device=rows01.device).view(1, -1, 1)  # (G, 2^m, K)
+    onehot = onehot.reshape(groups * 2**m, cols)
+    joint = _mm01(onehot, onehot.T).reshape(groups, 2**m, groups, 2**m).permute(0, 2, 1, 3)
+    # float64: histogram counts must stay exact even where float32 matmuls run as TF32
+    gains = joint.reshape(groups * groups, 4**m).double() @ _split_gain_table(n, m).to(rows01.device).double()
+    value, index = gains.max(dim=1)
+    return value.reshape(groups, groups), index.reshape(groups, groups)
+
+
+def _apply_repartitions(
+    values: torch.Tensor, g: torch.Tensor, h: torch.Tensor, subset: torch.Tensor, m: int
+) -> None:
+    """Re-split groups ``g[i]``, ``h[i]`` of ``values`` (rows in group order) by ``subset[i]`` in place."""
+    offsets = torch.arange(m, device=values.device)
+    pos = torch.cat([g.unsqueeze(1) * m + offsets, h.unsqueeze(1) * m + offsets], dim=1)  # (P, 2m)
+    members = values[pos]  # (P, 2m, ...)
+    inside = subset.bool()
+    tail = members.shape[2:]
+    values[pos[:, :m]] = members[inside].reshape(-1, m, *tail)
+    values[pos[:, m:]] = members[~inside].reshape(-1, m, *tail)
+
+
 def _matched_search(
-    mask: torch.Tensor, start: torch.Tensor, n: int, m: int, rounds: int, matching_iterations: int = 8
+    mask: torch.Tensor,
+    start: torch.Tensor,
+    n: int,
+    m: int,
+    rounds: int,
+    tolerance: float = DEFAULT_TOLERANCE,
+    matching_iterations: int = 8,
 ) -> torch.Tensor:
-    """All-pairs swap search: every round scores all row swaps, matches groups, applies the best swaps."""
+    """All-pairs search: score every row swap, match groups, apply the best swaps; when no swap helps,
+    try every re-split of every group pair (``3 <= m <= _MAX_SPLIT_M`` and within ``_SPLIT_BUDGET``),
+    then go back to swaps."""
     rows, cols = mask.shape
     groups = rows // m
     perm = start.clone()
     if groups < 2 or n >= m:
         return perm
     rows01 = mask[perm].to(torch.int8)
+    min_gain = max(0.5, tolerance * float(mask.sum()))
+    use_splits = 3 <= m <= _MAX_SPLIT_M
     for _ in range(rounds):
         gain = _all_pair_gains(rows01, n, m)
         per_pair = gain.reshape(groups, m, groups, m).permute(0, 2, 1, 3).reshape(groups, groups, m * m)
         best_gain, best = per_pair.max(dim=2)
-        g, h = _mutual_best_matching(best_gain, matching_iterations)
+        g, h = _mutual_best_matching(best_gain.float(), matching_iterations)
+        if g.numel():
+            round_gain = float(best_gain[g, h].sum())
+            best = best[g, h]
+            pos_a, pos_b = g * m + best // m, h * m + best % m
+            _swap_entries(rows01, pos_a, pos_b)
+            _swap_entries(perm, pos_a, pos_b)
+            if round_gain < min_gain:
+                break
+            continue
+        if not use_splits:
+            break
+        # swap-optimal: try every re-split of every group pair when affordable
+        if (groups * 2**m) ** 2 * cols > _SPLIT_BUDGET:
+            break
+        split_gain, subset = _all_split_gains(rows01, n, m)
+        split_gain.fill_diagonal_(-1.0)
+        g, h = _mutual_best_matching(split_gain, matching_iterations)
         if g.numel() == 0:
             break
-        best = best[g, h]
-        pos_a, pos_b = g * m + best // m, h * m + best % m
-        _swap_entries(rows01, pos_a, pos_b)
-        _swap_entries(perm, pos_a, pos_b)
+        first, second = g, h
+        chosen = _bipartitions(m).to(mask.device)[subset[g, h]]
+        _apply_repartitions(rows01, first, second, chosen, m)
+        _apply_repartitions(perm, first, second, chosen, m)
     return perm
 
 

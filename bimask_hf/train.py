@@ -140,7 +140,13 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
     from .modeling import create_model
     from .trainer import BiMaskTrainer
 
+    from .modeling import check_model_name
+
     name = model_args.pretrained_path or model_args.model
+    if model_args.pretrained_path is None:
+        check_model_name(name)  # fail before any data is read
+    elif not os.path.isdir(name) and "/" not in name:
+        raise ValueError(f"--pretrained_path {name!r} is neither an existing folder nor a Hub id 'org/name'.")
     data = load_image_classification_data(
         data_args.dataset, model=model_args.model if model_args.pretrained_path is None else None,
         streaming=data_args.streaming, train_split=data_args.train_split, eval_split=data_args.eval_split,

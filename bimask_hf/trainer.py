@@ -59,7 +59,7 @@ class BiMaskTrainingArguments(TrainingArguments):
     num_permutations: int = field(
         default=100, metadata={"help": "Random-search candidates.", "aliases": ["--greedy_num"]}
     )
-    permutation_search: str = field(default="swap", metadata={"help": "swap | random | identity."})
+    permutation_search: str = field(default="matched", metadata={"help": "matched | swap | random | identity."})
     group_layout: str = field(default="channels_last", metadata={"help": "channels_last | flat."})
     density: float | None = field(
         default=None, metadata={"help": "Unstructured top-|W| keep ratio instead of N:M.", "aliases": ["--random_mask_ratio"]}
@@ -74,6 +74,8 @@ class BiMaskTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False  # every parameter gets a gradient; skip DDP's extra graph walk
         super().__post_init__()
         self.target_modules = parse_module_list(self.target_modules)  # type: ignore[assignment]
         self.exclude_modules = parse_module_list(self.exclude_modules)  # type: ignore[assignment]

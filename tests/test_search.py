@@ -17,7 +17,9 @@ def _forward_mask(rows: int, cols: int, n: int, m: int, seed: int = 0) -> torch.
     return torch.zeros(rows, cols // m, m, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, cols)
 
 
-def _brute_force_retention(mask: torch.Tensor, weight: torch.Tensor, perm: list[int], n: int, m: int) -> float:
+def _brute_force_retention(
+    mask: torch.Tensor, weight: torch.Tensor, perm: list[int], n: int, m: int
+) -> float:
     """Retention from the definition: per row group and column, keep the n largest |W*Mf|, AND Mf."""
     rows, cols = mask.shape
     kept = 0
@@ -31,7 +33,11 @@ def _brute_force_retention(mask: torch.Tensor, weight: torch.Tensor, perm: list[
 
 
 def _is_permutation(perm: torch.Tensor, rows: int) -> bool:
-    return perm.dtype == torch.long and perm.shape == (rows,) and torch.equal(perm.sort().values, torch.arange(rows))
+    return (
+        perm.dtype == torch.long
+        and perm.shape == (rows,)
+        and torch.equal(perm.sort().values, torch.arange(rows))
+    )
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8)])
@@ -63,7 +69,9 @@ def test_methods_return_permutations_never_worse(method: str, n: int, m: int) ->
     rows = 64 if m < 16 else 128
     mask = _forward_mask(rows, 4 * m * 8, n, m)
     identity = permutation_retention(mask, torch.arange(rows), n, m)
-    perm = search_permutation(mask, n, m, method, num_candidates=20, generator=torch.Generator().manual_seed(0))
+    perm = search_permutation(
+        mask, n, m, method, num_candidates=20, generator=torch.Generator().manual_seed(0)
+    )
     assert _is_permutation(perm, rows)
     assert permutation_retention(mask, perm, n, m) >= identity
 
@@ -73,7 +81,9 @@ def test_never_below_init(method: str) -> None:
     mask = _forward_mask(64, 576, 2, 4)
     init = search_permutation(mask, 2, 4, "matched", max_rounds=3)
     start = permutation_retention(mask, init, 2, 4)
-    perm = search_permutation(mask, 2, 4, method, num_candidates=30, generator=torch.Generator().manual_seed(5), init=init)
+    perm = search_permutation(
+        mask, 2, 4, method, num_candidates=30, generator=torch.Generator().manual_seed(5), init=init
+    )
     assert _is_permutation(perm, 64)
     assert permutation_retention(mask, perm, 2, 4) >= start
 

@@ -395,7 +395,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> Any:
-    if pretrained:
+    if pretrained and not kwargs.get("pretrained_cfg"):  # timm's local-dir:/hf-hub: loads pass a cfg
         raise ValueError(
             f"No pretrained weights are published for {variant!r}; create it with pretrained=False "
             "or load a trained checkpoint with TimmWrapperForImageClassification.from_pretrained(...)."

@@ -1,0 +1,112 @@
+"""``bimask-eval``: top-1 / top-5 accuracy of a saved (sparse) model on a dataset split.
+
+    bimask-eval runs/fmnist-2x4 --dataset fashion_mnist --split test
+    bimask-eval org/resnet50-2x4-bimask --dataset imagenet-1k --split validation --update-card
+
+The model is a local folder or Hub id written by bimask-hf (its N:M pattern is verified on load) or
+any transformers / timm image classifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .metrics import topk_accuracy
+
+__all__ = ["evaluate_model", "load_for_eval", "main"]
+
+
+def load_for_eval(name_or_path: str) -> nn.Module:
+    """A bimask-hf folder through :func:`load_sparse_model` (pattern verified), else the plain libraries."""
+    from .config import BiMaskConfig
+
+    try:
+        BiMaskConfig.load_json(name_or_path)
+        is_bimask = True
+    except Exception:  # not a bimask-hf folder / repo: load it as a plain model
+        is_bimask = False
+    if is_bimask:
+        from .hub import load_sparse_model
+
+        return load_sparse_model(name_or_path)
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(name_or_path)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module | str,
+    dataset: str,
+    split: str | None = None,
+    batch_size: int = 128,
+    max_samples: int | None = None,
+    image_size: int | None = None,
+    in_chans: int | None = None,
+    device: str | None = None,
+    **data_kwargs: Any,
+) -> dict[str, float]:
+    """``{"top1", "top5", "samples"}`` of ``model`` on ``dataset``'s ``split`` (accuracy in percent)."""
+    from .data import load_image_classification_data
+
+    if isinstance(model, str):
+        model = load_for_eval(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    data = load_image_classification_data(
+        dataset, model=model, eval_split=split, max_eval_samples=max_samples, image_size=image_size,
+        in_chans=in_chans, rank=0, world_size=1, **data_kwargs,
+    )
+    if data.eval_dataset is None:
+        raise ValueError(f"Dataset {dataset!r} has no evaluation split {split!r}.")
+    loader = torch.utils.data.DataLoader(data.eval_dataset, batch_size=batch_size, collate_fn=data.collate_fn)
+    ranked, labels = [], []
+    for batch in loader:
+        pixel_values = batch["pixel_values"].to(device)
+        out = model(pixel_values=pixel_values) if hasattr(model, "config") else model(pixel_values)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        ranked.append(logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu().numpy())
+        labels.append(batch["labels"].numpy())
+    result = topk_accuracy(np.concatenate(ranked), np.concatenate(labels))
+    result["samples"] = float(sum(len(lbl) for lbl in labels))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Command-line entry point (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="bimask-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="local folder or Hub id of the model")
+    parser.add_argument("--dataset", required=True, help="dataset name, Hub id or ImageFolder path")
+    parser.add_argument("--split", default=None, help="split to evaluate (default: the dataset's eval split)")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--image_size", type=int, default=None)
+    parser.add_argument("--in_chans", type=int, default=None)
+    parser.add_argument("--update-card", "--update_card", dest="update_card", action="store_true",
+                        help="write the results into the local folder's README.md model card and model-index")
+    args = parser.parse_args(argv)
+    if args.update_card and not os.path.isdir(args.model):
+        parser.error("--update-card needs a local model folder (download it first, or save with bimask-hf).")
+    result = evaluate_model(args.model, args.dataset, split=args.split, batch_size=args.batch_size,
+                            max_samples=args.max_samples, image_size=args.image_size, in_chans=args.in_chans)
+    split = args.split or "eval"
+    print(f"{args.model} on {args.dataset}/{split} ({int(result['samples'])} images): "
+          f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    if args.update_card:
+        from .hub import update_card_results
+
+        update_card_results(args.model, {"top1": result["top1"], "top5": result["top5"]}, dataset=args.dataset, split=split)
+        print(f"Updated {os.path.join(args.model, 'README.md')}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

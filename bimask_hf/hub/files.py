@@ -1,0 +1,120 @@
+"""Folder-level helpers shared by saving and loading: weight files, their validation, Hub resolution."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from ..compression import NM_WEIGHTS_NAME
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+MODEL_CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+# What a load fetches from the Hub: configs, safetensors weights and the card; never pickles.
+HUB_PATTERNS = ["*.json", "*.safetensors", CARD_NAME]
+
+
+class CorruptCheckpointError(OSError):
+    """A weight file of a saved sparse model is truncated or corrupted; names the file."""
+
+
+def corrupt(path: str, detail: str) -> CorruptCheckpointError:
+    """The error for a damaged weight file, telling the user how to recover."""
+    return CorruptCheckpointError(
+        f"Weight file {path!r} is corrupted or truncated ({detail}). Re-download it "
+        "(e.g. load_sparse_model(..., force_download=True) or delete it from the Hub cache) "
+        "or re-save the model with bimask_hf.save_sparse_model."
+    )
+
+
+def weight_files(folder: str) -> list[str]:
+    """Names of the safetensors weight files in ``folder`` (single file, shards, or N:M-compressed)."""
+    if os.path.isfile(os.path.join(folder, NM_WEIGHTS_NAME)):
+        return [NM_WEIGHTS_NAME]
+    if os.path.isfile(os.path.join(folder, SAFE_WEIGHTS_NAME)):
+        return [SAFE_WEIGHTS_NAME]
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError) as error:
+            raise corrupt(index, f"unreadable shard index: {error}") from error
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise FileNotFoundError(
+                f"{index} lists weight shards that are missing from {folder!r}: {missing}. Re-download the model."
+            )
+        return shards
+    others = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pth", ".pt", ".ckpt")))
+    hint = f" It holds pickle checkpoints {others}, which bimask-hf never loads." if others else ""
+    raise FileNotFoundError(
+        f"No safetensors weights ({SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {NM_WEIGHTS_NAME}) in "
+        f"{folder!r}.{hint} Save the model with bimask_hf.save_sparse_model."
+    )
+
+
+def tensor_shapes(folder: str, files: list[str]) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of every tensor in the safetensors ``files`` of ``folder``; validates each file.
+
+    safetensors checks that the header parses and that the data it describes is all present, which
+    catches truncated downloads and overwritten headers; failures become :class:`CorruptCheckpointError`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            raise corrupt(path, str(error)) from error
+    return shapes
+
+
+def read_json(path: str, what: str) -> dict[str, Any]:
+    """Parse a JSON file, with an error naming the file if it is damaged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:
+        raise CorruptCheckpointError(
+            f"{what} {path!r} is not valid JSON ({error}); re-download or re-save the model."
+        ) from error
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else is meant as a local path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_folder(repo_id_or_dir: str | os.PathLike, **hub_kwargs: Any) -> str:
+    """A local folder as is, or a Hub repo id downloaded with ``snapshot_download`` (its local path).
+
+    Only configs, safetensors files and the card are fetched. The endpoint is read from ``HF_ENDPOINT``
+    at call time (``huggingface_hub`` reads it once at import), unless ``endpoint=`` is given.
+    """
+    name = os.fspath(repo_id_or_dir)
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise NotADirectoryError(f"{name!r} is a file; pass the folder written by bimask_hf.save_sparse_model.")
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"Folder {name!r} does not exist (and it is not a Hub repo id like 'org/name').")
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(hub_kwargs)
+    kwargs.setdefault("allow_patterns", HUB_PATTERNS)
+    if "endpoint" not in kwargs and os.environ.get("HF_ENDPOINT"):
+        kwargs["endpoint"] = os.environ["HF_ENDPOINT"].rstrip("/")
+    logger.info("Downloading %s from %s", name, kwargs.get("endpoint", "the Hugging Face Hub"))
+    return snapshot_download(repo_id=name, **kwargs)  # type: ignore[return-value]

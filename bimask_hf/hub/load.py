@@ -1,0 +1,194 @@
+"""`load_sparse_model`: load a saved sparse model with the plain libraries and re-patch it for training."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import torch.nn as nn
+
+from ..compression import NM_WEIGHTS_NAME, load_nm_safetensors
+from ..config import CONFIG_NAME, BiMaskConfig
+from ..patching import NMPatternError, check_nm, sparsify
+from .files import (
+    MODEL_CONFIG_NAME,
+    SAFE_WEIGHTS_NAME,
+    corrupt,
+    read_json,
+    resolve_folder,
+    tensor_shapes,
+    weight_files,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_sparse_model", "load_plain_model"]
+
+
+def load_plain_model(folder: str, model_class: Any = None) -> nn.Module:
+    """Load ``folder`` with transformers or timm alone, chosen from ``config.json``.
+
+    A transformers config (``model_type``, TimmWrapper's ``timm_wrapper`` included) goes to
+    ``model_class.from_pretrained`` (default ``AutoModelForImageClassification``); a bare timm config
+    (``architecture`` and no ``model_type``) to ``timm.create_model("local-dir:<folder>", pretrained=True)``
+    unless ``model_class`` is given. Only safetensors weights are read.
+    """
+    path = os.path.join(folder, MODEL_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {MODEL_CONFIG_NAME} in {folder!r}: it does not hold a transformers or timm model.")
+    model_config = read_json(path, "Model config")
+    from .. import models as _registered  # noqa: F401  (timm names of bimask-hf's CIFAR models)
+
+    if model_class is not None:
+        return model_class.from_pretrained(folder, use_safetensors=True)
+    if "model_type" in model_config:
+        from transformers import AutoModelForImageClassification
+
+        return AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True)
+    if "architecture" in model_config:
+        import timm
+
+        return timm.create_model(f"local-dir:{folder}", pretrained=True)
+    raise ValueError(
+        f"{path} has neither 'model_type' (transformers) nor 'architecture' (timm); pass model_class=... "
+        "with a from_pretrained method."
+    )
+
+
+def _resolve_layer_names(model: nn.Module, names: list[str]) -> list[str]:
+    """Saved sparse-layer names as module names of ``model``.
+
+    They match exactly when the same library loads the folder; a timm folder loaded through
+    TimmWrapper (or the reverse) differs by the ``timm_model.`` prefix, so prefixes are added or dropped.
+    """
+    modules = {n for n, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
+    resolved = []
+    for name in names:
+        if name in modules:
+            resolved.append(name)
+            continue
+        found = [m for m in modules if m.endswith("." + name)]
+        if not found:
+            parts = name.split(".")
+            found = [s for s in (".".join(parts[i:]) for i in range(1, len(parts))) if s in modules][:1]
+        if len(found) != 1:
+            raise ValueError(
+                f"Saved sparse layer {name!r} is not a Linear/Conv2d of the loaded {type(model).__name__} "
+                f"({'ambiguous: ' + ', '.join(sorted(found)) if found else 'no such module'})."
+            )
+        resolved.append(found[0])
+    return resolved
+
+
+def _verify_pattern(model: nn.Module, names: list[str], config: BiMaskConfig, source: str) -> None:
+    try:
+        if config.density is None:
+            check_nm(model, config.n, config.m, layers=names, group_layout=config.group_layout)
+            return
+        for name in names:
+            weight = model.get_submodule(name).weight
+            kept = int((weight != 0).sum())
+            allowed = round(config.density * weight.numel()) + 1  # top-k rounding
+            if kept > allowed:
+                raise NMPatternError(
+                    f"Layer {name!r} keeps {kept} of {weight.numel()} weights, more than density "
+                    f"{config.density}. Re-sparsify it or load with resparsify=True."
+                )
+    except NMPatternError as error:
+        raise NMPatternError(f"{source}: {error}") from error
+
+
+def _restricted_config(config: BiMaskConfig, names: list[str], model: nn.Module) -> BiMaskConfig:
+    """The saved config targeting exactly ``names``.
+
+    A list target also matches name suffixes; when a saved name is a suffix of another layer's name
+    the targets become an exact-match regex instead.
+    """
+    modules = [n for n, _ in model.named_modules()]
+    chosen = set(names)
+    ambiguous = any(m not in chosen and any(m.endswith("." + n) for n in names) for m in modules)
+    targets: str | list[str] = "|".join(f"(?:{re.escape(n)})" for n in names) if ambiguous else list(names)
+    return dataclasses.replace(config, target_modules=targets, exclude_modules=None)
+
+
+def load_sparse_model(
+    repo_id_or_dir: str | os.PathLike,
+    *,
+    resparsify: bool = False,
+    model_class: Any = None,
+    **hub_kwargs: Any,
+) -> nn.Module:
+    """Load a model saved by :func:`save_sparse_model` from a folder or a Hub repo, ready to fine-tune.
+
+    The model is built by the plain libraries (see :func:`load_plain_model`), every saved sparse layer
+    is checked to hold its N:M pattern (:class:`NMPatternError` names the first layer that does not,
+    unless ``resparsify=True``, which re-prunes it through the forward mask), and the model is patched
+    with :func:`bimask_hf.sparsify` using the saved config restricted to the saved layers.
+    ``hub_kwargs`` (``revision``, ``cache_dir``, ``token``, ``force_download``, ``local_files_only``,
+    ``endpoint``...) go to ``huggingface_hub.snapshot_download``; ``HF_ENDPOINT`` is honoured.
+    N:M-compressed folders are decompressed bit-exactly. A damaged weight file raises
+    :class:`CorruptCheckpointError` naming it.
+    """
+    source = os.fspath(repo_id_or_dir)
+    folder = resolve_folder(source, **hub_kwargs)
+    meta_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(
+            f"{source!r} has no {CONFIG_NAME}: it was not saved by bimask_hf.save_sparse_model. Load it with "
+            "transformers/timm and call bimask_hf.sparsify(model, BiMaskConfig(...)) to start sparse training."
+        )
+    meta = read_json(meta_path, "Bi-Mask config")
+    config = BiMaskConfig.from_dict(meta)
+    files = weight_files(folder)
+    tensor_shapes(folder, files)  # truncated / overwritten files fail here, naming the file
+
+    if files == [NM_WEIGHTS_NAME]:
+        model = _load_compressed(folder, model_class)
+    else:
+        model = load_plain_model(folder, model_class)
+
+    saved: list[str] = list(meta.get("sparse_layers") or [])
+    if not saved:
+        logger.warning("%s records no sparse layers (mode=%s); returning the model unpatched.", source, config.mode)
+        return model
+    names = _resolve_layer_names(model, saved)
+    if resparsify:
+        logger.info("resparsify=True: %d layers are re-pruned to %s by the forward mask.", len(names), config.pattern)
+    else:
+        _verify_pattern(model, names, config, source)
+    sparsify(model, _restricted_config(config, names, model))
+    return model
+
+
+def _load_compressed(folder: str, model_class: Any) -> nn.Module:
+    """Decompress ``model.nm.safetensors`` into a temporary plain folder and load that."""
+    from safetensors.torch import save_file
+
+    path = os.path.join(folder, NM_WEIGHTS_NAME)
+    try:
+        state = load_nm_safetensors(path)
+    except (KeyError, ValueError) as error:
+        raise corrupt(path, f"cannot decompress: {error}") from error
+    with tempfile.TemporaryDirectory(prefix="bimask-nm-") as tmp:
+        for name in os.listdir(folder):
+            if name.endswith(".json"):
+                shutil.copy(os.path.join(folder, name), os.path.join(tmp, name))
+        save_file(state, os.path.join(tmp, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        model = load_plain_model(tmp, model_class)
+    _forget_temporary_path(model, folder)
+    return model
+
+
+def _forget_temporary_path(model: nn.Module, folder: str) -> None:
+    # Point the loaded model's recorded source at the real folder, not the deleted temporary one.
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "_name_or_path"):
+        config._name_or_path = folder
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and "file" in cfg:
+        cfg["file"] = folder
