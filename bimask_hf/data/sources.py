@@ -157,6 +157,10 @@ def resolve_splits(
     if train not in splits:
         raise DataError(f"No split {train!r}; available splits: {available}. Choose one with train_split=.")
     if eval_split is not None:
+        # datasets names an ImageFolder's val/ folder "validation"; accept either spelling
+        aliases = {"val": "validation", "validation": "val", "valid": "validation"}
+        if eval_split not in splits and aliases.get(eval_split) in splits:
+            eval_split = aliases[eval_split]
         if eval_split not in splits:
             raise DataError(
                 f"No split {eval_split!r}; available splits: {available}. Choose one with eval_split=."
