@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from .config import MODES, BiMaskConfig
 from .functional import masked_conv2d, masked_linear
 from .masks import (
-    backward_mask,
+    backward_mask_for_weight,
     matrix_to_weight,
     nm_mask,
+    nm_mask_for_weight,
     retention,
     search_permutation,
     transposable_mask,
@@ -96,17 +97,14 @@ class BiMaskLayer:
         if self.density is not None:
             mf = unstructured_mask(weight, self.density)
             return mf, mf
-        matrix = weight_to_matrix(weight, self.group_layout)
         if self.mode == "transposable":
-            mf_m = transposable_mask(matrix, self.n, self.m)
+            mf_m = transposable_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
             mf = matrix_to_weight(mf_m, weight.shape, self.group_layout)
             return mf, mf
-        mf_m = nm_mask(matrix, self.n, self.m)
-        mf = matrix_to_weight(mf_m, weight.shape, self.group_layout)
+        mf = nm_mask_for_weight(weight, self.n, self.m, self.group_layout)
         if self.effective_mode != "bimask":
             return mf, mf
-        mb_m = backward_mask(matrix, mf_m, getattr(self, PERMUTATION_KEY), self.n, self.m)
-        return mf, matrix_to_weight(mb_m, weight.shape, self.group_layout)
+        return mf, backward_mask_for_weight(weight, mf, getattr(self, PERMUTATION_KEY), self.n, self.m)
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for the current weights, cached until the weights or the permutation change in place."""

@@ -42,13 +42,22 @@ def _check_matrix(weight: torch.Tensor, name: str = "weight") -> None:
         )
 
 
-def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
-    """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim`` (ties: lower index wins).
+def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep the ``n`` largest along dim 0 of a contiguous ``(M, ...)`` tensor (ties: lower index wins).
 
-    For the small group sizes of N:M patterns, each entry's rank is counted with ``M*(M-1)`` comparisons
-    of whole contiguous slices (the group axis moved to the front), which is several times faster on
-    CPU than ``topk`` over a tiny last dimension and gives the same answer on every device.
+    Each entry's rank is counted with ``M*(M-1)`` comparisons of whole contiguous slices, which is
+    several times faster on CPU than ``topk`` over a tiny last dimension and device-independent.
     """
+    size = front.shape[0]
+    rank = torch.zeros(front.shape, dtype=torch.uint8, device=front.device)
+    for j in range(size):  # a loop over the M positions of a group, not over groups
+        rank[j + 1 :] += front[j] >= front[j + 1 :]  # later entries lose ties to entry j
+        rank[:j] += front[j] > front[:j]
+    return rank < n
+
+
+def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
+    """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim`` (ties: lower index wins)."""
     size = scores.shape[dim]
     if n >= size:
         return torch.ones_like(scores, dtype=torch.bool)
@@ -56,12 +65,53 @@ def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
         s = scores.movedim(dim, -1)
         idx = s.topk(n, dim=-1, sorted=False).indices
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).movedim(-1, dim)
-    front = scores.movedim(dim, 0).contiguous()  # (size, ...): one contiguous slice per group position
-    rank = torch.zeros(front.shape, dtype=torch.uint8, device=front.device)
-    for j in range(size):  # a loop over the M positions of a group, not over groups
-        rank[j + 1 :] += front[j] >= front[j + 1 :]  # later entries lose ties to entry j
-        rank[:j] += front[j] > front[:j]
-    return (rank < n).movedim(0, dim)
+    return _rank_keep(scores.movedim(dim, 0).contiguous(), n).movedim(0, dim)
+
+
+def nm_mask_for_weight(weight: torch.Tensor, n: int, m: int, group_layout: str = "channels_last") -> torch.Tensor:
+    """:func:`nm_mask` of a Linear/Conv2d weight, returned in the weight's own shape.
+
+    Same result as ``matrix_to_weight(nm_mask(weight_to_matrix(w, layout), n, m), w.shape, layout)``
+    but with one layout copy instead of four (this runs at every forward).
+    """
+    _check_pattern(n, m)
+    mags = weight.detach().abs()
+    if weight.dim() == 4 and (group_layout == "flat" or weight.shape[1] % m == 0) and m <= 16:
+        out_ch, in_ch, kh, kw = weight.shape
+        if group_layout == "channels_last":  # groups of m input channels at each kernel position
+            front = mags.reshape(out_ch, in_ch // m, m, kh * kw).permute(2, 0, 1, 3).contiguous()
+            if n >= m:
+                return torch.ones_like(weight, dtype=torch.bool)
+            return _rank_keep(front, n).permute(1, 2, 0, 3).reshape(weight.shape)
+        mags = mags.reshape(out_ch, -1)
+    if weight.dim() == 2 or (weight.dim() == 4 and group_layout == "flat"):
+        matrix = mags.reshape(weight.shape[0], -1)
+        rows, cols = matrix.shape
+        if cols % m:
+            raise ValueError(f"N:M along columns needs K % M == 0, got K={cols}, M={m}.")
+        return keep_top_n(matrix.reshape(rows, cols // m, m), n, dim=-1).reshape(weight.shape)
+    return matrix_to_weight(nm_mask(weight_to_matrix(weight, group_layout), n, m), weight.shape, group_layout)
+
+
+def backward_mask_for_weight(
+    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int
+) -> torch.Tensor:
+    """:func:`backward_mask` of a Linear/Conv2d weight in its own shape.
+
+    The backward mask groups rows, and each column is handled on its own, so the column order of
+    the weight does not matter and no layout copy is needed.
+    """
+    rows = weight.shape[0]
+    if rows % m:
+        raise ValueError(f"N:M along rows needs O % M == 0, got O={rows}, M={m}.")
+    scores = torch.where(forward_mask, weight.detach().abs(), -1.0).reshape(rows, -1)
+    order = permutation.view(rows // m, m).T.reshape(-1)  # position-in-group major: one contiguous slice each
+    keep_front = keep_top_n(scores[order].view(m, rows // m, -1), n, dim=0) if m > 16 else _rank_keep(
+        scores[order].view(m, rows // m, -1), n
+    )
+    keep = torch.empty((rows, scores.shape[1]), dtype=torch.bool, device=weight.device)
+    keep[order] = keep_front.reshape(rows, -1)
+    return keep.view(weight.shape) & forward_mask
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -93,11 +143,7 @@ def backward_mask(
         raise ValueError(f"forward_mask shape {tuple(forward_mask.shape)} != weight shape {tuple(weight.shape)}.")
     if permutation.shape != (rows,):
         raise ValueError(f"permutation must have shape ({rows},), got {tuple(permutation.shape)}.")
-    scores = torch.where(forward_mask, weight.detach().abs(), -1.0)[permutation]
-    keep_permuted = keep_top_n(scores.reshape(rows // m, m, cols), n, dim=1).reshape(rows, cols)
-    keep = torch.empty_like(keep_permuted)
-    keep[permutation] = keep_permuted
-    return keep & forward_mask
+    return backward_mask_for_weight(weight, forward_mask, permutation, n, m)
 
 
 def retention(forward_mask: torch.Tensor, backward_mask: torch.Tensor) -> float:

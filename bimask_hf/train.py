@@ -13,6 +13,7 @@ line (the command line wins). The paper scripts' flags (``--arch --data_path --j
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -48,6 +49,11 @@ class ModelArguments:
                   "transformers model id / local folder."},
     )
     pretrained: bool = field(default=False, metadata={"help": "Start from the Hub's pretrained weights."})
+    model_args: str | None = field(
+        default=None,
+        metadata={"help": "Extra keyword arguments of the timm model as JSON, e.g. '{\"base_width\": 16}' "
+                  "(a mapping in YAML recipes)."},
+    )
     pretrained_path: str | None = field(
         default=None,
         metadata={"help": "Start from the weights of a local folder or Hub id saved by bimask-hf or transformers "
@@ -114,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         for key in ("target_modules", "exclude_modules"):
             if isinstance(values.get(key), list):
                 values[key] = ",".join(values[key])
+        if isinstance(values.get("model_args"), dict):
+            values["model_args"] = json.dumps(values["model_args"])
         parser.set_defaults(**values)
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(_translate_seed_flags(argv))
     if data_args.use_random_mask and train_args.density is None:
@@ -137,10 +145,8 @@ def _is_bimask_folder(path: str) -> bool:
 def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any):  # type: ignore[no-untyped-def]
     """Data, model and `BiMaskTrainer` for parsed arguments (everything `main` does before training)."""
     from .data import load_image_classification_data
-    from .modeling import create_model
+    from .modeling import check_model_name, create_model
     from .trainer import BiMaskTrainer
-
-    from .modeling import check_model_name
 
     name = model_args.pretrained_path or model_args.model
     if model_args.pretrained_path is None:
@@ -163,8 +169,12 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
 
         model = load_sparse_model(model_args.pretrained_path)  # keeps its N:M layers and config
     else:
+        try:
+            extra = json.loads(model_args.model_args) if model_args.model_args else None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--model_args must be a JSON object, got {model_args.model_args!r}: {err}") from err
         model = create_model(
-            name, labels=data.labels, in_chans=data_args.in_chans, pretrained=model_args.pretrained,
+            name, labels=data.labels, in_chans=data_args.in_chans, pretrained=model_args.pretrained, model_args=extra,
         )
     if data.mixup_fn is not None:
         train_args.label_smoothing_factor = 0.0  # folded into the mixup targets

@@ -434,22 +434,28 @@ _HUB_SCRIPT = textwrap.dedent(
     plain = timm.create_model("hf-hub:bimask-test/resnet-2-4", pretrained=True)
     out["timm"] = {"class": type(plain).__name__, "max_nonzeros": max_nonzeros(plain.layer2[0].conv1.weight)}
     assert "bimask_hf" not in sys.modules
-    # 2. bimask-hf: load by repo id, fine-tune a few steps, the pattern still holds.
+    # 2. bimask-hf: load by repo id, fine-tune a few steps with BiMaskTrainer, the pattern still holds.
+    import datasets
     import bimask_hf as bh
+    from bimask_hf import BiMaskTrainer, BiMaskTrainingArguments
+    gen = torch.Generator().manual_seed(0)
+    train = datasets.Dataset.from_dict({
+        "pixel_values": torch.randn(16, 3, 32, 32, generator=gen).numpy(),
+        "labels": torch.randint(0, 5, (16,), generator=gen).tolist(),
+    }).with_format("torch")
     for repo in ("bimask-test/resnet-2-4", "bimask-test/vit-2-4"):
-        model = bh.load_sparse_model(repo)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        losses = []
-        for step in range(3):
-            x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
-            logits = model(x)
-            logits = logits.logits if hasattr(logits, "logits") else logits
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            loss.backward(); opt.step(); opt.zero_grad()
-            losses.append(loss.item())
-        bh.refresh_permutations(model, step=3, method="random", num_candidates=4)
+        model = bh.load_sparse_model(repo, model_class=AutoModelForImageClassification)
+        n_layers = len(bh.sparse_layers(model))
+        args = BiMaskTrainingArguments(
+            output_dir=sys.argv[1] + "/" + repo.split("/")[1], max_steps=3, per_device_train_batch_size=4,
+            learning_rate=0.05, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
+            permutation_interval=2, permutation_search="random", num_permutations=4, disable_tqdm=True)
+        trainer = BiMaskTrainer(model=model, args=args, train_dataset=train)
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        same_config = trainer.bimask_config == model.bimask_config and len(bh.sparse_layers(model)) == n_layers
         checked = bh.check_nm(bh.merge(model), 2, 4)
-        out[repo]["finetune"] = {"losses": losses, "checked": len(checked)}
+        out[repo]["finetune"] = {"losses": losses, "checked": len(checked), "same_config": same_config}
     print("RESULT " + json.dumps(out))
     """
 )
@@ -473,7 +479,8 @@ def test_hub_round_trip_in_a_fresh_process(local_hub, tmp_path):
     env = {**os.environ, "HF_ENDPOINT": local_hub.endpoint, "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("HF_HUB_OFFLINE", None)
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ft")], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     out = json.loads(line.removeprefix("RESULT "))
@@ -485,7 +492,8 @@ def test_hub_round_trip_in_a_fresh_process(local_hub, tmp_path):
         assert repo["card_results"] == [["Top-1 accuracy", 71.25], ["Top-5 accuracy", 90.5]]
         assert repo["metadata"]["pipeline_tag"] == "image-classification"
         assert "2:4-sparsity" in repo["metadata"]["tags"]
-        assert repo["finetune"]["checked"] == repo["layers"]
+        assert repo["finetune"]["checked"] == repo["layers"] and repo["finetune"]["same_config"]
+        assert len(repo["finetune"]["losses"]) == 3
         assert all(loss == loss and loss < 100 for loss in repo["finetune"]["losses"])
     assert rn["metadata"]["library_name"] == "timm" and vit["metadata"]["library_name"] == "transformers"
 

@@ -270,3 +270,28 @@ def test_unknown_recipe_key_is_rejected(tmp_path):
     recipe.write_text("model: resnet18\nlearning_rat: 0.1\n")
     with pytest.raises(SystemExit, match="learning_rat"):
         parse_args([str(recipe)])
+
+
+def test_sparsity_metrics_reach_offline_trackers(tmp_path, digits, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb").mkdir()
+    monkeypatch.chdir(tmp_path)  # TensorBoard writes under ./runs or the output dir
+    trainer = _trainer(tmp_path, digits, max_steps=4, report_to=["tensorboard", "wandb"], run_name="bimask-offline")
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(p for p in tmp_path.rglob("events.out.tfevents.*") if "wandb" not in str(p))
+    assert events, "no TensorBoard event file written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/sparsity/retention_mean" in tags and "train/sparsity/density" in tags, tags
+    assert acc.Scalars("train/sparsity/density")[-1].value == pytest.approx(0.5)
+    history = list((tmp_path / "wandb").rglob("*.wandb"))
+    assert history, "no offline wandb run written"
+    assert b"sparsity/retention_min" in history[0].read_bytes()

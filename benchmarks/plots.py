@@ -1,0 +1,152 @@
+"""PNG plots of the benchmark results (matplotlib, headless ``Agg`` backend).
+
+Each function takes the rows a benchmark script produced (the same dicts it writes to its JSON) and writes
+one PNG. They can also be re-drawn from saved JSON files::
+
+    python benchmarks/plots.py --accuracy docs/accuracy.json --out docs/accuracy.png
+    python benchmarks/plots.py --step-time docs/step_time.json --out docs/step_time.png
+    python benchmarks/plots.py --mask-quality docs/mask_quality.json --out docs/mask_quality.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ACCURACY_ORDER = ("dense", "unstructured-50%", "srste", "bimask-random", "bimask-matched", "transposable", "pre", "post")
+COLORS = {
+    "dense": "#444444", "unstructured-50%": "#8c564b", "srste": "#1f77b4", "bimask-random": "#ff7f0e",
+    "bimask-matched": "#d62728", "transposable": "#2ca02c", "pre": "#9467bd", "post": "#e377c2",
+}
+
+
+def plot_accuracy(rows: Sequence[dict], out: str | Path, title: str = "") -> None:
+    """Top-1 per method, one panel per N:M pattern: every seed as a dot, mean as a bar with a std error bar.
+
+    ``dense`` and ``unstructured-50%`` (pattern ``"-"``) are drawn in every panel for reference.
+    """
+    patterns = sorted({r["pattern"] for r in rows if r["pattern"] != "-"}) or ["-"]
+    fig, axes = plt.subplots(1, len(patterns), figsize=(6.5 * len(patterns), 4.2), sharey=True, squeeze=False)
+    all_acc = [r["top1"] for r in rows]
+    for ax, pattern in zip(axes[0], patterns):
+        methods = [m for m in ACCURACY_ORDER if any(r["method"] == m and r["pattern"] in (pattern, "-") for r in rows)]
+        for i, method in enumerate(methods):
+            accs = [r["top1"] for r in rows if r["method"] == method and r["pattern"] in (pattern, "-")]
+            mean = statistics.fmean(accs)
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            color = COLORS.get(method, "gray")
+            ax.bar(i, mean, color=color, alpha=0.35, width=0.7)
+            ax.errorbar(i, mean, yerr=std, color=color, capsize=4, lw=1.5)
+            ax.scatter([i] * len(accs), accs, color=color, s=14, zorder=3)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"N:M = {pattern}" if pattern != "-" else "pattern-free")
+        ax.grid(axis="y", alpha=0.3)
+    lo, hi = min(all_acc), max(all_acc)
+    pad = max(0.2, 0.15 * (hi - lo))
+    axes[0][0].set_ylim(lo - pad, hi + pad)
+    axes[0][0].set_ylabel("test top-1 (%)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_step_time(rows: Sequence[dict], out: str | Path, title: str = "") -> None:
+    """Step-time ratio and saved-memory ratio to dense, grouped by model (one bar per mode)."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    width = 0.8 / max(1, len(modes))
+    for j, (key, label) in enumerate((("ratio", "step time / dense"), ("mem_ratio", "saved-for-backward memory / dense"))):
+        ax = axes[j]
+        for k, mode in enumerate(modes):
+            xs, ys = [], []
+            for i, model in enumerate(models):
+                row = next((r for r in rows if r["model"] == model and r["mode"] == mode), None)
+                if row is not None and row.get(key) is not None:
+                    xs.append(i + (k - (len(modes) - 1) / 2) * width)
+                    ys.append(row[key])
+            ax.bar(xs, ys, width=width, label=mode, color=COLORS.get(mode.removesuffix("-unfold"), None))
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels([f"{m}\n(b{next(r['batch'] for r in rows if r['model'] == m)})" for m in models], fontsize=8)
+        ax.set_ylabel(label)
+        if key == "ratio" and any(r.get(key, 0) > 4 for r in rows):
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_mask_quality(rows: Sequence[dict], out: str | Path, title: str = "") -> None:
+    """Retention gain over the identity permutation versus search time (log x), one panel per N:M pattern.
+
+    Random best-of-K is drawn as a line through K = 10, 100, 1000; ``swap`` and ``matched`` as markers.
+    """
+    patterns = list(dict.fromkeys(r["pattern"] for r in rows))
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(patterns), figsize=(5.5 * len(patterns), 4.3), squeeze=False)
+    markers = {"swap": "s", "matched": "*"}
+    for ax, pattern in zip(axes[0], patterns):
+        for i, shape in enumerate(shapes):
+            layer = [r for r in rows if r["shape"] == shape and r["pattern"] == pattern]
+            if not layer:
+                continue
+            color = cmap(i % 10)
+            rnd = sorted((r for r in layer if r["method"].startswith("random")), key=lambda r: r["ms"])
+            ax.plot([max(r["ms"], 1e-3) for r in rnd], [r["gain"] for r in rnd], "o-", color=color, ms=4,
+                    label=shape)
+            for r in layer:
+                if r["method"] in markers:
+                    ax.scatter(max(r["ms"], 1e-3), r["gain"], marker=markers[r["method"]], color=color,
+                               s=70 if r["method"] == "matched" else 30, edgecolors="black", linewidths=0.5, zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("search time (ms, log)")
+        ax.set_title(f"N:M = {pattern}   (o-o random K=10/100/1000, ■ swap, ★ matched)", fontsize=9)
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("retention gain over identity permutation")
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-draw a plot from a benchmark's JSON file."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--accuracy", help="docs/accuracy.json from benchmarks/accuracy.py")
+    group.add_argument("--step-time", help="JSON from benchmarks/step_time.py --json")
+    group.add_argument("--mask-quality", help="JSON from benchmarks/permutation_search.py --json")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    if args.accuracy:
+        plot_accuracy(list(json.loads(Path(args.accuracy).read_text())["runs"].values()), args.out)
+    elif args.step_time:
+        plot_step_time(json.loads(Path(args.step_time).read_text()), args.out)
+    else:
+        plot_mask_quality(json.loads(Path(args.mask_quality).read_text())["rows"], args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
