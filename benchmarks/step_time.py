@@ -2,12 +2,19 @@
 
 A step is forward + cross-entropy + backward + SGD step, with the mode's mask work (masks are
 recomputed every forward) and the permutation search amortised at the configured interval
-(search time / ``--interval`` added to each step). Modes are interleaved round by round so machine
-noise hits all of them alike; the median over rounds is reported. Memory is the bytes autograd saves
-for backward during one step (deterministic), plus the masks.
+(search time / ``--interval`` added to each step). Modes are interleaved round by round, in a new random
+order every round (seeded), so machine noise and order effects hit all of them alike; the median over
+rounds is reported. Memory is reported twice: the bytes autograd saves for backward during one step
+(deterministic), plus the masks; and the peak of all CPU memory allocated during one step (activations,
+gradients, masks, temporaries) above what was live before it, from the PyTorch profiler's memory timeline.
+
+``bimask`` uses the library's default permutation search (``--search``, default ``matched``);
+``bimask-random`` the paper's best-of-100 random search; ``bimask-unfold`` (``--unfold``) the research-style
+``unfold``/``fold`` convolution of ``unfold_baseline.py`` with the same masks.
 
     python benchmarks/step_time.py                 # ResNet-32/CIFAR b128 and DeiT-small-sized ViT
-    python benchmarks/step_time.py --models resnet32_cifar resnet50 deit_small --unfold
+    python benchmarks/step_time.py --models resnet32_cifar resnet50 deit_small --unfold \
+        --batch resnet50=8 deit_small=8 --json docs/step_time.json --plot docs/step_time.png
     python benchmarks/step_time.py --quick         # seconds; what CI runs
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -27,8 +35,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bimask_hf as bh  # noqa: E402
 from unfold_baseline import use_unfold_convs  # noqa: E402
+
+import bimask_hf as bh  # noqa: E402
 
 # name -> (timm architecture, kwargs, batch, image size, quick batch, quick size)
 MODELS = {
@@ -40,18 +49,24 @@ MODELS = {
 MODES = ["dense", "srste", "bimask", "bimask-random", "transposable", "pre", "post"]
 
 
-def build(name: str, mode: str, interval: int, quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float]:
+def build(
+    name: str, mode: str, interval: int, quick: bool, batch_override: int | None = None, search_method: str = "matched"
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float]:
+    """Model of ``name`` patched for ``mode`` (``dense-plain``: not patched), a random batch, and the
+    seconds of one permutation search (bi-directional modes only)."""
     arch, kwargs, batch, size, qbatch, qsize = MODELS[name]
     if quick:
         batch, size = qbatch, qsize
         if "img_size" in kwargs:
             kwargs = {**kwargs, "img_size": size}
+    if batch_override:
+        batch = batch_override
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=10 if "cifar" in name else 1000, **kwargs)
     search_seconds = 0.0
     if mode != "dense-plain":
         base = mode.removesuffix("-random").removesuffix("-unfold")
-        search = "random" if mode.endswith("-random") else "swap"
+        search = "random" if mode.endswith("-random") else search_method
         bh.sparsify(model, bh.BiMaskConfig(mode=base, permutation_search=search, permutation_interval=interval))
         if mode.endswith("-unfold"):
             use_unfold_convs(model)
@@ -85,6 +100,33 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return total
 
 
+def peak_step_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, post: bool) -> int | None:
+    """Peak CPU bytes allocated during one training step above those live before it (None if unavailable).
+
+    Replays the allocation/free events of the PyTorch profiler's memory timeline (``profile_memory`` with
+    ``record_shapes`` and ``with_stack``); that timeline is a private PyTorch API, so failures give None.
+    """
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            time_steps(model, opt, x, y, 1, post)
+        current = peak = 0
+        for _, action, key, size in MemoryProfileTimeline(prof._memory_profile()).timeline:
+            if key[0].device.type != "cpu":
+                continue
+            if action == Action.CREATE:
+                current += size
+            elif action == Action.DESTROY:
+                current -= size
+            peak = max(peak, current)
+        return peak
+    except Exception as err:  # noqa: BLE001 - a private API: report instead of failing the benchmark
+        print(f"  (peak memory unavailable: {type(err).__name__}: {err})")
+        return None
+
+
 def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int, post: bool) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -97,30 +139,65 @@ def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return (time.perf_counter() - start) / steps
 
 
-def run(name: str, modes: list[str], rounds: int, steps: int, interval: int, quick: bool) -> list[dict]:
+def run(
+    name: str,
+    modes: list[str],
+    rounds: int,
+    steps: int,
+    interval: int,
+    quick: bool,
+    batch: int | None = None,
+    search_method: str = "matched",
+    peak: bool = True,
+    seed: int = 0,
+) -> list[dict]:
+    """Time every mode on one model; rows with absolute numbers and ratios to ``dense``."""
     runs = {}
     for mode in modes:
-        model, x, y, search = build(name, mode if mode != "dense" else "dense-plain", interval, quick)
+        model, x, y, search = build(name, mode if mode != "dense" else "dense-plain", interval, quick, batch, search_method)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         mem = saved_bytes(model, x, y)
-        time_steps(model, opt, x, y, 1, mode == "post")  # warm-up
-        runs[mode] = dict(model=model, opt=opt, x=x, y=y, search=search, mem=mem, times=[])
+        time_steps(model, opt, x, y, 1, mode == "post")  # warm-up (also creates the momentum buffers)
+        peak_bytes = peak_step_bytes(model, opt, x, y, mode == "post") if peak else None
+        runs[mode] = dict(model=model, opt=opt, x=x, y=y, search=search, mem=mem, peak=peak_bytes, times=[])
+    order = random.Random(seed)
     for _ in range(rounds):
-        for mode in modes:
+        shuffled = list(modes)
+        order.shuffle(shuffled)  # a new order every round: no mode always runs first / after a given one
+        for mode in shuffled:
             r = runs[mode]
             r["times"].append(time_steps(r["model"], r["opt"], r["x"], r["y"], steps, mode == "post"))
     base = statistics.median(runs["dense"]["times"])
     base_mem = runs["dense"]["mem"]
+    base_peak = runs["dense"]["peak"]
     out = []
     for mode in modes:
         r = runs[mode]
         step = statistics.median(r["times"]) + r["search"] / interval
+        peak_mb = None if r["peak"] is None else r["peak"] / 2**20
+        peak_ratio = None if r["peak"] is None or not base_peak else r["peak"] / base_peak
         out.append(dict(
             model=name, mode=mode, batch=int(r["x"].shape[0]), image=int(r["x"].shape[-1]), step_s=step,
-            search_s=r["search"], ratio=step / base, mem_mb=r["mem"] / 2**20, mem_ratio=r["mem"] / base_mem,
+            step_min_s=min(r["times"]), search_s=r["search"], ratio=step / base, mem_mb=r["mem"] / 2**20,
+            mem_ratio=r["mem"] / base_mem, peak_mb=peak_mb, peak_ratio=peak_ratio,
         ))
     return out
+
+
+def parse_batches(items: list[str]) -> dict[str, int]:
+    """``["resnet50=8", "deit_small=8"]`` -> ``{"resnet50": 8, "deit_small": 8}``."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in MODELS or not value.isdigit():
+            raise SystemExit(f"--batch expects MODEL=INT with MODEL in {sorted(MODELS)}, got {item!r}")
+        out[name] = int(value)
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main() -> None:
@@ -133,19 +210,40 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=100, help="permutation refresh interval")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny batches, 1 round: a smoke run for CI")
+    parser.add_argument("--batch", nargs="+", default=[], metavar="MODEL=B",
+                        help="batch-size overrides, e.g. resnet50=8 deit_small=8")
+    parser.add_argument("--search", default="matched", choices=["matched", "swap", "random", "identity"],
+                        help="permutation search of the 'bimask' mode (default: the library default, matched)")
+    parser.add_argument("--no-peak", action="store_true", help="skip the profiler-based peak-memory measurement")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-round random mode order")
     parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--plot", help="write a PNG of the time and memory ratios")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    batches = parse_batches(args.batch)
     modes = list(dict.fromkeys(["dense", *args.modes] + (["bimask-unfold"] if args.unfold else [])))
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
     rows = []
-    print(f"torch {torch.__version__}, {args.threads} threads, {rounds} rounds x {steps} steps, interval {args.interval}")
-    print(f"{'model':<16} {'mode':<14} {'batch':>5} {'img':>4} {'step s':>8} {'x dense':>8} {'search s':>9} {'saved MB':>9} {'mem x':>6}")
+    print(f"torch {torch.__version__}, {args.threads} threads, {rounds} rounds x {steps} steps, interval {args.interval}, "
+          f"bimask search {args.search}, random mode order per round (seed {args.seed})")
+    print(f"{'model':<16} {'mode':<14} {'batch':>5} {'img':>4} {'step s':>8} {'x dense':>8} {'search s':>9} "
+          f"{'saved MB':>9} {'mem x':>6} {'peak MB':>8} {'peak x':>6}")
     for name in args.models:
-        for row in run(name, modes, rounds, steps, args.interval, args.quick):
+        for row in run(name, modes, rounds, steps, args.interval, args.quick, batches.get(name), args.search,
+                       not args.no_peak, args.seed):
             rows.append(row)
             print(f"{row['model']:<16} {row['mode']:<14} {row['batch']:>5} {row['image']:>4} {row['step_s']:>8.4f} "
-                  f"{row['ratio']:>8.3f} {row['search_s']:>9.3f} {row['mem_mb']:>9.1f} {row['mem_ratio']:>6.3f}")
+                  f"{row['ratio']:>8.3f} {row['search_s']:>9.3f} {row['mem_mb']:>9.1f} {row['mem_ratio']:>6.3f} "
+                  f"{_fmt(row['peak_mb'], '8.1f'):>8} {_fmt(row['peak_ratio'], '6.3f'):>6}", flush=True)
+    if args.markdown:
+        print("\n| model | batch | image | mode | step (s) | × dense | search (s, every "
+              f"{args.interval} steps) | saved MB | × dense | peak MB | × dense |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['batch']} | {r['image']} | {r['mode']} | {r['step_s']:.4f} | {r['ratio']:.3f} | "
+                  f"{r['search_s']:.3f} | {r['mem_mb']:.1f} | {r['mem_ratio']:.3f} | {_fmt(r['peak_mb'], '.1f')} | "
+                  f"{_fmt(r['peak_ratio'], '.3f')} |")
     target = [r for r in rows if r["model"] == "resnet32_cifar" and r["mode"] == "bimask"]
     if target and not args.quick:
         ratio = target[0]["ratio"]
@@ -153,6 +251,12 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if args.plot:
+        from plots import plot_step_time
+
+        plot_step_time(rows, args.plot, title=f"training-step time and memory vs dense, torch {torch.__version__}, "
+                       f"{args.threads} CPU threads")
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

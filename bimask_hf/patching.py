@@ -289,10 +289,6 @@ class LayerReport:
     retention: float | None
     reason: str | None = None
 
-    @property
-    def sparse(self) -> bool:
-        return self.mode != "dense" and self.reason is None or (self.reason or "").startswith("uni-directional")
-
 
 @dataclass
 class SparsityReport:
@@ -346,9 +342,15 @@ class SparsityReport:
         return "\n".join(out)
 
 
-def report(model: nn.Module) -> SparsityReport:
-    """The per-layer table: name, kind, shape, mode, N:M, density, retention, and why a layer stayed dense."""
+def report(model: nn.Module, config: BiMaskConfig | None = None) -> SparsityReport:
+    """The per-layer table: name, kind, shape, mode, N:M, density, retention, and why a layer stayed dense.
+
+    Layers already merged by :func:`merge` are listed with the mode and pattern of ``config`` (default:
+    the model's own) and the density read from their zeros.
+    """
     notes: dict[str, str] = getattr(model, "bimask_notes", {})
+    merged = set(getattr(model, "bimask_sparse_layers", []))
+    config = config or getattr(model, "bimask_config", None)
     rows = []
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, nn.Conv2d)) or not name:
@@ -360,6 +362,10 @@ def report(model: nn.Module) -> SparsityReport:
             density = float(mf.sum()) / mf.numel()
             ret = float((mb & mf).sum()) / max(1, int(mf.sum())) if mod.effective_mode == "bimask" else None
             rows.append(LayerReport(name, kind, shape, mod.effective_mode, mod.pattern, density, ret, notes.get(name)))
+        elif name in merged:
+            density = float((mod.weight != 0).sum()) / mod.weight.numel()
+            mode, pattern = (config.mode, config.pattern) if config is not None else ("merged", "-")
+            rows.append(LayerReport(name, kind, shape, mode, pattern, density, None))
         else:
             rows.append(LayerReport(name, kind, shape, "dense", "-", 1.0, None, notes.get(name, "not patched")))
     return SparsityReport(rows)

@@ -7,5 +7,6 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${BIMASK_VENV:-.venv}/bin/activate"
 export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # see scripts/main_job.sh
 ruff check bimask_hf tests benchmarks
 python -m pytest -q "$@"

@@ -191,3 +191,21 @@ def test_refresh_permutations_is_seeded_and_improves_retention():
         assert torch.equal(getattr(la, PERMUTATION_KEY), getattr(lb, PERMUTATION_KEY)), na
     assert stats_a["retention_mean"] >= before
     assert stats_a["retention_min"] <= stats_a["retention_mean"]
+
+
+def test_torch_compile_traces_sparse_layers_without_graph_breaks():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = bh.sparsify(models.timm_model("resnet8_cifar"), FAST)
+    ref = bh.sparsify(models.timm_model("resnet8_cifar"), FAST)
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="aot_eager")  # graph capture + AOT autograd, no C++ build
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    torch.nn.functional.cross_entropy(compiled(x), y).backward()
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    for (name, a), b in zip(bh.sparse_layers(model).items(), bh.sparse_layers(ref).values()):
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, msg=name)

@@ -239,8 +239,16 @@ def test_cli_end_to_end_on_local_imagefolder(tmp_path):
     # TimmWrapper folders store timm's own key names (no "timm_model." prefix), so timm loads them too
     checked = bh.check_nm(weights, 1, 4, layers=[name.removeprefix("timm_model.") for name in cfg["sparse_layers"]])
     assert len(checked) == 6
-    ev = _run([sys.executable, "-m", "bimask_hf.evaluation", str(out), "--dataset", str(data), "--split", "val"])
+    ev = _run([sys.executable, "-m", "bimask_hf.evaluation", str(out), "--dataset", str(data), "--split", "val",
+               "--update-card"])
     assert "top-1" in ev.stdout and "top-5" in ev.stdout
+    top1 = float(ev.stdout.split("top-1 ")[1].split("%")[0])
+    from huggingface_hub.repocard import metadata_load
+
+    meta = metadata_load(out / "README.md")
+    results = meta["model-index"][0]["results"]
+    values = {m["name"]: m["value"] for r in results for m in r["metrics"] if r["dataset"]["split"] == "val"}
+    assert values["Top-1 accuracy"] == pytest.approx(top1, abs=0.01)
 
 
 @pytest.mark.parametrize(

@@ -109,29 +109,12 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def _merged_report(model: nn.Module, config: BiMaskConfig) -> SparsityReport:
-    """A report for a merged model: its recorded sparse layers' densities, read from the zeros."""
-    recorded = set(getattr(model, "bimask_sparse_layers", []))
-    rows = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or not name:
-            continue
-        kind = "Conv2d" if isinstance(mod, nn.Conv2d) else "Linear"
-        shape = tuple(mod.weight.shape)
-        if name in recorded:
-            density = float((mod.weight != 0).sum()) / mod.weight.numel()
-            rows.append(LayerReport(name, kind, shape, config.mode, config.pattern, density, None))
-        else:
-            rows.append(LayerReport(name, kind, shape, "dense", "-", 1.0, None, "dense"))
-    return SparsityReport(rows)
-
-
 def _as_report(model_or_report: nn.Module | SparsityReport, config: BiMaskConfig) -> SparsityReport:
     if isinstance(model_or_report, SparsityReport):
         return model_or_report
     if sparse_layers(model_or_report):
         return report(model_or_report)
-    return _merged_report(model_or_report, config)
+    return report(model_or_report, config)
 
 
 def default_library_name(model: nn.Module) -> str:
