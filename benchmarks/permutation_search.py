@@ -1,7 +1,9 @@
 """Benchmark of the backward-mask permutation searches (retention, gradient gap, time).
 
-For several layer shapes and N:M patterns, on ``randn`` weights with the N:M top-|W| forward mask,
-every method is run side by side in one process and reported with:
+For several layer shapes and N:M patterns, on ``randn`` weights with the N:M top-|W| forward mask, and on
+the sparse layers of a ResNet trained with Bi-Mask on Fashion-MNIST (the checkpoint saved by
+``benchmarks/accuracy.py``, ``docs/fmnist_bimask_2x4.safetensors``; a quick one is trained here if it is
+missing), every method is run side by side in one process and reported with:
 
 * retention ``R = |Mb| / |Mf|`` and its gain over the identity permutation;
 * the gain ratio against the paper's best-of-100 random search;
@@ -10,24 +12,31 @@ every method is run side by side in one process and reported with:
 
 The TARGET (the issue's acceptance bar) is checked on 64x576 and 512x4608 at 2:4: the best local
 search must gain at least 3x what random best-of-100 gains, in no more time than random best-of-100
-(or 50 ms, whichever is larger). Examples::
+(or 50 ms, whichever is larger). The trained-model rows are labelled ``fmnist:<layer> OxK``; the row
+``fmnist:all-layers`` sums over the model (retention = kept / forward weights of all its layers, time = total).
+Conv weights are viewed as ``(O, kh*kw*C)`` matrices in the library's default ``channels_last`` group layout.
+A pattern uses the checkpoint trained at that pattern when there is one (``fmnist_bimask_1x4.safetensors``),
+else the 2:4 one. Examples::
 
-    python benchmarks/permutation_search.py            # full table (about a minute on 2 cores)
+    python benchmarks/permutation_search.py            # full table (a few minutes on 2 cores)
     python benchmarks/permutation_search.py --quick    # seconds-long smoke run for CI
-    python benchmarks/permutation_search.py --json out.json
+    python benchmarks/permutation_search.py --json docs/mask_quality.json --plot docs/mask_quality.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from bimask_hf.masks import weight_to_matrix
 from bimask_hf.search import DEFAULT_MAX_ROUNDS, permutation_retention, search_permutation
 
 try:  # the library's own backward mask, when present
@@ -40,6 +49,9 @@ QUICK_SHAPES = [(64, 576), (512, 4608)]
 FULL_PATTERNS = [(2, 4), (1, 4), (4, 8)]
 QUICK_PATTERNS = [(2, 4)]
 TARGET_SHAPES = [(64, 576), (512, 4608)]
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = BENCH_DIR.parent / "docs" / "fmnist_bimask_2x4.safetensors"
+PERMUTATION_SUFFIX = ".bimask_permutation"
 TARGET_RATIO = 3.0
 TARGET_MIN_BUDGET_S = 0.050
 LOCAL_METHODS = ("swap", "matched")
@@ -118,6 +130,19 @@ def bench_layer(rows: int, cols: int, n: int, m: int, repeats: int, seed: int) -
     """All methods on one ``rows x cols`` randn layer at ``n:m``."""
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, cols, generator=gen)
+    return bench_matrix(weight, f"{rows}x{cols}", n, m, repeats, seed, gen)[0]
+
+
+def bench_matrix(
+    weight: torch.Tensor, label: str, n: int, m: int, repeats: int, seed: int, gen: torch.Generator | None = None
+) -> tuple[list[Row], dict[str, dict[str, float]]]:
+    """All methods on one weight matrix at ``n:m``.
+
+    Returns the rows and, per method, the raw sums a model-level aggregate needs (kept and forward
+    weight counts, squared gradient-gap numerator and denominator, seconds).
+    """
+    rows, cols = weight.shape
+    gen = gen or torch.Generator().manual_seed(seed)
     fmask = forward_mask(weight, n, m)
     grad = torch.randn(256, rows, generator=gen)
     reference = grad @ (weight * fmask)
@@ -144,18 +169,94 @@ def bench_layer(rows: int, cols: int, n: int, m: int, repeats: int, seed: int) -
         )
 
     measured = []
+    sums: dict[str, dict[str, float]] = {}
+    total = float(fmask.sum())
+    ref_sq = float(reference.norm()) ** 2
     for name, (perm, seconds) in timed_side_by_side(methods, repeats).items():
         ret = permutation_retention(fmask, perm, n, m)
         bmask = backward_mask(weight, fmask, perm, n, m)
-        gap = float((grad @ (weight * bmask) - reference).norm() / reference.norm())
+        diff = float((grad @ (weight * bmask) - reference).norm())
+        gap = diff / math.sqrt(ref_sq)
         measured.append((name, ret, gap, seconds))
+        sums[name] = dict(kept=ret * total, total=total, gap_sq=diff**2, ref_sq=ref_sq, seconds=seconds)
+    return rows_from(label, n, m, measured, identity), sums
+
+
+def rows_from(
+    label: str, n: int, m: int, measured: list[tuple[str, float, float, float]], identity: float
+) -> list[Row]:
+    """Rows with gains over ``identity`` and ratios to the random best-of-100 gain."""
     random100_gain = next(r for name, r, _, _ in measured if name == "random K=100") - identity
     rows_out = []
     for name, ret, gap, seconds in measured:
         gain = ret - identity
         ratio = gain / random100_gain if random100_gain > 0 else float("inf") if gain > 0 else 0.0
-        rows_out.append(Row(f"{rows}x{cols}", f"{n}:{m}", name, ret, gain, ratio, gap, seconds * 1e3))
+        rows_out.append(Row(label, f"{n}:{m}", name, ret, gain, ratio, gap, seconds * 1e3))
     return rows_out
+
+
+def load_real_layers(path: Path) -> dict[str, torch.Tensor]:
+    """The sparse layers' weights of a checkpoint saved by ``benchmarks/accuracy.py``, as ``(O, K)`` matrices.
+
+    Sparse layers are the ones with a saved backward-mask permutation; conv weights are viewed in the
+    ``channels_last`` group layout (the library default).
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    layers = {}
+    for key in sorted(state):
+        if key.endswith(PERMUTATION_SUFFIX):
+            name = key.removesuffix(PERMUTATION_SUFFIX)
+            layers[name] = weight_to_matrix(state[f"{name}.weight"].float(), "channels_last").contiguous()
+    if not layers:
+        raise SystemExit(f"{path} holds no Bi-Mask layer (no '*{PERMUTATION_SUFFIX}' keys).")
+    return layers
+
+
+def train_quick_checkpoint(path: Path, smoke: bool) -> Path:
+    """Train a ResNet-8 with Bi-Mask 2:4 on Fashion-MNIST (``benchmarks/accuracy.py``'s loop) and save it."""
+    sys.path.insert(0, str(BENCH_DIR))
+    import accuracy
+
+    settings = accuracy.Settings(epochs=1.0 if smoke else 0.5, train_limit=256 if smoke else 20_000, test_limit=500,
+                                 batch=64 if smoke else 128, permutation_interval=20)
+    print(f"(no checkpoint at {path}: training a quick one, {settings.epochs:g} epoch on {settings.train_limit} images)")
+    data = accuracy.load_fashion_mnist(train_limit=settings.train_limit, test_limit=settings.test_limit)
+    row, model = accuracy.train_run("bimask-matched", "2:4", 0, settings, data)
+    accuracy.save_checkpoint(model, path, settings, row)
+    return path
+
+
+def bench_real(path: Path, patterns: list[tuple[int, int]], repeats: int, seed: int) -> list[Row]:
+    """Every method on every sparse layer of a trained checkpoint, plus the whole-model aggregate."""
+    out: list[Row] = []
+    cache: dict[Path, dict[str, torch.Tensor]] = {}
+    for n, m in patterns:
+        own = path.with_name(f"fmnist_bimask_{n}x{m}.safetensors")
+        source = own if own.is_file() else path
+        layers = cache.setdefault(source, load_real_layers(source))
+        totals: dict[str, dict[str, float]] = {}
+        identity_kept = 0.0
+        for name, weight in layers.items():
+            if weight.shape[0] % m or weight.shape[1] % m:
+                continue
+            rows, sums = bench_matrix(weight, f"fmnist:{name} {weight.shape[0]}x{weight.shape[1]}", n, m, repeats, seed)
+            out += rows
+            identity_kept += sums["identity"]["kept"]
+            for method, values in sums.items():
+                acc = totals.setdefault(method, dict.fromkeys(values, 0.0))
+                for k, v in values.items():
+                    acc[k] += v
+        if totals:
+            total = totals["identity"]["total"]
+            measured = [
+                (method, t["kept"] / total, math.sqrt(t["gap_sq"] / t["ref_sq"]), t["seconds"])
+                for method, t in totals.items()
+            ]
+            print(f"  {n}:{m} on trained weights from {source.name}")
+            out += rows_from("fmnist:all-layers", n, m, measured, identity_kept / total)
+    return out
 
 
 def check_target(rows: list[Row]) -> tuple[bool, list[str]]:
@@ -200,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, help="save all rows and the verdict to this file")
+    parser.add_argument("--plot", type=str, default=None, help="PNG of retention gain versus search time")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="trained Bi-Mask checkpoint for the real-weight rows (default docs/fmnist_bimask_2x4.safetensors; "
+        "trained quickly here if missing)",
+    )
+    parser.add_argument("--no-real", action="store_true", help="random weights only")
+    parser.add_argument("--no-random", action="store_true", help="trained weights only (no TARGET check)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
@@ -213,23 +324,56 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = f"{'shape':>10} {'N:M':>4} {'method':>13} {'retention':>9} {'gain':>8} {'x rnd100':>8} {'grad gap':>8} {'ms':>9}"
     results: list[Row] = []
-    for rows, cols in shapes:
-        for n, m in patterns:
-            print(header)
-            for row in bench_layer(rows, cols, n, m, repeats, args.seed):
-                results.append(row)
+
+    def show(rows_: list[Row]) -> None:
+        width = max(10, *(len(r.shape) for r in rows_))
+        print(f"{'shape':>{width}}" + header[10:])
+        for row in rows_:
+            results.append(row)
+            print(
+                f"{row.shape:>{width}} {row.pattern:>4} {row.method:>13} {row.retention:9.4f} {row.gain:+8.4f} "
+                f"{row.ratio_vs_random100:8.1f} {row.grad_gap:8.4f} {row.ms:9.1f}"
+            )
+        sys.stdout.flush()
+
+    if not args.no_random:
+        for rows, cols in shapes:
+            for n, m in patterns:
+                show(bench_layer(rows, cols, n, m, repeats, args.seed))
+    if not args.no_real:
+        checkpoint = args.checkpoint
+        if not checkpoint.is_file():
+            checkpoint = train_quick_checkpoint(checkpoint if args.checkpoint != DEFAULT_CHECKPOINT else
+                                                Path("outputs") / "fmnist_bimask_2x4.safetensors", smoke=args.quick)
+        print(f"\nTrained weights: {checkpoint}")
+        real = bench_real(checkpoint, patterns, repeats, args.seed)
+        for label in dict.fromkeys((r.shape, r.pattern) for r in real):
+            show([r for r in real if (r.shape, r.pattern) == label])
+        print("\nWhole trained model (all sparse layers):")
+        print(header)
+        for row in real:
+            if row.shape.startswith("fmnist:all-layers"):
                 print(
-                    f"{row.shape:>10} {row.pattern:>4} {row.method:>13} {row.retention:9.4f} {row.gain:+8.4f} "
+                    f"{'all-layers':>10} {row.pattern:>4} {row.method:>13} {row.retention:9.4f} {row.gain:+8.4f} "
                     f"{row.ratio_vs_random100:8.1f} {row.grad_gap:8.4f} {row.ms:9.1f}"
                 )
-            sys.stdout.flush()
     ok, lines = check_target(results)
-    print("TARGET (gain >= 3x random-100 in <= max(random-100 time, 50 ms), 64x576 and 512x4608 at 2:4):")
-    print("\n".join(lines))
-    print("PASS" if ok else "FAIL")
+    if not args.no_random:
+        print("TARGET (gain >= 3x random-100 in <= max(random-100 time, 50 ms), 64x576 and 512x4608 at 2:4):")
+        print("\n".join(lines))
+        print("PASS" if ok else "FAIL")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": [asdict(r) for r in results], "target_pass": ok}, fh, indent=1)
+            json.dump({"rows": [asdict(r) for r in results], "target_pass": ok, "torch": torch.__version__,
+                       "threads": args.threads, "repeats": repeats}, fh, indent=1)
+    if args.plot:
+        sys.path.insert(0, str(BENCH_DIR))
+        from plots import plot_mask_quality
+
+        shown = [asdict(r) for r in results if not r.shape.startswith("fmnist:") or "all-layers" in r.shape]
+        plot_mask_quality(shown, args.plot, title=f"backward-mask permutation search: retention gain vs time "
+                          f"({args.threads} CPU threads)")
+        print(f"plot: {args.plot}")
     return 0 if ok else 1
 
 

@@ -132,6 +132,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, train_args
 
 
+def card_dataset(name: str) -> str:
+    """The Hub id a dataset name stands for (model cards name datasets by Hub id); local paths by folder name."""
+    from .data import KNOWN_DATASETS
+
+    spec = KNOWN_DATASETS.get(name)
+    if spec is not None and spec.hub_id:
+        return spec.hub_id
+    return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
+
+
 def _is_bimask_folder(path: str) -> bool:
     from .config import BiMaskConfig
 
@@ -178,10 +188,11 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
         )
     if data.mixup_fn is not None:
         train_args.label_smoothing_factor = 0.0  # folded into the mixup targets
+    hub_dataset = card_dataset(data_args.dataset)
     card = {
         "model_name": os.path.basename(os.path.normpath(train_args.output_dir)),
-        "base_model": model_args.pretrained_path or (model_args.model if model_args.pretrained else None),
-        "datasets": [data_args.dataset] if not os.path.isdir(data_args.dataset) else [],
+        "base_model": model_args.pretrained_path or (f"timm/{model_args.model}" if model_args.pretrained else None),
+        "datasets": [hub_dataset] if not os.path.isdir(data_args.dataset) else [],
     }
     trainer = BiMaskTrainer(
         model=model, args=train_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
@@ -207,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"eval top-1 {metrics.get('eval_top1', float('nan')):.2f}%  top-5 {metrics.get('eval_top5', float('nan')):.2f}%")
         trainer.card_info["metrics"] = {
             "top1": metrics.get("eval_top1"), "top5": metrics.get("eval_top5"),
-            "dataset": data_args.dataset, "split": data_args.eval_split or "test",
+            "dataset": card_dataset(data_args.dataset), "split": data_args.eval_split or "test",
         }
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():

@@ -169,6 +169,13 @@ class BiMaskTrainer(Trainer):
             bimask_config = getattr(model, "bimask_config", None) or getattr(args, "bimask_config", None)
         if bimask_config is None:
             bimask_config = BiMaskConfig(seed=args.seed if args is not None else 0)
+        if model is None and kwargs.get("model_init") is not None:
+            model_init, config = kwargs["model_init"], bimask_config
+
+            def sparse_model_init(*init_args: Any) -> nn.Module:  # hyper-parameter search builds models anew
+                return sparsify(model_init(*init_args), config)
+
+            kwargs["model_init"] = sparse_model_init
         if model is not None and not sparse_layers(model):
             sparsify(model, bimask_config)
         elif model is not None:
