@@ -17,14 +17,15 @@ Methods (each at 2:4 and 1:4, except the pattern-free ``dense`` and ``unstructur
 * ``pre`` / ``post``   -- the seed's m3 / m4: weights projected in place before every forward / after every step;
 * ``unstructured-50%`` -- ``density=0.5``, mode ``srste`` (the seed's ``--use_random_mask --random_mask_ratio 0.5``).
 
-Recipe: SGD (momentum 0.9, weight decay 5e-4 on every parameter), lr 0.1 with a cosine schedule
-to zero, label smoothing 0.1, batch 128, random-crop (28, pad 2) + horizontal flip done on uint8 tensors, the
+Recipe: ``resnet8_cifar`` with ``base_width=16`` (6 sparse 3x3 convs; stem and head stay dense), 1 epoch,
+SGD (momentum 0.9, weight decay 5e-4 on every parameter), lr 0.1 with a per-step cosine schedule to zero,
+label smoothing 0.1, batch 128, random-crop (28, pad 2) + horizontal flip done on uint8 tensors, the
 whole dataset preloaded; top-1 on the 10k test images at the end. Every run of one seed sees the same data
 order, the same augmentation and the same initial weights, so differences between methods are paired.
 
 Results go to a JSON file after every run; ``--resume`` skips finished runs (same settings only). Examples::
 
-    python benchmarks/accuracy.py                    # the full study, about an hour on 2 cores
+    python benchmarks/accuracy.py                    # the full study, 42 runs, about 70 min on 1 core
     python benchmarks/accuracy.py --resume           # continue an interrupted study
     python benchmarks/accuracy.py --quick            # a few minutes: 1 seed, short training
     python benchmarks/accuracy.py --smoke            # seconds: what CI runs
@@ -72,7 +73,7 @@ class Settings:
 
     arch: str = "resnet8_cifar"
     base_width: int = 16
-    epochs: float = 2.0
+    epochs: float = 1.0
     batch: int = 128
     lr: float = 0.1
     weight_decay: float = 5e-4
@@ -242,7 +243,7 @@ def train_run(
         sched.step()
         if post:
             bh.project_(model)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             print(f"    step {step + 1}/{total} loss {statistics.fmean(losses[-log_every:]):.4f}", flush=True)
     train_s = time.perf_counter() - start
@@ -366,10 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=Settings.lr)
     parser.add_argument("--interval", type=int, default=Settings.permutation_interval,
                         help="permutation refresh interval in optimizer steps (the paper's --iter)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine a 2-thread pool stalls whenever "
+                        "the other core is busy, 10-30x slower; one thread degrades gracefully)")
     parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
     parser.add_argument("--quick", action="store_true", help="a few minutes: seed 0 only, 0.3 epoch on 20k images")
-    parser.add_argument("--smoke", action="store_true", help="seconds: 2:4 only, a few steps on 512 images (CI)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds: 2:4 only, seed 0, width 8, 4 steps of 32 images, 200 test images (CI)")
     parser.add_argument("--json", help="results file (default docs/accuracy.json for the full study)")
     parser.add_argument("--resume", action="store_true", help="skip runs already in --json (same settings)")
     parser.add_argument("--plot", help="PNG plot (default docs/accuracy.png for the full study)")
@@ -387,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.epochs, settings.train_limit, settings.permutation_interval = 0.3, 20_000, 20
         seeds = seeds[:1]
     if args.smoke:
-        settings.epochs, settings.batch, settings.train_limit, settings.test_limit = 1.0, 64, 512, 500
-        settings.permutation_interval = 4
+        settings.epochs, settings.batch, settings.train_limit, settings.test_limit = 1.0, 32, 128, 200
+        settings.permutation_interval, settings.base_width = 2, 8
         patterns, seeds = patterns[:1], seeds[:1]
     json_path = Path(args.json) if args.json else (ROOT / "docs" / "accuracy.json" if full else None)
     plot_path = Path(args.plot) if args.plot else (ROOT / "docs" / "accuracy.png" if full else None)

@@ -52,7 +52,8 @@ from bimask_hf.search import search_permutation
 
 # name -> (timm architecture, batch, image size, channels_last); dry-run sizes in DRY
 MODELS = {"resnet50": ("resnet50", 128, 224, True), "deit_small": ("deit_small_patch16_224", 256, 224, False)}
-DRY = {"resnet50": ("resnet50", 2, 64, True), "deit_small": ("deit_small_patch16_224", 2, 224, False)}
+# dry run: timm's tiny test models of the same families, so the CPU check takes seconds
+DRY = {"resnet50": ("test_resnet", 2, 64, True), "deit_small": ("test_vit", 2, 64, False)}
 MODES = ("dense", "srste", "bimask")
 # (name, out_features O, in_features K) of 2:4 Linear layers
 LINEARS = [
@@ -94,7 +95,7 @@ def build(name: str, mode: str, device: torch.device, dry: bool) -> tuple[nn.Mod
     """Model (``dense``: not patched), a random batch, and the seconds of one permutation search."""
     arch, batch, size, channels_last = (DRY if dry else MODELS)[name]
     torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=1000)
+    model = timm.create_model(arch, num_classes=1000, **({"img_size": size} if "vit" in arch else {}))
     search_s = 0.0
     if mode != "dense":
         bh.sparsify(model, bh.BiMaskConfig(mode=mode))
@@ -197,6 +198,11 @@ def check_layout(weight: torch.Tensor, mf: torch.Tensor, perm: torch.Tensor, mb:
     torch.testing.assert_close(F.linear(g[:, perm], s), g @ wb, rtol=1e-4, atol=1e-4)
 
 
+def _masks(weight: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Both 2:4 masks of a weight, as a training step recomputes them."""
+    return backward_mask(weight, nm_mask(weight, 2, 4), perm, 2, 4)
+
+
 def bench_sparse_linears(device: torch.device, dry: bool, tokens: int, repeat: int) -> list[dict]:
     """Dense vs semi-structured 2:4 matmuls for the forward and the input-gradient pass of each Linear."""
     rows = []
@@ -218,10 +224,11 @@ def bench_sparse_linears(device: torch.device, dry: bool, tokens: int, repeat: i
         x = torch.randn(tokens, in_f, device=device, dtype=dtype)
         g = torch.randn(tokens, out_f, device=device, dtype=dtype)
         w_dense = weight.to(dtype)
-        cases: dict[str, Callable[[], object]] = {
-            "fwd dense": lambda: F.linear(x, w_dense),
-            "dgrad dense": lambda: g @ w_dense,
-            "dgrad gather g[:,p]": lambda: g[:, perm],
+        # label -> (function, arguments): bound now, timed below
+        cases: dict[str, tuple[Callable[..., object], tuple]] = {
+            "fwd dense": (F.linear, (x, w_dense)),
+            "dgrad dense": (torch.matmul, (g, w_dense)),
+            "dgrad gather g[:,p]": (torch.index_select, (g, 1, perm)),
         }
         if have_sparse:
             try:
@@ -234,17 +241,17 @@ def bench_sparse_linears(device: torch.device, dry: bool, tokens: int, repeat: i
                 err_b = float((dx_sparse.float() - dx_dense.float()).norm() / dx_dense.float().norm())
                 log(f"  {name}: relative error sparse vs dense: fwd {err_f:.2e}, dgrad {err_b:.2e}")
                 cases.update({
-                    "fwd 2:4 sparse": lambda: F.linear(x, sf),
-                    "dgrad 2:4 sparse": lambda: F.linear(g_perm, sb),
-                    "compress W*Mf": lambda: torch.sparse.to_sparse_semi_structured(wf),
-                    "masks Mf+Mb": lambda: backward_mask(weight, nm_mask(weight, 2, 4), perm, 2, 4),
+                    "fwd 2:4 sparse": (F.linear, (x, sf)),
+                    "dgrad 2:4 sparse": (F.linear, (g_perm, sb)),
+                    "compress W*Mf": (torch.sparse.to_sparse_semi_structured, (wf,)),
+                    "masks Mf+Mb": (_masks, (weight, perm)),
                 })
             except (RuntimeError, NotImplementedError, ValueError) as err:  # kernel or shape not supported
                 log(f"  {name}: semi-structured kernels failed: {type(err).__name__}: {err}")
         times = {}
-        for label, fn in cases.items():
-            fn()  # warm-up
-            times[label] = timer(fn, repeat)
+        for label, (fn, fn_args) in cases.items():
+            fn(*fn_args)  # warm-up
+            times[label] = timer(lambda fn=fn, fn_args=fn_args: fn(*fn_args), repeat)
         for label, seconds in times.items():
             base = times["fwd dense"] if label.startswith("fwd") else times["dgrad dense"] if label.startswith("dgrad") else None
             rows.append(dict(part="linear", layer=name, shape=f"{out_f}x{in_f}", tokens=tokens, case=label,
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     dry = args.dry_run
     if dry:
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)  # one thread: a shared CI machine cannot stall a thread pool
         args.rounds, args.steps, args.tokens = 1, 1, 64
     else:
         torch.backends.cudnn.benchmark = True

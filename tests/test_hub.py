@@ -510,3 +510,10 @@ def test_weight_to_matrix_matches_plain_check():
     # The plain-torch group count used above agrees with the library's channels_last layout.
     w = torch.randn(8, 4, 3, 3)
     assert torch.equal(weight_to_matrix(w, "channels_last"), w.permute(0, 2, 3, 1).reshape(8, -1))
+
+
+def test_card_says_to_import_bimask_hf_for_its_own_architectures():
+    cifar = bh.sparsify(models.timm_model("resnet8_cifar"), CONFIG)
+    plain = bh.sparsify(models.timm_model("resnet18"), CONFIG)
+    assert "import bimask_hf  # registers resnet8_cifar" in str(create_model_card(cifar, CONFIG, model_name="c"))
+    assert "import bimask_hf  #" not in str(create_model_card(plain, CONFIG, model_name="p"))

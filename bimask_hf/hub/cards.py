@@ -109,6 +109,20 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def _bimask_architecture(model_or_report: nn.Module | SparsityReport) -> str | None:
+    """The timm architecture name if bimask-hf itself registers it (plain timm needs ``import bimask_hf``)."""
+    if not isinstance(model_or_report, nn.Module):
+        return None
+    from ..models import cifar
+
+    for module in model_or_report.modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        arch = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+        if arch and hasattr(cifar, arch):
+            return arch
+    return None
+
+
 def _as_report(model_or_report: nn.Module | SparsityReport, config: BiMaskConfig) -> SparsityReport:
     if isinstance(model_or_report, SparsityReport):
         return model_or_report
@@ -216,6 +230,7 @@ def create_model_card(
             repo_id=repo_id or model_name,
             base_model=base_model,
             library=library_name,
+            custom_architecture=_bimask_architecture(model_or_report),
             compressed=compressed,
             pattern=config.pattern,
             nm=config.density is None,

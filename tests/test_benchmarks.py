@@ -1,0 +1,142 @@
+"""Every benchmark script runs in its smallest setting and prints the rows it promises.
+
+Each script is started as a subprocess exactly as a user would run it (one CPU thread, so a busy shared
+machine cannot stall a thread pool). Only the structure of the output is checked, never a timing: the
+permutation-search TARGET compares times, so its PASS/FAIL verdict is read but not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST.is_file(), reason="Debian's dataset-fashion-mnist not installed")
+
+
+def _run(script: str, *args: str, ok_codes: tuple[int, ...] = (0,), timeout: int = 900) -> str:
+    cmd = [sys.executable, str(BENCH / script), *args]
+    proc = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode not in ok_codes or "Traceback" in proc.stderr:
+        raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def _table_rows(out: str, first: str) -> list[list[str]]:
+    """Whitespace-split lines of ``out`` whose first field is ``first``."""
+    return [line.split() for line in out.splitlines() if line.split()[:1] == [first]]
+
+
+@pytest.fixture(scope="module")
+def accuracy_smoke(tmp_path_factory):
+    """One ``accuracy.py --smoke`` run shared by the tests below: (stdout, output folder)."""
+    out_dir = tmp_path_factory.mktemp("accuracy")
+    stdout = _run(
+        "accuracy.py", "--smoke", "--json", str(out_dir / "acc.json"), "--plot", str(out_dir / "acc.png"),
+        "--checkpoint-dir", str(out_dir),
+    )
+    return stdout, out_dir
+
+
+@needs_fashion_mnist
+def test_accuracy_smoke_prints_every_method(accuracy_smoke):
+    out, out_dir = accuracy_smoke
+    methods = ["dense", "unstructured-50%", "srste", "bimask-random", "bimask-matched", "transposable", "pre", "post"]
+    for method in methods:
+        rows = _table_rows(out, method)
+        assert rows, f"no table row for {method}:\n{out}"
+        pattern = "-" if method in ("dense", "unstructured-50%") else "2:4"
+        assert rows[0][1] == pattern
+        assert 0.0 <= float(rows[0][3]) <= 100.0  # top-1 mean
+        assert f"| {method} | {pattern} | 1 |" in out  # the markdown table
+    assert "2:4 bimask-random - transposable:" in out and "paired over 1 seeds" in out
+    data = json.loads((out_dir / "acc.json").read_text())
+    assert len(data["runs"]) == len(methods)
+    assert {r["method"] for r in data["runs"].values()} == set(methods)
+    assert all(0.0 < r["retention"] <= 1.0 for r in data["runs"].values() if r["method"].startswith("bimask"))
+    assert (out_dir / "acc.png").stat().st_size > 0
+    assert (out_dir / "fmnist_bimask_2x4.safetensors").is_file()
+
+
+@needs_fashion_mnist
+def test_accuracy_resume_skips_finished_runs(accuracy_smoke):
+    _, out_dir = accuracy_smoke
+    out = _run("accuracy.py", "--smoke", "--resume", "--json", str(out_dir / "acc.json"))
+    assert "(8 already done)" in out
+    assert "seed 0: top-1" not in out  # nothing was trained again
+    assert _table_rows(out, "bimask-matched")
+
+
+@needs_fashion_mnist
+def test_permutation_search_quick_with_trained_weights(accuracy_smoke, tmp_path):
+    _, out_dir = accuracy_smoke
+    out = _run(
+        "permutation_search.py", "--quick", "--threads", "1", "--checkpoint",
+        str(out_dir / "fmnist_bimask_2x4.safetensors"), "--json", str(tmp_path / "mq.json"), "--plot",
+        str(tmp_path / "mq.png"), ok_codes=(0, 1),  # 1 = the timing TARGET failed on a busy machine: not a bug
+    )
+    methods = {line.split("2:4", 1)[1].split()[0] for line in out.splitlines() if " 2:4 " in line}
+    assert {"identity", "random", "swap", "matched"} <= methods
+    for label in ("64x576", "512x4608", "fmnist:layer3.0.conv2", "fmnist:all-layers"):
+        assert any(line.strip().startswith(label) for line in out.splitlines()), label
+    assert re.search(r"^(PASS|FAIL)$", out, re.MULTILINE)  # the verdict is printed, whatever it is
+    rows = json.loads((tmp_path / "mq.json").read_text())["rows"]
+    real = [r for r in rows if r["shape"] == "fmnist:all-layers"]
+    assert {r["method"] for r in real} == {"identity", "random K=10", "random K=100", "random K=1000", "swap", "matched"}
+    assert all(0.0 < r["retention"] <= 1.0 and r["grad_gap"] >= 0.0 for r in rows)
+    best = {r["method"]: r["retention"] for r in real}
+    assert best["matched"] >= best["identity"]  # no search makes retention worse than its start
+    assert (tmp_path / "mq.png").stat().st_size > 0
+
+
+def test_step_time_quick(tmp_path):
+    out = _run(
+        "step_time.py", "--quick", "--models", "resnet32_cifar", "--modes", "bimask", "post", "--unfold",
+        "--threads", "1", "--markdown", "--json", str(tmp_path / "st.json"), "--plot", str(tmp_path / "st.png"),
+    )
+    rows = {r[1]: r for r in _table_rows(out, "resnet32_cifar")}
+    assert set(rows) == {"dense", "bimask", "post", "bimask-unfold"}
+    assert float(rows["dense"][5]) == 1.0  # the ratio column of the baseline
+    assert "| resnet32_cifar | 16 | 32 | bimask |" in out
+    data = json.loads((tmp_path / "st.json").read_text())
+    assert {r["mode"] for r in data} == set(rows)
+    for r in data:
+        assert r["ratio"] > 0 and r["mem_ratio"] > 0
+        assert r["peak_mb"] is None or r["peak_mb"] > 0
+    assert (tmp_path / "st.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_gpu_check_without_gpu_exits_cleanly():
+    out = _run("gpu_check.py")
+    assert "no CUDA GPU is visible" in out
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = _run("gpu_check.py", "--dry-run", "--json", str(tmp_path / "gpu.json"))
+    for model in ("resnet50", "deit_small"):
+        modes = {r[1] for r in _table_rows(out, model)}
+        assert modes == {"dense", "srste", "bimask"}, out
+    assert _table_rows(out, "deit_small.qkv")
+    cases = {r["case"] for r in json.loads((tmp_path / "gpu.json").read_text())["rows"] if r["part"] == "linear"}
+    assert {"fwd dense", "dgrad dense", "dgrad gather g[:,p]"} <= cases
+
+
+def test_plots_redraw_from_json(tmp_path):
+    rows = [
+        {"model": "m", "mode": "dense", "batch": 2, "ratio": 1.0, "mem_ratio": 1.0},
+        {"model": "m", "mode": "bimask", "batch": 2, "ratio": 1.1, "mem_ratio": 1.05},
+    ]
+    (tmp_path / "st.json").write_text(json.dumps(rows))
+    out = _run("plots.py", "--step-time", str(tmp_path / "st.json"), "--out", str(tmp_path / "st.png"))
+    assert "wrote" in out and (tmp_path / "st.png").stat().st_size > 0
