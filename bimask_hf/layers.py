@@ -7,7 +7,6 @@ patched model's state dict has the plain model's keys plus one buffer per layer,
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -327,9 +326,3 @@ class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
         plain.bias = self.bias
         plain.train(self.training)
         return plain
-
-
-def layer_density(layer: BiMaskLayer) -> float:
-    """Share of weights the forward pass keeps."""
-    mf, _ = layer.masks()
-    return float(mf.sum()) / max(1, math.prod(mf.shape))

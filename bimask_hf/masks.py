@@ -82,14 +82,14 @@ def nm_mask_for_weight(weight: torch.Tensor, n: int, m: int, group_layout: str =
             front = mags.reshape(out_ch, in_ch // m, m, kh * kw).permute(2, 0, 1, 3).contiguous()
             if n >= m:
                 return torch.ones_like(weight, dtype=torch.bool)
-            return _rank_keep(front, n).permute(1, 2, 0, 3).reshape(weight.shape)
+            return _rank_keep(front, n).permute(1, 2, 0, 3).reshape(weight.shape).contiguous()
         mags = mags.reshape(out_ch, -1)
     if weight.dim() == 2 or (weight.dim() == 4 and group_layout == "flat"):
         matrix = mags.reshape(weight.shape[0], -1)
         rows, cols = matrix.shape
         if cols % m:
             raise ValueError(f"N:M along columns needs K % M == 0, got K={cols}, M={m}.")
-        return keep_top_n(matrix.reshape(rows, cols // m, m), n, dim=-1).reshape(weight.shape)
+        return keep_top_n(matrix.reshape(rows, cols // m, m), n, dim=-1).reshape(weight.shape).contiguous()
     return matrix_to_weight(nm_mask(weight_to_matrix(weight, group_layout), n, m), weight.shape, group_layout)
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from .config import BiMaskConfig
-from .layers import PERMUTATION_KEY, BiMaskConv2d, BiMaskLayer, BiMaskLinear, conv_padding
-from .masks import nm_mask, weight_to_matrix
+from .layers import BiMaskConv2d, BiMaskLayer, BiMaskLinear, conv_padding
+from .masks import weight_to_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -434,15 +434,3 @@ def check_nm(
                 "Re-sparsify it (bimask_hf.sparsify + merge) or load with resparsify=True."
             )
     return list(tensors)
-
-
-def forward_masks_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Permutation buffers of every Bi-Mask layer (what a checkpoint must carry besides weights)."""
-    return {f"{name}.{PERMUTATION_KEY}": getattr(layer, PERMUTATION_KEY) for name, layer in sparse_layers(model).items()}
-
-
-def nm_forward_mask(weight: torch.Tensor, n: int, m: int, group_layout: str = "channels_last") -> torch.Tensor:
-    """The forward mask of a Linear/Conv2d weight in its own shape (convenience for users and tests)."""
-    from .masks import matrix_to_weight
-
-    return matrix_to_weight(nm_mask(weight_to_matrix(weight, group_layout), n, m), weight.shape, group_layout)

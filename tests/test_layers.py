@@ -198,3 +198,12 @@ def test_state_dict_loads_plain_checkpoint():
     assert not missing and not unexpected
     assert torch.equal(layer.weight, plain.weight)
     assert PERMUTATION_KEY in layer.state_dict()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "flat"])
+def test_masks_are_contiguous_weight_shaped_tensors(layout):
+    for layer in (BiMaskLinear(16, 8, group_layout=layout), BiMaskConv2d(8, 8, 3, group_layout=layout)):
+        mf, mb = layer.compute_masks()
+        assert mf.shape == mb.shape == layer.weight.shape
+        assert mf.is_contiguous() and mb.is_contiguous()
+        assert mf.view(-1).dtype == torch.bool
