@@ -284,13 +284,15 @@ def plan(methods: list[str], patterns: list[str], seeds: list[int]) -> list[tupl
 
 # ------------------------------------------------------------------------------------------------ report
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean, std (sample, n-1), min and max of top-1 per (method, pattern), in table order."""
+    """Mean, std (sample, n-1), min and max of top-1 per (method, pattern), in table order
+    (pattern-free methods first, then the patterns in the order they were run)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["pattern"]), []).append(r)
     order = {m: i for i, m in enumerate(METHODS)}
+    pattern_order = {p: i for i, p in enumerate(dict.fromkeys([PATTERN_FREE] + [r["pattern"] for r in rows]))}
     out = []
-    for (method, pattern), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] != PATTERN_FREE, kv[0][1], order.get(kv[0][0], 99))):
+    for (method, pattern), rs in sorted(groups.items(), key=lambda kv: (pattern_order[kv[0][1]], order.get(kv[0][0], 99))):
         accs = [r["top1"] for r in rs]
         rets = [r["retention"] for r in rs if r.get("retention") is not None]
         out.append(dict(
@@ -438,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         from plots import plot_accuracy
 
         plot_accuracy(rows, plot_path, title=f"{settings.arch} (width {settings.base_width}) on Fashion-MNIST, "
-                      f"{settings.epochs:g} epochs, {len(seeds)} seed(s)")
+                      f"{settings.epochs:g} epoch(s), {len(seeds)} seed(s); dashed: dense mean")
         print(f"plot: {plot_path}")
     return 0
 

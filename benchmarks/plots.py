@@ -29,11 +29,11 @@ COLORS = {
 
 
 def plot_accuracy(rows: Sequence[dict], out: str | Path, title: str = "") -> None:
-    """Top-1 per method, one panel per N:M pattern: every seed as a dot, mean as a bar with a std error bar.
+    """Top-1 per method, one panel per N:M pattern: every seed as a dot, the mean as a short line with a std error bar.
 
     ``dense`` and ``unstructured-50%`` (pattern ``"-"``) are drawn in every panel for reference.
     """
-    patterns = sorted({r["pattern"] for r in rows if r["pattern"] != "-"}) or ["-"]
+    patterns = list(dict.fromkeys(r["pattern"] for r in rows if r["pattern"] != "-")) or ["-"]
     fig, axes = plt.subplots(1, len(patterns), figsize=(6.5 * len(patterns), 4.2), sharey=True, squeeze=False)
     all_acc = [r["top1"] for r in rows]
     for ax, pattern in zip(axes[0], patterns):
@@ -43,9 +43,11 @@ def plot_accuracy(rows: Sequence[dict], out: str | Path, title: str = "") -> Non
             mean = statistics.fmean(accs)
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             color = COLORS.get(method, "gray")
-            ax.bar(i, mean, color=color, alpha=0.35, width=0.7)
-            ax.errorbar(i, mean, yerr=std, color=color, capsize=4, lw=1.5)
-            ax.scatter([i] * len(accs), accs, color=color, s=14, zorder=3)
+            ax.hlines(mean, i - 0.3, i + 0.3, color=color, lw=2.5)
+            ax.errorbar(i, mean, yerr=std, color=color, capsize=5, lw=1.2)
+            ax.scatter([i + 0.12] * len(accs), accs, color=color, s=16, zorder=3, alpha=0.8)
+            if method == "dense":
+                ax.axhline(mean, color=color, lw=0.8, ls="--")
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"N:M = {pattern}" if pattern != "-" else "pattern-free")
