@@ -4,7 +4,7 @@ A step is forward + cross-entropy + backward + SGD step, with the mode's mask wo
 recomputed every forward) and the permutation search amortised at the configured interval
 (search time / ``--interval`` added to each step). Modes are interleaved round by round, in a new random
 order every round (seeded), so machine noise and order effects hit all of them alike; the median over
-rounds is reported. Memory is reported twice: the bytes autograd saves for backward during one step
+rounds is reported (and the ratio of the fastest rounds, ``x (min)``, as a noise check). Memory is reported twice: the bytes autograd saves for backward during one step
 (deterministic), plus the masks; and the peak of all CPU memory allocated during one step (activations,
 gradients, masks, temporaries) above what was live before it, from the PyTorch profiler's memory timeline.
 
@@ -169,6 +169,7 @@ def run(
             r = runs[mode]
             r["times"].append(time_steps(r["model"], r["opt"], r["x"], r["y"], steps, mode == "post"))
     base = statistics.median(runs["dense"]["times"])
+    base_min = min(runs["dense"]["times"])
     base_mem = runs["dense"]["mem"]
     base_peak = runs["dense"]["peak"]
     out = []
@@ -179,7 +180,8 @@ def run(
         peak_ratio = None if r["peak"] is None or not base_peak else r["peak"] / base_peak
         out.append(dict(
             model=name, mode=mode, batch=int(r["x"].shape[0]), image=int(r["x"].shape[-1]), step_s=step,
-            step_min_s=min(r["times"]), search_s=r["search"], ratio=step / base, mem_mb=r["mem"] / 2**20,
+            step_min_s=min(r["times"]), ratio_min=(min(r["times"]) + r["search"] / interval) / base_min,
+            times_s=r["times"], search_s=r["search"], ratio=step / base, mem_mb=r["mem"] / 2**20,
             mem_ratio=r["mem"] / base_mem, peak_mb=peak_mb, peak_ratio=peak_ratio,
         ))
     return out
@@ -227,21 +229,23 @@ def main() -> None:
     rows = []
     print(f"torch {torch.__version__}, {args.threads} threads, {rounds} rounds x {steps} steps, interval {args.interval}, "
           f"bimask search {args.search}, random mode order per round (seed {args.seed})")
-    print(f"{'model':<16} {'mode':<14} {'batch':>5} {'img':>4} {'step s':>8} {'x dense':>8} {'search s':>9} "
+    print(f"{'model':<16} {'mode':<14} {'batch':>5} {'img':>4} {'step s':>8} {'x dense':>8} {'x (min)':>8} {'search s':>9} "
           f"{'saved MB':>9} {'mem x':>6} {'peak MB':>8} {'peak x':>6}")
     for name in args.models:
         for row in run(name, modes, rounds, steps, args.interval, args.quick, batches.get(name), args.search,
                        not args.no_peak, args.seed):
             rows.append(row)
             print(f"{row['model']:<16} {row['mode']:<14} {row['batch']:>5} {row['image']:>4} {row['step_s']:>8.4f} "
-                  f"{row['ratio']:>8.3f} {row['search_s']:>9.3f} {row['mem_mb']:>9.1f} {row['mem_ratio']:>6.3f} "
+                  f"{row['ratio']:>8.3f} {row['ratio_min']:>8.3f} {row['search_s']:>9.3f} {row['mem_mb']:>9.1f} "
+                  f"{row['mem_ratio']:>6.3f} "
                   f"{_fmt(row['peak_mb'], '8.1f'):>8} {_fmt(row['peak_ratio'], '6.3f'):>6}", flush=True)
     if args.markdown:
-        print("\n| model | batch | image | mode | step (s) | × dense | search (s, every "
+        print("\n| model | batch | image | mode | step (s, median) | × dense | × dense (min) | search (s, every "
               f"{args.interval} steps) | saved MB | × dense | peak MB | × dense |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['model']} | {r['batch']} | {r['image']} | {r['mode']} | {r['step_s']:.4f} | {r['ratio']:.3f} | "
+                  f"{r['ratio_min']:.3f} | "
                   f"{r['search_s']:.3f} | {r['mem_mb']:.1f} | {r['mem_ratio']:.3f} | {_fmt(r['peak_mb'], '.1f')} | "
                   f"{_fmt(r['peak_ratio'], '.3f')} |")
     target = [r for r in rows if r["model"] == "resnet32_cifar" and r["mode"] == "bimask"]
