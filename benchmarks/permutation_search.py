@@ -44,7 +44,9 @@ try:  # the library's own backward mask, when present
 except ImportError:  # pragma: no cover - only before masks.py exists
     _library_backward_mask = None
 
-FULL_SHAPES = [(64, 576), (128, 1152), (256, 2304), (512, 4608), (384, 1536)]
+# CIFAR ResNet 3x3 convs (64x576 .. 512x4608), a ViT-S MLP fc2 (384x1536) and two tall layers where O >> K
+# (ViT-S fc1 1536x384, ResNet-50 1x1 expansion 2048x512), on which "matched" costs most (O x O gains per round).
+FULL_SHAPES = [(64, 576), (128, 1152), (256, 2304), (512, 4608), (384, 1536), (1536, 384), (2048, 512)]
 QUICK_SHAPES = [(64, 576), (512, 4608)]
 FULL_PATTERNS = [(2, 4), (1, 4), (4, 8)]
 QUICK_PATTERNS = [(2, 4)]
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shown = [asdict(r) for r in results if not r.shape.startswith("fmnist:") or "all-layers" in r.shape]
         plot_mask_quality(shown, args.plot, title=f"backward-mask permutation search: retention gain vs time "
-                          f"({args.threads} CPU threads)")
+                          f"({args.threads} CPU thread(s))")
         print(f"plot: {args.plot}")
     return 0 if ok else 1
 

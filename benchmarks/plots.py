@@ -25,6 +25,8 @@ ACCURACY_ORDER = ("dense", "unstructured-50%", "srste", "bimask-random", "bimask
 COLORS = {
     "dense": "#444444", "unstructured-50%": "#8c564b", "srste": "#1f77b4", "bimask-random": "#ff7f0e",
     "bimask-matched": "#d62728", "transposable": "#2ca02c", "pre": "#9467bd", "post": "#e377c2",
+    # step-time modes: "bimask" runs the default (matched) search
+    "bimask": "#d62728", "bimask-unfold": "#7f7f7f",
 }
 
 
@@ -64,12 +66,20 @@ def plot_accuracy(rows: Sequence[dict], out: str | Path, title: str = "") -> Non
 
 
 def plot_step_time(rows: Sequence[dict], out: str | Path, title: str = "") -> None:
-    """Step-time ratio and saved-memory ratio to dense, grouped by model (one bar per mode)."""
+    """Step-time ratio and peak-memory ratio to dense, grouped by model (one bar per mode).
+
+    The memory panel shows the profiler's peak step memory (``peak_ratio``) when every row has it, else
+    the bytes saved for backward (``mem_ratio``).
+    """
     models = list(dict.fromkeys(r["model"] for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     width = 0.8 / max(1, len(modes))
-    for j, (key, label) in enumerate((("ratio", "step time / dense"), ("mem_ratio", "saved-for-backward memory / dense"))):
+    if all(r.get("peak_ratio") is not None for r in rows):
+        memory = ("peak_ratio", "peak step memory / dense")
+    else:
+        memory = ("mem_ratio", "saved-for-backward memory / dense")
+    for j, (key, label) in enumerate((("ratio", "step time / dense (median)"), memory)):
         ax = axes[j]
         for k, mode in enumerate(modes):
             xs, ys = [], []
@@ -78,13 +88,11 @@ def plot_step_time(rows: Sequence[dict], out: str | Path, title: str = "") -> No
                 if row is not None and row.get(key) is not None:
                     xs.append(i + (k - (len(modes) - 1) / 2) * width)
                     ys.append(row[key])
-            ax.bar(xs, ys, width=width, label=mode, color=COLORS.get(mode.removesuffix("-unfold"), None))
+            ax.bar(xs, ys, width=width, label=mode, color=COLORS.get(mode))
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels([f"{m}\n(b{next(r['batch'] for r in rows if r['model'] == m)})" for m in models], fontsize=8)
         ax.set_ylabel(label)
-        if key == "ratio" and any(r.get(key, 0) > 4 for r in rows):
-            ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     if title:
@@ -111,8 +119,9 @@ def plot_mask_quality(rows: Sequence[dict], out: str | Path, title: str = "") ->
                 continue
             color = cmap(i % 10)
             rnd = sorted((r for r in layer if r["method"].startswith("random")), key=lambda r: r["ms"])
+            label = "trained ResNet-8, all sparse layers" if shape == "fmnist:all-layers" else f"randn {shape}"
             ax.plot([max(r["ms"], 1e-3) for r in rnd], [r["gain"] for r in rnd], "o-", color=color, ms=4,
-                    label=shape)
+                    label=label)
             for r in layer:
                 if r["method"] in markers:
                     ax.scatter(max(r["ms"], 1e-3), r["gain"], marker=markers[r["method"]], color=color,

@@ -259,7 +259,7 @@ def main() -> None:
         from plots import plot_step_time
 
         plot_step_time(rows, args.plot, title=f"training-step time and memory vs dense, torch {torch.__version__}, "
-                       f"{args.threads} CPU threads")
+                       f"{args.threads} CPU thread(s)")
         print(f"plot: {args.plot}")
 
 
