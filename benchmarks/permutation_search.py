@@ -18,7 +18,7 @@ Conv weights are viewed as ``(O, kh*kw*C)`` matrices in the library's default ``
 A pattern uses the checkpoint trained at that pattern when there is one (``fmnist_bimask_1x4.safetensors``),
 else the 2:4 one. Examples::
 
-    python benchmarks/permutation_search.py            # full table (a few minutes on 2 cores)
+    python benchmarks/permutation_search.py            # full table (about 8 minutes on one core)
     python benchmarks/permutation_search.py --quick    # seconds-long smoke run for CI
     python benchmarks/permutation_search.py --json docs/mask_quality.json --plot docs/mask_quality.png
 """

@@ -4,9 +4,12 @@ A step is forward + cross-entropy + backward + SGD step, with the mode's mask wo
 recomputed every forward) and the permutation search amortised at the configured interval
 (search time / ``--interval`` added to each step). Modes are interleaved round by round, in a new random
 order every round (seeded), so machine noise and order effects hit all of them alike; the median over
-rounds is reported (and the ratio of the fastest rounds, ``x (min)``, as a noise check). Memory is reported twice: the bytes autograd saves for backward during one step
-(deterministic), plus the masks; and the peak of all CPU memory allocated during one step (activations,
-gradients, masks, temporaries) above what was live before it, from the PyTorch profiler's memory timeline.
+rounds is reported (and the ratio of the fastest rounds, ``x (min)``, as a noise check). Memory is
+reported twice: the bytes autograd saves for backward during one step (deterministic), plus the masks;
+and the peak of all CPU memory allocated during one step (activations, gradients, masks, temporaries)
+above what was live before it, from the PyTorch profiler's memory timeline.
+
+On a shared machine pass ``--threads 1``: a 2-thread pool stalls whenever the other core is busy.
 
 ``bimask`` uses the library's default permutation search (``--search``, default ``matched``);
 ``bimask-random`` the paper's best-of-100 random search; ``bimask-unfold`` (``--unfold``) the research-style
