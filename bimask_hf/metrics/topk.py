@@ -20,9 +20,17 @@ def topk_indices(logits: torch.Tensor | tuple, labels: torch.Tensor | None = Non
 
 
 def topk_accuracy(ranked: np.ndarray, labels: np.ndarray, topk: tuple[int, ...] = TOPK) -> dict[str, float]:
-    """``{"top1": ..., "top5": ...}`` in percent, from ranked class indices ``(B, >=1)`` or logits ``(B, C)``."""
+    """``{"top1": ..., "top5": ...}`` in percent (0-100), from integer class indices or float logits.
+
+    The dtype decides, never the values: integer arrays are class indices ranked best first, ``(B, k)``,
+    or ``(B,)`` top-1 predictions (then only ``top1`` is reported); float arrays are logits ``(B, C)``.
+    Percent is the convention of the paper's tables, the Trainer's ``eval_top1`` and the model cards;
+    the ``evaluate`` module (:data:`bimask_hf.metrics.TOPK_METRIC_PATH`) reports fractions in [0, 1].
+    """
     ranked = np.asarray(ranked)
     labels = np.asarray(labels).reshape(-1)
+    if ranked.ndim == 1 and np.issubdtype(ranked.dtype, np.integer):
+        ranked, topk = ranked[:, None], (1,)
     if ranked.ndim != 2 or ranked.shape[0] != labels.shape[0]:
         raise ValueError(f"Expected ranked indices of shape (B, k) for {labels.shape[0]} labels, got {ranked.shape}.")
     if not np.issubdtype(ranked.dtype, np.integer):  # logits: rank them
