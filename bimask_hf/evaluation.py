@@ -24,21 +24,25 @@ __all__ = ["evaluate_model", "load_for_eval", "main"]
 
 
 def load_for_eval(name_or_path: str) -> nn.Module:
-    """A bimask-hf folder through :func:`load_sparse_model` (pattern verified), else the plain libraries."""
-    from .config import BiMaskConfig
+    """A bimask-hf folder through :func:`load_sparse_model` (pattern verified), else the plain libraries.
 
-    try:
-        BiMaskConfig.load_json(name_or_path)
-        is_bimask = True
-    except Exception:  # not a bimask-hf folder / repo: load it as a plain model
-        is_bimask = False
-    if is_bimask:
-        from .hub import load_sparse_model
+    A local folder or Hub id; timm-format folders (``timm`` ``save_for_hf``) load too. A missing folder,
+    a damaged ``bimask_config.json`` or a folder without a model raise errors naming the problem.
+    """
+    return _load_folder(name_or_path)[0]
 
-        return load_sparse_model(name_or_path)
-    from transformers import AutoModelForImageClassification
 
-    return AutoModelForImageClassification.from_pretrained(name_or_path)
+def _load_folder(name_or_path: str) -> tuple[nn.Module, str]:
+    from .config import CONFIG_NAME
+    from .hub import load_sparse_model
+    from .hub.files import resolve_folder
+    from .hub.load import load_plain_model
+
+    folder = resolve_folder(name_or_path)  # FileNotFoundError names a missing local folder
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        # A bimask-hf folder: its N:M pattern is verified; a damaged config is an error, not a plain load.
+        return load_sparse_model(folder), folder
+    return load_plain_model(folder), folder
 
 
 @torch.no_grad()
@@ -52,16 +56,29 @@ def evaluate_model(
     in_chans: int | None = None,
     device: str | None = None,
     **data_kwargs: Any,
-) -> dict[str, float]:
-    """``{"top1", "top5", "samples"}`` of ``model`` on ``dataset``'s ``split`` (accuracy in percent)."""
-    from .data import load_image_classification_data
+) -> dict[str, Any]:
+    """``{"top1", "top5", "samples", "split"}`` of ``model`` on ``dataset``'s ``split`` (accuracy in percent).
 
+    Images are preprocessed as the model was trained: the input size, channels, mean/std, interpolation
+    and crop recorded in its folder (``config.json``'s ``pretrained_cfg`` or ``preprocessor_config.json``),
+    else what the model itself says; ``image_size`` / ``in_chans`` / ``data_kwargs`` override them.
+    """
+    from .data import load_image_classification_data
+    from .data.loading import _model_data_config
+    from .hub.preprocessing import read_preprocessing
+
+    data_config = None
     if isinstance(model, str):
-        model = load_for_eval(model)
+        model, folder = _load_folder(model)
+        data_config = read_preprocessing(folder)
+    if data_config is None:
+        data_config = _model_data_config(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
+    data_kwargs.setdefault("crop_pct", data_config.get("crop_pct"))
+    data_kwargs.setdefault("crop_mode", data_config.get("crop_mode"))
     data = load_image_classification_data(
-        dataset, model=model, eval_split=split, max_eval_samples=max_samples, image_size=image_size,
+        dataset, model=data_config, eval_split=split, max_eval_samples=max_samples, image_size=image_size,
         in_chans=in_chans, rank=0, world_size=1, **data_kwargs,
     )
     if data.eval_dataset is None:
@@ -74,12 +91,13 @@ def evaluate_model(
         logits = out if isinstance(out, torch.Tensor) else out.logits
         ranked.append(logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu().numpy())
         labels.append(batch["labels"].numpy())
-    result = topk_accuracy(np.concatenate(ranked), np.concatenate(labels))
+    result: dict[str, Any] = topk_accuracy(np.concatenate(ranked), np.concatenate(labels))
     result["samples"] = float(sum(len(lbl) for lbl in labels))
+    result["split"] = data.eval_split
     return result
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="bimask-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,14 +115,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error("--update-card needs a local model folder (download it first, or save with bimask-hf).")
     result = evaluate_model(args.model, args.dataset, split=args.split, batch_size=args.batch_size,
                             max_samples=args.max_samples, image_size=args.image_size, in_chans=args.in_chans)
-    split = args.split or "eval"
-    print(f"{args.model} on {args.dataset}/{split} ({int(result['samples'])} images): "
-          f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
+    split = result.pop("split", None) or args.split or "eval"
+    subset = args.max_samples is not None
+    print(f"{args.model} on {args.dataset}/{split} ({int(result['samples'])} images"
+          f"{', a subset' if subset else ''}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
     if args.update_card:
         from .hub import update_card_results
+        from .train import card_dataset, card_dataset_name
 
-        update_card_results(args.model, {"top1": result["top1"], "top5": result["top5"]}, dataset=args.dataset, split=split)
-        print(f"Updated {os.path.join(args.model, 'README.md')}")
+        # The same dataset id and split name as the training run's card, so this result replaces that one.
+        update_card_results(
+            args.model, {"top1": result["top1"], "top5": result["top5"]}, dataset=card_dataset(args.dataset),
+            split=split, dataset_name=card_dataset_name(args.dataset, int(result["samples"]) if subset else None),
+        )
+        note = f" (a subset of {int(result['samples'])} images, as the card says)" if subset else ""
+        print(f"Updated the {card_dataset(args.dataset)}/{split} result in {os.path.join(args.model, 'README.md')}{note}")
     return result
 
 

@@ -142,6 +142,12 @@ def card_dataset(name: str) -> str:
     return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
 
 
+def card_dataset_name(name: str, max_samples: int | None = None) -> str:
+    """The dataset's name in a card's results: its Hub id, saying so when only a subset was evaluated."""
+    shown = card_dataset(name)
+    return f"{shown} (subset of {max_samples} images)" if max_samples is not None else shown
+
+
 def _is_bimask_folder(path: str) -> bool:
     from .config import BiMaskConfig
 
@@ -196,7 +202,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
     }
     trainer = BiMaskTrainer(
         model=model, args=train_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
-        data_collator=data.collate_fn, mixup_fn=data.mixup_fn, card_info=card,
+        data_collator=data.collate_fn, mixup_fn=data.mixup_fn, card_info=card, data_config=data.data_config,
     )
     return data, trainer
 
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"eval top-1 {metrics.get('eval_top1', float('nan')):.2f}%  top-5 {metrics.get('eval_top5', float('nan')):.2f}%")
         trainer.card_info["metrics"] = {
             "top1": metrics.get("eval_top1"), "top5": metrics.get("eval_top5"),
-            "dataset": card_dataset(data_args.dataset), "split": data_args.eval_split or "test",
+            "dataset": card_dataset(data_args.dataset), "split": data.eval_split,
+            "dataset_name": card_dataset_name(data_args.dataset, data_args.max_eval_samples),
         }
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():

@@ -150,7 +150,9 @@ class BiMaskTrainer(Trainer):
 
     Takes the Trainer's arguments plus ``bimask_config`` (defaults to the one in
     ``BiMaskTrainingArguments``) and ``mixup_fn`` (a ``timm.data.Mixup`` applied to training batches).
-    Evaluation reports top-1/top-5 accuracy unless ``compute_metrics`` is given. ``save_model`` writes a
+    Evaluation reports top-1/top-5 accuracy unless ``compute_metrics`` is given. ``data_config`` (the
+    ``data_config`` of :func:`load_image_classification_data`) is the preprocessing the saved folder records
+    for pipelines and ``bimask-eval``. ``save_model`` writes a
     Hub-ready folder (pruned weights exactly zero, ``bimask_config.json``, model card); intermediate
     checkpoints keep the dense weights and permutations so a resumed run continues exactly.
     """
@@ -163,6 +165,7 @@ class BiMaskTrainer(Trainer):
         bimask_config: BiMaskConfig | None = None,
         mixup_fn: Any = None,
         card_info: dict[str, Any] | None = None,
+        data_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if bimask_config is None:
@@ -183,6 +186,7 @@ class BiMaskTrainer(Trainer):
         self.bimask_config = bimask_config
         self.mixup_fn = mixup_fn
         self.card_info = dict(card_info or {})
+        self.data_config = dict(data_config) if data_config is not None else None
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = compute_topk_metrics
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
@@ -245,7 +249,7 @@ class BiMaskTrainer(Trainer):
 
         save_sparse_model(
             self.model, output_dir, config=self.bimask_config, card_data=self._card_data(),
-            metrics=self.card_info.get("metrics"),
+            metrics=self.card_info.get("metrics"), data_config=self.data_config,
         )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)

@@ -247,7 +247,9 @@ def test_cli_end_to_end_on_local_imagefolder(tmp_path):
 
     meta = metadata_load(out / "README.md")
     results = meta["model-index"][0]["results"]
-    values = {m["name"]: m["value"] for r in results for m in r["metrics"] if r["dataset"]["split"] == "val"}
+    # The val/ folder is the "validation" split: bimask-eval's result replaced the training run's one.
+    assert [r["dataset"]["split"] for r in results] == ["validation"]
+    values = {m["name"]: m["value"] for r in results for m in r["metrics"] if r["dataset"]["split"] == "validation"}
     assert values["Top-1 accuracy"] == pytest.approx(top1, abs=0.01)
 
 

@@ -36,6 +36,11 @@ _RECIPE_IMAGE_SIZE = {"cifar": 32, "imagenet": 224, "deit": 224}
 class ImageClassificationData:
     """Datasets and helpers for image classification with the HF ``Trainer``.
 
+    ``data_config`` is the evaluation preprocessing (timm's keys: ``input_size``, ``mean``, ``std``,
+    ``interpolation``, ``crop_pct``, ``crop_mode``); pass it to ``BiMaskTrainer(data_config=...)`` or
+    ``save_sparse_model(data_config=...)`` so the saved folder records it. ``eval_split`` names the split
+    ``eval_dataset`` came from.
+
     Examples come out as ``{"pixel_values": float tensor (C, H, W), "labels": int}``; ``collate_fn`` stacks
     them into a batch. Map-style datasets are not split across ranks (the Trainer's sampler does that);
     streaming ones are, see :func:`load_image_classification_data`.
@@ -49,6 +54,7 @@ class ImageClassificationData:
     collate_fn: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]] = collate_image_batch
     mixup_fn: Mixup | None = None
     data_config: dict[str, Any] = field(default_factory=dict)
+    eval_split: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -79,6 +85,11 @@ def _model_data_config(model: nn.Module | Mapping[str, Any] | str | None) -> dic
         return resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
     timm_model = getattr(model, "timm_model", model)  # transformers' TimmWrapper* nests the timm model
     if getattr(timm_model, "pretrained_cfg", None) is not None:
+        # A TimmWrapper builds its timm model from the architecture's defaults; the preprocessing a saved
+        # folder records is the wrapper config's pretrained_cfg (what TimmWrapperImageProcessor reads).
+        saved_cfg = getattr(getattr(model, "config", None), "pretrained_cfg", None)
+        if timm_model is not model and isinstance(saved_cfg, Mapping) and saved_cfg.get("input_size"):
+            return dict(resolve_data_config(pretrained_cfg=dict(saved_cfg), verbose=False))
         config = resolve_data_config(model=timm_model)
         # resolve_data_config reports the cfg's 3 channels even for an in_chans=1 model: ask the stem.
         stem = dict(timm_model.named_modules()).get(timm_model.pretrained_cfg.get("first_conv") or "")
@@ -184,6 +195,8 @@ def load_image_classification_data(
     mixup_alpha: float | None = None,
     cutmix_alpha: float | None = None,
     label_smoothing: float | None = None,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
     shuffle_buffer: int = 10_000,
     seed: int = 0,
     rank: int | None = None,
@@ -217,6 +230,10 @@ def load_image_classification_data(
             for the ``cifar`` recipe).
         auto_augment, re_prob, mixup_alpha, cutmix_alpha, label_smoothing: override the recipe (``""`` /
             ``0`` turn an augmentation off). Mixup is returned as ``mixup_fn`` to apply to whole batches.
+        crop_pct, crop_mode: the evaluation crop (timm's meaning: resize to ``size / crop_pct``, then crop
+            ``"center"``, or ``"squash"`` to the exact size); by default ``1.0`` / ``"squash"`` (a plain
+            resize) for ``default`` and ``cifar``, the model's (else ``0.875`` / ``"center"``) for
+            ``imagenet`` and ``deit``. ``data_config`` of the result records what was used.
         shuffle_buffer: shuffle buffer of the streaming train split (map-style datasets are shuffled by
             the DataLoader sampler instead).
         seed: seed of the streaming shuffle and of the ``max_*_samples`` subsets; must match on all ranks.
@@ -253,7 +270,12 @@ def load_image_classification_data(
         std = data_config.get("std") or (spec.std if spec else fallback_std)
     mean, std = match_channels(mean, in_chans), match_channels(std, in_chans)
     interpolation = data_config.get("interpolation") or ("bicubic" if recipe == "deit" else "bilinear")
-    crop_pct = data_config.get("crop_pct") or 0.875
+    if recipe in ("default", "cifar"):
+        crop_pct = 1.0 if crop_pct is None else crop_pct
+        crop_mode = crop_mode or "squash"
+    else:
+        crop_pct = crop_pct or data_config.get("crop_pct") or 0.875
+        crop_mode = crop_mode or data_config.get("crop_mode") or "center"
     train_transform, eval_transform = build_transforms(
         recipe,
         image_size=size,
@@ -263,6 +285,7 @@ def load_image_classification_data(
         settings=settings,
         interpolation=interpolation,
         crop_pct=crop_pct,
+        crop_mode=crop_mode,
     )
 
     default_rank, default_world_size = _default_rank_world_size()
@@ -299,5 +322,7 @@ def load_image_classification_data(
             std=tuple(std),
             interpolation=interpolation,
             crop_pct=crop_pct,
+            crop_mode=crop_mode,
         ),
+        eval_split=eval_name,
     )

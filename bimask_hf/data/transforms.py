@@ -139,15 +139,21 @@ def build_transforms(
     std: Sequence[float],
     settings: RecipeSettings,
     interpolation: str = "bilinear",
-    crop_pct: float = 0.875,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
 ) -> tuple[ImageTransform, ImageTransform]:
     """Build ``(train_transform, eval_transform)`` from PIL images to normalised ``(C, H, W)`` tensors.
 
     * ``default``: resize to ``image_size`` and normalise (no augmentation unless asked for).
-    * ``cifar``: random crop with 4-pixel zero padding and horizontal flip (He et al.); eval as is.
-    * ``imagenet``: random-resized crop and flip; eval resize to ``size / crop_pct`` and centre crop.
+    * ``cifar``: random crop with 4-pixel zero padding and horizontal flip (He et al.).
+    * ``imagenet``: random-resized crop and flip.
     * ``deit``: timm's ``create_transform`` with RandAugment and random erasing.
 
+    The evaluation transform of every recipe is timm's (``create_transform(is_training=False)``) with
+    ``crop_pct`` / ``crop_mode``: ``1.0`` / ``"squash"`` is a plain resize to ``image_size`` (the default of
+    ``default`` and ``cifar``), ``"center"`` resizes the short side to ``size / crop_pct`` and centre-crops
+    (the default of ``imagenet`` and ``deit``, with ``crop_pct=0.875``). A saved folder's ``pretrained_cfg``
+    describes the same transform, so transformers' image processors reproduce it.
     ``settings.auto_augment`` / ``settings.re_prob`` add RandAugment / random erasing to any recipe.
     """
     if in_chans not in (1, 3):
@@ -157,6 +163,16 @@ def build_transforms(
     auto_augment = settings.auto_augment or None
     re_prob = settings.re_prob or 0.0
 
+    plain = recipe in ("default", "cifar")
+    crop_pct = crop_pct if crop_pct is not None else (1.0 if plain else 0.875)
+    crop_mode = crop_mode or ("squash" if plain else "center")
+    evaluation = T.Compose([
+        convert,
+        create_transform(
+            input_size=image_size, interpolation=interpolation, mean=mean, std=std, is_training=False,
+            crop_pct=crop_pct, crop_mode=crop_mode,
+        ),
+    ])
     if recipe in ("imagenet", "deit"):
         common = dict(input_size=image_size, interpolation=interpolation, mean=mean, std=std)
         train = create_transform(
@@ -167,8 +183,7 @@ def build_transforms(
             re_mode="pixel",
             **common,
         )
-        evaluation = create_transform(is_training=False, crop_pct=crop_pct, **common)
-        return T.Compose([convert, train]), T.Compose([convert, evaluation])
+        return T.Compose([convert, train]), evaluation
 
     resize = T.Resize(image_size, interpolation=str_to_interp_mode(interpolation))
     to_tensor = [MaybeToTensor(), T.Normalize(mean, std)]
@@ -179,7 +194,6 @@ def build_transforms(
         augment.append(_auto_augment_op(auto_augment, min(image_size), mean))
     erase = [RandomErasing(re_prob, mode="pixel", device="cpu")] if re_prob > 0 else []
     train = T.Compose([convert, resize, *augment, *to_tensor, *erase])
-    evaluation = T.Compose([convert, resize, *to_tensor])
     return train, evaluation
 
 

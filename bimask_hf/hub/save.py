@@ -163,6 +163,7 @@ def save_sparse_model(
     card_data: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     safe_serialization: bool = True,
+    data_config: dict[str, Any] | None = None,
 ) -> str:
     """Save a Bi-Mask model as a folder that plain transformers / timm load; returns the folder path.
 
@@ -180,6 +181,12 @@ def save_sparse_model(
     values + bit-packed indices (a 2:4 fp16 layer takes 0.56 of its dense size); such a folder is read
     by :func:`load_sparse_model` only. Weights are always safetensors; ``safe_serialization=False`` is
     accepted for Trainer compatibility but nothing is ever pickled.
+
+    ``data_config`` is the preprocessing the model was trained with (``ImageClassificationData.data_config``:
+    input size, channels, mean/std, interpolation, crop): timm and TimmWrapper folders record it as the
+    ``pretrained_cfg`` of ``config.json``, other transformers models as ``preprocessor_config.json``, so
+    ``transformers.pipeline("image-classification", model=folder)`` and ``bimask-eval`` preprocess images
+    the way training evaluated them. Without it a timm model's own ``pretrained_cfg`` is kept.
     """
     from .cards import create_model_card, default_library_name
 
@@ -223,6 +230,15 @@ def save_sparse_model(
         _save_transformers(export, folder)
     else:
         _save_timm(export, folder)
+    if data_config is not None:
+        from .preprocessing import write_preprocessing
+
+        write_preprocessing(export, folder, family, data_config)
+    elif family == "transformers" and getattr(model.config, "model_type", None) != "timm_wrapper":
+        logger.warning(
+            "save_sparse_model: no data_config, so %s records no preprocessing and "
+            "pipeline('image-classification') cannot load it; pass data_config=data.data_config.", folder,
+        )
     files = weight_files(folder)
     tensor_shapes(folder, files)  # what was written reads back
     extra: dict[str, Any] = {}

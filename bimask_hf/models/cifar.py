@@ -196,6 +196,7 @@ class CifarResNet(_CifarClassifierBase):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__(num_classes, drop_rate)
+        self.in_chans = in_chans  # timm reads it when exporting the input config
         widths = (base_width, base_width * 2, base_width * 4)
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -246,6 +247,7 @@ class CifarVGG(_CifarClassifierBase):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__(num_classes, drop_rate)
+        self.in_chans = in_chans  # timm reads it when exporting the input config
         layers: list[nn.Module] = []
         in_chs = in_chans
         for item in layout:
@@ -332,6 +334,7 @@ class CifarMobileNetV2(_CifarClassifierBase):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__(num_classes, drop_rate)
+        self.in_chans = in_chans  # timm reads it when exporting the input config
         self.conv_stem = nn.Conv2d(in_chans, stem_chs, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.act1 = nn.ReLU6(inplace=True)

@@ -1,0 +1,130 @@
+"""Saved folders record their preprocessing: pipelines and bimask-eval reproduce the training evaluation."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from huggingface_hub.repocard import metadata_load
+from PIL import Image
+from transformers import pipeline
+
+import bimask_hf as bh
+from bimask_hf import evaluation, load_image_classification_data, save_sparse_model, train
+from bimask_hf.hub.preprocessing import PREPROCESSOR_NAME
+
+from . import models
+
+CONFIG = bh.BiMaskConfig(n=2, m=4, permutation_search="random", num_permutations=4)
+
+
+def _image_folder(root: Path, mode: str, size: tuple[int, int] = (22, 19), per_class: int = 6) -> Path:
+    """Class folders of noisy images whose size is not the model's, so resizing and cropping matter."""
+    rng = np.random.default_rng(0)
+    levels = {"dark": 40, "mid": 128, "light": 215}
+    for split, count in (("train", per_class), ("val", per_class)):
+        for name, level in levels.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+                arr = np.clip(level + rng.normal(0, 60, shape), 0, 255).astype("uint8")
+                Image.fromarray(arr, mode).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _val_images(folder: Path) -> tuple[list[Image.Image], list[str]]:
+    paths = sorted(folder.glob("val/*/*.png"))
+    return [Image.open(p) for p in paths], [p.parent.name for p in paths]
+
+
+def _pipeline_labels(folder: str, images: list[Image.Image]) -> list[str]:
+    classify = pipeline("image-classification", model=folder)
+    return [classify(image, top_k=1)[0]["label"] for image in images]
+
+
+def _pipeline_scores(folder: str, images: list[Image.Image]) -> torch.Tensor:
+    """Class probabilities from ``pipeline("image-classification")``, in class-index order."""
+    classify = pipeline("image-classification", model=folder)
+    label2id = classify.model.config.label2id
+    scores = torch.zeros(len(images), len(label2id))
+    for row, image in enumerate(images):
+        for item in classify(image, top_k=None):
+            scores[row, label2id[item["label"]]] = item["score"]
+    return scores
+
+
+def _direct_scores(model: torch.nn.Module, transform, images: list[Image.Image]) -> torch.Tensor:
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        x = torch.stack([transform(image) for image in images])
+        out = model(pixel_values=x) if hasattr(model, "config") else model(x)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return logits.softmax(-1)
+
+
+def test_main_job_style_one_channel_folder_works_in_pipeline_and_bimask_eval(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", "L")
+    out = tmp_path / "run"
+    metrics = train.main([
+        "--model", "resnet8_cifar", "--model_args", '{"base_width": 8}', "--dataset", str(data), "--in_chans", "1",
+        "--image_size", "16", "--max_steps", "2", "--per_device_train_batch_size", "6", "--learning_rate", "0.05",
+        "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--output_dir", str(out),
+        "--permutation_search", "random", "--num_permutations", "2",
+    ])
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["input_size"] == [1, 16, 16] and len(cfg["mean"]) == len(cfg["std"]) == 1
+    assert (cfg["crop_pct"], cfg["crop_mode"]) == (1.0, "squash")
+
+    # pipeline(): top-1 on the validation images equals the training evaluation's.
+    images, truth = _val_images(data)
+    predicted = _pipeline_labels(str(out), images)
+    accuracy = 100.0 * np.mean([p == t for p, t in zip(predicted, truth)])
+    assert accuracy == pytest.approx(metrics["eval_top1"], abs=1e-9)
+
+    reference = bh.load_sparse_model(out)
+    transform = load_image_classification_data(str(data), model="resnet8_cifar", image_size=16, in_chans=1).eval_transform
+    torch.testing.assert_close(_pipeline_scores(str(out), images), _direct_scores(reference, transform, images),
+                               atol=2e-4, rtol=1e-3)
+
+    # bimask-eval with no extra flags reproduces it exactly; --update-card replaces the training result.
+    result = evaluation.main([str(out), "--dataset", str(data), "--split", "val", "--update-card"])
+    assert result["top1"] == metrics["eval_top1"] and result["top5"] == metrics["eval_top5"]
+    evaluation.main([str(out), "--dataset", str(data), "--split", "val", "--update-card", "--max_samples", "9"])
+    assert "a subset of 9 images" in capsys.readouterr().out
+    results = metadata_load(out / "README.md")["model-index"][0]["results"]
+    assert len(results) == 1 and "subset of 9 images" in results[0]["dataset"]["name"]
+    assert [m["name"] for m in results[0]["metrics"]] == ["Top-1 accuracy", "Top-5 accuracy"]
+
+
+@pytest.mark.parametrize("family", ["timm", "timm_wrapper", "vit"])
+def test_saved_folder_preprocesses_like_training_in_pipeline(tmp_path, family):
+    data_dir = _image_folder(tmp_path / "data", "RGB")
+    if family == "timm":
+        model = timm.create_model("resnet8_cifar", num_classes=3, base_width=8)
+    elif family == "timm_wrapper":
+        model = models.timm_wrapper("resnet8_cifar", num_labels=3)
+    else:
+        model = models.tiny_vit(num_labels=3)
+    bh.sparsify(model, CONFIG)
+    # imagenet recipe: resize the short side to size / 0.875, centre crop; ViT takes 32 px, the CIFAR nets 24.
+    data = load_image_classification_data(
+        str(data_dir), model=None if family == "vit" else model, recipe="imagenet",
+        image_size=32 if family == "vit" else 24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
+    )
+    with torch.no_grad():  # batch-norm statistics of real inputs make the outputs depend on the preprocessing
+        batch = torch.stack([data.eval_transform(image) for image in _val_images(data_dir)[0]])
+        model.train()(batch) if family == "timm" else model.train()(pixel_values=batch)
+    folder = save_sparse_model(model, str(tmp_path / family), config=CONFIG, data_config=data.data_config)
+    assert (Path(folder, PREPROCESSOR_NAME).is_file()) == (family == "vit")
+    images, truth = _val_images(data_dir)
+    expected = _direct_scores(model, data.eval_transform, images)
+    torch.testing.assert_close(_pipeline_scores(folder, images), expected, atol=2e-4, rtol=1e-3)
+    # bimask-eval reads the same preprocessing back from the folder.
+    evaluated = evaluation.evaluate_model(folder, str(data_dir), split="val")
+    direct = 100.0 * np.mean([data.labels[e] == t for e, t in zip(expected.argmax(-1).tolist(), truth)])
+    assert evaluated["top1"] == pytest.approx(direct)
