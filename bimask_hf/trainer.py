@@ -140,6 +140,11 @@ class BiMaskCallback(TrainerCallback):
         return logs
 
 
+def _enum_value(value: Any) -> Any:
+    """``sgd`` rather than ``OptimizerNames.SGD`` in cards and logs."""
+    return getattr(value, "value", value)
+
+
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with soft (mixup/cutmix) targets."""
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -288,18 +293,46 @@ class BiMaskTrainer(Trainer):
         )
 
     def _card_data(self) -> dict[str, Any]:
+        from transformers.modelcard import parse_log_history
+
         args = self.args
         hyper = {
             "learning_rate": args.learning_rate, "train_batch_size": args.per_device_train_batch_size,
             "num_processes": args.world_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "optimizer": str(args.optim), "lr_scheduler_type": str(args.lr_scheduler_type),
+            "optimizer": _enum_value(args.optim), "optimizer_args": args.optim_args,
+            "lr_scheduler_type": _enum_value(args.lr_scheduler_type),
             "num_epochs": args.num_train_epochs, "max_steps": args.max_steps, "weight_decay": args.weight_decay,
             "label_smoothing_factor": args.label_smoothing_factor, "seed": args.seed,
-            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+            # What the accelerator ran with (a launcher config or env var can set it, not only --bf16/--fp16).
+            "mixed_precision": _enum_value(self.accelerator.mixed_precision),
             "global_steps": self.state.global_step,
         }
         info = {k: v for k, v in self.card_info.items() if k != "metrics"}
+        repo_id = self.hub_model_id or args.hub_model_id  # the pushed repo, or the one asked for
+        if repo_id and "repo_id" not in info:
+            info["repo_id"] = repo_id
+        _, training_results, _ = parse_log_history(self.state.log_history)
+        if training_results and "training_results" not in info:
+            info["training_results"] = training_results
         return {**info, "training_args": {**hyper, **self.card_info.get("training_args", {})}}
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's ``evaluate``; its top-1 / top-5 also go into the model card that ``save_model`` writes
+        (on the dataset ``card_info["datasets"][0]``, else the eval dataset's own name, else "evaluation set",
+        and its split)."""
+        metrics = super().evaluate(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval")
+        top1, top5 = metrics.get(f"{prefix}_top1"), metrics.get(f"{prefix}_top5")
+        if top1 is not None:
+            eval_dataset = kwargs.get("eval_dataset", args[0] if args else None) or self.eval_dataset
+            named = self.card_info.get("datasets") or []
+            named = [named] if isinstance(named, str) else list(named)
+            info = getattr(eval_dataset, "info", None)
+            dataset = named[0] if named else getattr(info, "dataset_name", None) or "evaluation set"
+            split = getattr(eval_dataset, "split", None)
+            self.card_info["metrics"] = {"top1": top1, "top5": top5, "dataset": dataset,
+                                         "split": str(split) if split is not None else prefix}
+        return metrics
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """The model card is written by :meth:`save_model` from ``hub_cards/``; nothing else to do."""

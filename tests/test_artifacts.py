@@ -128,3 +128,40 @@ def test_saved_folder_preprocesses_like_training_in_pipeline(tmp_path, family):
     evaluated = evaluation.evaluate_model(folder, str(data_dir), split="val")
     direct = 100.0 * np.mean([data.labels[e] == t for e, t in zip(expected.argmax(-1).tolist(), truth)])
     assert evaluated["top1"] == pytest.approx(direct)
+
+
+def test_python_api_card_is_true(tmp_path, monkeypatch):
+    # Mixed precision set by the launcher's environment, not by --bf16: the card must say what ran.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    data_dir = _image_folder(tmp_path / "data", "RGB")
+    data = load_image_classification_data(str(data_dir), image_size=16, seed=0)
+    model = bh.create_model("resnet8_cifar", labels=data.labels, model_args={"base_width": 8})
+    args = bh.BiMaskTrainingArguments(
+        output_dir=str(tmp_path / "ckpt"), max_steps=2, per_device_train_batch_size=6, learning_rate=0.05,
+        optim="sgd", use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, eval_strategy="steps",
+        eval_steps=1, hub_model_id="bimask-test/resnet8-2-4", permutation_search="random", num_permutations=2,
+        disable_tqdm=True,
+    )
+    trainer = bh.BiMaskTrainer(model=model, args=args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,
+                               data_collator=data.collate_fn, data_config=data.data_config)
+    assert not args.bf16 and trainer.accelerator.mixed_precision == "bf16"
+    trainer.train()
+    metrics = trainer.evaluate()
+    out = tmp_path / "model"
+    trainer.save_model(str(out))  # the patched model's save path
+    text = (out / "README.md").read_text()
+    assert "import bimask_hf  # registers resnet8_cifar with timm" in text
+    assert 'pipeline("image-classification", model="bimask-test/resnet8-2-4")' in text
+    assert 'from_pretrained("bimask-test/resnet8-2-4")' in text
+    assert "| mixed_precision | bf16 |" in text and "| optimizer | sgd |" in text
+    assert "OptimizerNames" not in text and "SchedulerType" not in text
+    assert "## Training results" in text and "Validation Loss" in text
+    assert "## Framework versions" in text and "- Transformers " in text
+    results = metadata_load(out / "README.md")["model-index"][0]["results"]
+    top1 = {m["name"]: m["value"] for m in results[0]["metrics"]}["Top-1 accuracy"]
+    assert top1 == pytest.approx(metrics["eval_top1"]) and results[0]["dataset"]["split"] == "validation"
+
+    packed = save_sparse_model(trainer.model, str(tmp_path / "packed"), compressed=True)
+    packed_text = Path(packed, "README.md").read_text()
+    assert "only bimask-hf loads this folder" in packed_text and 'pipeline("image-classification"' not in packed_text
+    assert metadata_load(Path(packed, "README.md"))["library_name"] == "bimask-hf"

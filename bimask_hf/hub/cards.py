@@ -6,6 +6,7 @@ the results table sits between two HTML comments so :func:`update_card_results` 
 
 from __future__ import annotations
 
+import enum
 import importlib.resources
 import math
 import os
@@ -109,7 +110,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def _bimask_architecture(model_or_report: nn.Module | SparsityReport) -> str | None:
+def bimask_architecture(model_or_report: nn.Module | SparsityReport) -> str | None:
     """The timm architecture name if bimask-hf itself registers it (plain timm needs ``import bimask_hf``)."""
     if not isinstance(model_or_report, nn.Module):
         return None
@@ -147,7 +148,7 @@ def _hyperparameters(config: BiMaskConfig, training_args: Mapping[str, Any] | No
         args = dict(training_args)
         if len(args) > 25:  # a whole TrainingArguments.to_dict(): keep the recipe
             args = {k: v for k, v in args.items() if k in _RECIPE_KEYS or k.startswith("bimask")}
-        items += [(k, str(v)) for k, v in args.items() if v is not None and v != ""]
+        items += [(k, _plain(v)) for k, v in args.items() if v is not None and v != ""]
     items += [
         ("N:M pattern", config.pattern),
         ("mask mode", config.mode),
@@ -158,6 +159,11 @@ def _hyperparameters(config: BiMaskConfig, training_args: Mapping[str, Any] | No
         ("group layout", config.group_layout),
     ]
     return items
+
+
+def _plain(value: Any) -> str:
+    """A card value: an enum's value (``sgd``, not ``OptimizerNames.SGD``), else ``str``."""
+    return str(value.value) if isinstance(value, enum.Enum) else str(value)
 
 
 def _tags(config: BiMaskConfig) -> list[str]:
@@ -185,6 +191,10 @@ def create_model_card(
     library_name: str | None = None,
     repo_id: str | None = None,
     compressed: bool = False,
+    custom_architecture: str | None = None,
+    in_chans: int = 3,
+    training_results: list[dict[str, Any]] | None = None,
+    framework_versions: list[tuple[str, str]] | None = None,
 ) -> ModelCard:
     """Build the model card of a Bi-Mask sparse model.
 
@@ -193,7 +203,11 @@ def create_model_card(
     measured on (``dataset_name`` optional; the dataset defaults to the first of ``datasets``); they
     become the card's ``model-index`` and results table. ``library_name`` defaults to ``"timm"`` for timm
     models and TimmWrapper, ``"transformers"`` otherwise (it must be given with a report). ``repo_id``
-    (default ``model_name``) is used in the loading examples.
+    (default ``model_name``) is used in the loading examples. ``custom_architecture`` (default: found in a
+    model, not in a report) names a timm architecture bimask-hf registers, and ``in_chans`` other than 3 means
+    bimask-hf's image processor: either makes the examples ``import bimask_hf``. ``training_results`` are the
+    rows of transformers' training-results table (``transformers.modelcard.parse_log_history``);
+    ``framework_versions`` default to the installed bimask-hf, transformers, timm, PyTorch and datasets.
     """
     layer_report = _as_report(model_or_report, config)
     if library_name is None:
@@ -230,7 +244,11 @@ def create_model_card(
             repo_id=repo_id or model_name,
             base_model=base_model,
             library=library_name,
-            custom_architecture=_bimask_architecture(model_or_report),
+            custom_architecture=custom_architecture or bimask_architecture(model_or_report),
+            custom_processor=in_chans != 3,
+            in_chans=in_chans,
+            training_results=training_results or None,
+            framework_versions=framework_versions if framework_versions is not None else _framework_versions(),
             compressed=compressed,
             pattern=config.pattern,
             nm=config.density is None,
@@ -250,6 +268,21 @@ def create_model_card(
             results_end=RESULTS_END,
             citation=CITATION,
         )
+
+
+def _framework_versions() -> list[tuple[str, str]]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    found = [("bimask-hf", __version__)]
+    for name, dist in (("Transformers", "transformers"), ("timm", "timm"), ("PyTorch", "torch"),
+                       ("Datasets", "datasets"), ("Accelerate", "accelerate")):
+        try:
+            found.append((name, version(dist)))
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def _row(r: LayerReport) -> dict[str, str]:

@@ -188,7 +188,7 @@ def save_sparse_model(
     ``transformers.pipeline("image-classification", model=folder)`` and ``bimask-eval`` preprocess images
     the way training evaluated them. Without it a timm model's own ``pretrained_cfg`` is kept.
     """
-    from .cards import create_model_card, default_library_name
+    from .cards import bimask_architecture, create_model_card, default_library_name
 
     if not safe_serialization:
         warnings.warn(
@@ -260,7 +260,12 @@ def save_sparse_model(
     card_kwargs = dict(card_data or {})
     card_kwargs.setdefault("model_name", os.path.basename(os.path.abspath(folder)))
     card_kwargs.setdefault("compressed", compressed)
-    card_kwargs.setdefault("library_name", default_library_name(model))
+    # A compressed folder is read by bimask-hf only: the Hub must not offer a timm/transformers snippet.
+    card_kwargs.setdefault("library_name", "bimask-hf" if compressed else default_library_name(model))
+    # From the merged copy: a patched model's card is built from its report, which knows no architecture.
+    card_kwargs.setdefault("custom_architecture", bimask_architecture(export))
+    if data_config is not None and data_config.get("input_size"):
+        card_kwargs.setdefault("in_chans", int(data_config["input_size"][0]))
     card = create_model_card(layer_report if layer_report is not None else export, config, metrics=metrics, **card_kwargs)
     card.save(os.path.join(folder, "README.md"))
     return folder
