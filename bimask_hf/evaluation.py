@@ -35,10 +35,19 @@ def load_for_eval(name_or_path: str) -> nn.Module:
 def _load_folder(name_or_path: str) -> tuple[nn.Module, str]:
     from .config import CONFIG_NAME
     from .hub import load_sparse_model
-    from .hub.files import resolve_folder
+    from .hub.files import _looks_like_path, resolve_folder
     from .hub.load import load_plain_model
 
-    folder = resolve_folder(name_or_path)  # FileNotFoundError names a missing local folder
+    if os.path.exists(name_or_path) or _looks_like_path(name_or_path):
+        folder = resolve_folder(name_or_path)  # FileNotFoundError names a missing local folder
+    else:
+        try:
+            folder = resolve_folder(name_or_path)
+        except Exception as error:  # "runs/x" is also a valid Hub id: say it is not a local folder either
+            raise FileNotFoundError(
+                f"{name_or_path!r} is not an existing local folder, and loading it as a Hub repo id failed "
+                f"({type(error).__name__}: {error}). Check the path (bimask-train writes to --output_dir)."
+            ) from error
     if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         # A bimask-hf folder: its N:M pattern is verified; a damaged config is an error, not a plain load.
         return load_sparse_model(folder), folder

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -371,6 +373,20 @@ def report(model: nn.Module, config: BiMaskConfig | None = None) -> SparsityRepo
     return SparsityReport(rows)
 
 
+def _saved_meta(saved: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(saved, Mapping):
+        return dict(saved)
+    return BiMaskConfig.load_json(saved)
+
+
+def _state_dict_layer(state_dict: Mapping[str, torch.Tensor], name: str) -> str:
+    """A saved module name as a state-dict layer name (TimmWrapper modules carry a ``timm_model.`` prefix)."""
+    for candidate in (name, name.removeprefix("timm_model."), f"timm_model.{name}"):
+        if f"{candidate}.weight" in state_dict or candidate in state_dict:
+            return candidate
+    return name
+
+
 def _first_violation(weight: torch.Tensor, n: int, m: int, group_layout: str) -> str | None:
     matrix = weight_to_matrix(weight.detach(), group_layout)
     rows, cols = matrix.shape
@@ -388,19 +404,47 @@ def _first_violation(weight: torch.Tensor, n: int, m: int, group_layout: str) ->
 
 
 def check_nm(
-    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
-    n: int,
-    m: int,
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    n: int | None = None,
+    m: int | None = None,
     layers: Iterable[str] | None = None,
-    group_layout: str = "channels_last",
+    group_layout: str | None = None,
+    *,
+    saved: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Verify that weights follow ``n:m`` (at most ``n`` nonzeros in every group of ``m``).
 
     For a model, the layers checked are its Bi-Mask layers (their forward weights ``W * Mf``) and the
     layers recorded by :func:`merge`, unless ``layers`` names them; for a state dict, the named layers
     (``"<layer>"`` or ``"<layer>.weight"``), by default every 2-D/4-D ``.weight`` whose K allows the pattern.
+    A folder (or Hub id) written by :func:`save_sparse_model` is checked as saved: its ``bimask_config.json``
+    gives N, M, the group layout and the sparse layers, and its weights (compressed ones too) are read.
+    ``saved`` (such a folder, or the loaded ``bimask_config.json`` dict) does the same for a model or state
+    dict: N, M, layout and, unless ``layers`` is given, the recorded sparse layers (a TimmWrapper's
+    ``timm_model.`` prefix is matched either way). Explicit ``n`` / ``m`` / ``group_layout`` win.
     Returns the checked layer names; raises :class:`NMPatternError` naming the first offending layer.
     """
+    if isinstance(model_or_state_dict, (str, os.PathLike)):
+        from .hub.load import load_folder_for_check
+
+        model_or_state_dict, saved_meta = load_folder_for_check(model_or_state_dict)
+        saved = saved_meta if saved is None else saved
+    if saved is not None:
+        meta = _saved_meta(saved)
+        if meta.get("density") is not None and n is None:
+            raise ValueError(f"The saved model is unstructured (density {meta['density']}), not N:M; nothing to check.")
+        n = meta["n"] if n is None else n
+        m = meta["m"] if m is None else m
+        group_layout = group_layout or meta.get("group_layout")
+        if layers is None:
+            layers = list(meta.get("sparse_layers") or [])
+            if not layers:
+                raise ValueError("check_nm: the saved bimask_config.json records no sparse layers.")
+            if not isinstance(model_or_state_dict, nn.Module):
+                layers = [_state_dict_layer(model_or_state_dict, name) for name in layers]
+    if n is None or m is None:
+        raise ValueError("check_nm needs n and m, or a folder saved by bimask-hf (or saved=...) that records them.")
+    group_layout = group_layout or "channels_last"
     if isinstance(model_or_state_dict, nn.Module):
         model = model_or_state_dict
         bimask = sparse_layers(model)

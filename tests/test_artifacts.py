@@ -165,3 +165,57 @@ def test_python_api_card_is_true(tmp_path, monkeypatch):
     packed_text = Path(packed, "README.md").read_text()
     assert "only bimask-hf loads this folder" in packed_text and 'pipeline("image-classification"' not in packed_text
     assert metadata_load(Path(packed, "README.md"))["library_name"] == "bimask-hf"
+
+
+# ---- bimask-eval and check_nm on every kind of folder -----------------------------------------------
+
+
+def test_bimask_eval_loads_timm_format_folders(tmp_path):
+    from timm.models import save_for_hf
+
+    data_dir = _image_folder(tmp_path / "data", "RGB")
+    folder = tmp_path / "timm-format"
+    save_for_hf(timm.create_model("resnet8_cifar", num_classes=3, base_width=8), str(folder), safe_serialization=True)
+    result = evaluation.main([str(folder), "--dataset", str(data_dir), "--split", "val"])
+    assert result["samples"] == 18 and 0.0 <= result["top1"] <= result["top5"] <= 100.0
+
+
+def test_bimask_eval_rejects_corrupt_config_and_names_missing_folders(tmp_path, monkeypatch):
+    from bimask_hf.hub import CorruptCheckpointError
+
+    data_dir = _image_folder(tmp_path / "data", "RGB")
+    model = bh.sparsify(timm.create_model("resnet8_cifar", num_classes=3, base_width=8), CONFIG)
+    folder = Path(save_sparse_model(model, str(tmp_path / "saved"), config=CONFIG))
+    (folder / "bimask_config.json").write_text('{"n": 2, "m": 4,')  # truncated
+    with pytest.raises(CorruptCheckpointError, match="bimask_config.json"):
+        evaluation.main([str(folder), "--dataset", str(data_dir), "--split", "val"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluation.main([str(tmp_path / "no-such-run"), "--dataset", str(data_dir)])
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the Hub fallback fails at once
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'runs/missing' is not an existing local folder"):
+        evaluation.main(["runs/missing", "--dataset", str(data_dir)])
+
+
+def test_check_nm_reads_folders_and_saved_layers(tmp_path):
+    from safetensors.torch import load_file
+
+    model = bh.sparsify(models.timm_wrapper("resnet8_cifar", num_labels=3), CONFIG)
+    folder = save_sparse_model(model, str(tmp_path / "wrapper"), config=CONFIG)
+    packed = save_sparse_model(model, str(tmp_path / "packed"), config=CONFIG, compressed=True)
+    recorded = bh.BiMaskConfig.load_json(folder)["sparse_layers"]
+    assert len(bh.check_nm(folder)) == len(recorded) == len(bh.check_nm(packed)) > 0
+    # A state dict (timm key names, no "timm_model." prefix) is checked on the layers the folder records.
+    state = load_file(Path(folder, "model.safetensors"))
+    checked = bh.check_nm(state, saved=folder)
+    assert checked == [name.removeprefix("timm_model.") for name in recorded]
+    key = checked[0] + ".weight"
+    state[key] = state[key].clone()
+    state[key].view(-1)[:4] = 1.0  # a full group of 4: breaks 2:4
+    with pytest.raises(bh.NMPatternError, match=checked[0]):
+        bh.check_nm(state, saved=folder)
+    from safetensors.torch import save_file
+
+    save_file(state, str(Path(folder, "model.safetensors")), metadata={"format": "pt"})
+    with pytest.raises(bh.NMPatternError, match=checked[0]):
+        bh.check_nm(folder)

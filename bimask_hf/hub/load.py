@@ -165,6 +165,22 @@ def load_sparse_model(
     return model
 
 
+def load_folder_for_check(repo_id_or_dir: str | os.PathLike, **hub_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The plain (unpatched) model of a saved folder and its ``bimask_config.json``, whose
+    ``sparse_layers`` are renamed to the loaded model's modules; used by ``check_nm(folder)``."""
+    source = os.fspath(repo_id_or_dir)
+    folder = resolve_folder(source, **hub_kwargs)
+    meta_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{source!r} has no {CONFIG_NAME}: it was not saved by bimask_hf.save_sparse_model.")
+    meta = read_json(meta_path, "Bi-Mask config")
+    files = weight_files(folder)
+    tensor_shapes(folder, files)
+    model = _load_compressed(folder, None) if files == [NM_WEIGHTS_NAME] else load_plain_model(folder)
+    meta["sparse_layers"] = _resolve_layer_names(model, list(meta.get("sparse_layers") or []))
+    return model, meta
+
+
 def _load_compressed(folder: str, model_class: Any) -> nn.Module:
     """Decompress ``model.nm.safetensors`` into a temporary plain folder and load that."""
     from safetensors.torch import save_file
