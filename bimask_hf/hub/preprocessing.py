@@ -52,6 +52,8 @@ def _update_timm_config(folder: str, data_config: dict[str, Any]) -> None:
     path = os.path.join(folder, MODEL_CONFIG_NAME)
     config = read_json(path, "Model config")
     pretrained_cfg = dict(config.get("pretrained_cfg") or {})
+    if list(pretrained_cfg.get("input_size") or [])[1:] != data_config["input_size"][1:]:
+        pretrained_cfg["pool_size"] = None  # as timm's own export does for a new input size
     pretrained_cfg.update(data_config)
     pretrained_cfg.pop("test_input_size", None)  # the training preprocessing is also the test one
     pretrained_cfg.pop("test_crop_pct", None)
