@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MODES, BiMaskConfig
+from .distributed import full_tensor, is_sharded, shard_like
 from .functional import masked_conv2d, masked_linear
 from .masks import (
     backward_mask_for_weight,
@@ -66,6 +67,9 @@ class BiMaskLayer:
         self.forward_mask: torch.Tensor | None = None
         self.backward_mask: torch.Tensor | None = None
         self._mask_key: tuple | None = None
+        # FSDP2 refills the gathered weight in place without bumping its version counter, so the
+        # cache key cannot see new weights there: the trainer turns caching off under FSDP.
+        self.cache_masks = True
 
     # ---- configuration -------------------------------------------------------------------------
     def _row_groups(self) -> int:
@@ -87,9 +91,13 @@ class BiMaskLayer:
         return f"pattern={self.pattern}, mode={self.effective_mode}, decay={self.decay}, layout={self.group_layout}"
 
     # ---- masks ---------------------------------------------------------------------------------
+    def full_weight(self) -> torch.Tensor:
+        """The whole weight, detached; gathered from all ranks when it is an FSDP2 shard (a collective)."""
+        return full_tensor(self.weight.detach())
+
     def compute_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forward mask, backward mask) for the current weights, both boolean and shaped like ``weight``."""
-        weight = self.weight.detach()
+        """(forward mask, backward mask) for the current (full) weights, both boolean and shaped like ``weight``."""
+        weight = self.full_weight()
         if self.mode == "dense":
             ones = torch.ones_like(weight, dtype=torch.bool)
             return ones, ones
@@ -108,6 +116,10 @@ class BiMaskLayer:
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks for the current weights, cached until the weights or the permutation change in place."""
         perm = getattr(self, PERMUTATION_KEY)
+        if not self.cache_masks or is_sharded(self.weight):
+            self.forward_mask, self.backward_mask = self.compute_masks()
+            self._mask_key = None
+            return self.forward_mask, self.backward_mask
         key = (self.weight.data_ptr(), self.weight._version, perm.data_ptr(), perm._version, self.mode)
         if key != self._mask_key or self.forward_mask is None:
             self.forward_mask, self.backward_mask = self.compute_masks()
@@ -122,28 +134,32 @@ class BiMaskLayer:
     def sparse_weight(self) -> torch.Tensor:
         """The weight the forward pass uses, ``W * Mf`` (pruned entries exactly zero)."""
         mf, _ = self.masks()
-        return self.weight.detach() * mf
+        return self.full_weight() * mf
 
     @torch.no_grad()
     def project_(self) -> None:
         """Prune the parameter in place, ``W <- W * Mf`` (modes ``pre`` and ``post``)."""
         mf, _ = self.masks()
-        self.weight.mul_(mf)
+        self.weight.mul_(shard_like(mf, self.weight))
 
     @torch.no_grad()
     def refresh_permutation(
-        self, method: str = "matched", num_candidates: int = 100, generator: torch.Generator | None = None
+        self,
+        method: str = "matched",
+        num_candidates: int = 100,
+        generator: torch.Generator | None = None,
+        weight: torch.Tensor | None = None,
     ) -> float:
         """Search a new row permutation for the backward mask; returns the seconds spent.
 
         The search starts from the current permutation, so retention never drops at a refresh. In a
         grouped conv each conv group is searched on its own rows, as its input gradient only reduces
-        over them.
+        over them. ``weight`` is the full weight if the caller has gathered it already.
         """
         if self.effective_mode != "bimask":
             return 0.0
         start = time.perf_counter()
-        weight = self.weight.detach()
+        weight = self.full_weight() if weight is None else weight
         mf = nm_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
         perm = getattr(self, PERMUTATION_KEY)
         groups = self._row_groups()

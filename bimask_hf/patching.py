@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .config import BiMaskConfig
+from .distributed import search_permutations_shared
 from .layers import BiMaskConv2d, BiMaskLayer, BiMaskLinear, conv_padding
 from .masks import weight_to_matrix
 
@@ -254,23 +255,26 @@ def refresh_permutations(
 ) -> dict[str, float]:
     """Search new backward-mask permutations for every bi-directional layer.
 
-    The generator of each layer is seeded from ``(seed, step, layer index)``, so every rank of a
-    data-parallel run (which holds identical weights) computes identical permutations without any
-    communication. Returns ``seconds``, ``retention_mean`` and ``retention_min`` after the refresh.
+    The generator of each layer is seeded from ``(seed, step, layer index)``. With several processes
+    each rank searches its share of the layers and broadcasts the results
+    (:func:`bimask_hf.distributed.search_permutations_shared`), so all ranks end with the permutations
+    a single process finds; call it on every rank. Returns ``seconds`` (this rank's search time),
+    ``retention_mean`` and ``retention_min`` after the refresh.
     """
     config: BiMaskConfig = getattr(model, "bimask_config", None) or BiMaskConfig()
     method = method or config.permutation_search
     num_candidates = num_candidates or config.num_permutations
     seed = config.seed if seed is None else seed
-    seconds = 0.0
-    retentions = []
+    layers, generators = [], []
     for index, layer in enumerate(sparse_layers(model).values()):
         if layer.effective_mode != "bimask":
             continue
         generator = torch.Generator(device=layer.weight.device)
         generator.manual_seed(_layer_seed(seed, step, index))
-        seconds += layer.refresh_permutation(method, num_candidates, generator)
-        retentions.append(layer.retention())
+        layers.append(layer)
+        generators.append(generator)
+    seconds = search_permutations_shared(layers, generators, method, num_candidates)
+    retentions = [layer.retention() for layer in layers]
     stats = {"seconds": seconds}
     if retentions:
         stats["retention_mean"] = sum(retentions) / len(retentions)

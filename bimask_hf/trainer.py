@@ -9,8 +9,10 @@ sparsity metrics in the Trainer's logs for every ``report_to`` tracker.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import BiMaskConfig
+from .distributed import UnsupportedSetupError, describe_setup, enable_cpu_fsdp, is_sharded
 from .metrics import compute_topk_metrics, topk_indices
 from .patching import project_, refresh_permutations, report, sparse_layers, sparsify
 
@@ -92,12 +95,18 @@ class BiMaskTrainingArguments(TrainingArguments):
 
 
 class BiMaskCallback(TrainerCallback):
-    """Per-step Bi-Mask work: permutation refresh, ``post`` projection, pending log metrics."""
+    """Per-step Bi-Mask work: permutation refresh, ``post`` projection, pending log metrics.
 
-    def __init__(self, model: nn.Module, config: BiMaskConfig, print_report: bool = True) -> None:
+    ``setup`` returns the distributed setup named in the run header (e.g. ``"FSDP2 x2 (cpu)"``).
+    """
+
+    def __init__(
+        self, model: nn.Module, config: BiMaskConfig, print_report: bool = True, setup: Callable[[], str] | None = None
+    ) -> None:
         self.model = model
         self.config = config
         self.print_report = print_report
+        self.setup = setup
         self.search_seconds = 0.0
 
     def _refresh(self, step: int) -> None:
@@ -107,8 +116,17 @@ class BiMaskCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if state.global_step == 0 and self.config.mode == "bimask":
             self._refresh(0)  # a resumed run keeps the permutations its checkpoint holds
-        if self.print_report and state.is_world_process_zero:
-            print(f"bimask-hf: {self.config.pattern} sparse training, mode={self.config.mode}\n{report(self.model)}")
+        if self.print_report:
+            table = report(self.model)  # a collective under FSDP2 (masks of gathered weights): every rank
+            if state.is_world_process_zero:
+                setup = f", {self.setup()}" if self.setup is not None else ""
+                print(f"bimask-hf: {self.config.pattern} sparse training, mode={self.config.mode}{setup}\n{table}")
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        # ``pre`` prunes the parameter inside forward; under FSDP2 that is the gathered copy, which is
+        # dropped after the forward pass, so the shards are pruned here (same effect: before the step).
+        if self.config.mode == "pre" and any(is_sharded(layer.weight) for layer in sparse_layers(self.model).values()):
+            project_(self.model)
 
     def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self.config.mode == "post":
@@ -143,6 +161,43 @@ class BiMaskCallback(TrainerCallback):
 def _enum_value(value: Any) -> Any:
     """``sgd`` rather than ``OptimizerNames.SGD`` in cards and logs."""
     return getattr(value, "value", value)
+
+
+def unsupported_setup_reason(fsdp_version: int | None = None, zero_stage: int | None = None) -> str | None:
+    """Why Bi-Mask training cannot run under this setup, or None if it can.
+
+    FSDP1 flattens parameters into 1-D shards, so outside a forward pass no module holds its weight
+    and masks would be taken per shard; DeepSpeed ZeRO-3 partitions parameters the same way. FSDP2
+    keeps one ``DTensor`` per parameter, which the layers gather (see ``bimask_hf.distributed``).
+    """
+    if fsdp_version is not None and fsdp_version != 2:
+        return (
+            f"FSDP version {fsdp_version} is not supported by Bi-Mask layers (it flattens weights into 1-D "
+            "shards, so N:M masks would be computed per shard). Use FSDP2: fsdp_version: 2 in the accelerate "
+            "config (recipes/accelerate/fsdp.yaml), or DDP."
+        )
+    if zero_stage == 3:
+        return (
+            "DeepSpeed ZeRO-3 is not supported by Bi-Mask layers (it partitions weights, so N:M masks would be "
+            "computed on partitions). Use FSDP2 (recipes/accelerate/fsdp.yaml), which shards parameters and "
+            "optimizer state too, or ZeRO-1/2."
+        )
+    return None
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and persistent buffers are on the meta device.
+
+    Non-persistent buffers (not in a state dict) are copied for real, so loading a full state dict
+    with ``assign=True`` makes the copy complete.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in model.state_dict(keep_vars=True).values():
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = meta
+    return copy.deepcopy(model, memo)
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -196,8 +251,33 @@ class BiMaskTrainer(Trainer):
             kwargs["compute_metrics"] = compute_topk_metrics
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
         super().__init__(model, args, *trainer_args, **kwargs)
-        self.bimask_callback = BiMaskCallback(self.model, bimask_config)
+        self._check_setup()
+        self._export_template: nn.Module | None = None
+        if self.is_fsdp_enabled and self.model is not None:
+            for layer in sparse_layers(self.model).values():
+                layer.cache_masks = False
+            # The final save needs a plain module to load the gathered weights into; the sharded one
+            # cannot be deep-copied. A copy with meta tensors costs no memory.
+            self._export_template = _meta_copy(self.model)
+        self.bimask_callback = BiMaskCallback(self.model, bimask_config, setup=lambda: describe_setup(self.accelerator))
         self.add_callback(self.bimask_callback)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; a CPU run launched with an FSDP2 config really runs FSDP2."""
+        super().create_accelerator_and_postprocess()
+        if enable_cpu_fsdp(self.accelerator):
+            self.is_fsdp_enabled = True
+
+    def _check_setup(self) -> None:
+        state = self.accelerator.state
+        plugin = getattr(state, "fsdp_plugin", None)
+        ds_plugin = getattr(state, "deepspeed_plugin", None)
+        reason = unsupported_setup_reason(
+            fsdp_version=getattr(plugin, "fsdp_version", 1) if self.is_fsdp_enabled else None,
+            zero_stage=getattr(ds_plugin, "zero_stage", None) if self.is_deepspeed_enabled else None,
+        )
+        if reason:
+            raise UnsupportedSetupError(reason)
 
     # ---- loss --------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
@@ -247,13 +327,26 @@ class BiMaskTrainer(Trainer):
         if self.args.push_to_hub:
             self._upload(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _save_hub_folder(self, output_dir: str) -> None:
+    def _export_model(self) -> nn.Module | None:
+        """The model to save: under FSDP2 the gathered full weights in a plain copy (collective; main only)."""
+        if self._export_template is None or not any(is_sharded(p) for p in self.model.parameters()):
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.args.should_save:
+            return None
+        self._export_template.load_state_dict(state, assign=True)
+        return self._export_template
+
+    def _save_hub_folder(self, output_dir: str) -> None:
+        model = self._export_model()  # every rank takes part in the gather
+        if not self.args.should_save or model is None:
             return
         from .hub import save_sparse_model
 
         save_sparse_model(
-            self.model, output_dir, config=self.bimask_config, card_data=self._card_data(),
+            model, output_dir, config=self.bimask_config, card_data=self._card_data(),
             metrics=self.card_info.get("metrics"), data_config=self.data_config,
         )
         if self.processing_class is not None:
