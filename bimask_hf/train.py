@@ -177,7 +177,9 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
         re_prob=data_args.re_prob, mixup_alpha=data_args.mixup_alpha, cutmix_alpha=data_args.cutmix_alpha,
         label_smoothing=train_args.label_smoothing_factor or None, shuffle_buffer=data_args.shuffle_buffer,
         seed=train_args.seed, max_train_samples=data_args.max_train_samples,
-        rank=0, world_size=1,  # the Trainer's accelerate dataloader shards across processes itself
+        # streamed training data is read per rank (split_dataset_by_node); map-style data is split by
+        # the Trainer's distributed sampler
+        rank=train_args.process_index, world_size=train_args.world_size,
         max_eval_samples=data_args.max_eval_samples,
     )
     if model_args.pretrained_path is not None and _is_bimask_folder(model_args.pretrained_path):

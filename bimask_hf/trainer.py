@@ -185,6 +185,17 @@ def unsupported_setup_reason(fsdp_version: int | None = None, zero_stage: int | 
     return None
 
 
+def _split_per_rank(dataset: Any, world_size: int) -> bool:
+    """Whether ``dataset`` is a streamed dataset that ``split_dataset_by_node`` cut for ``world_size`` ranks."""
+    import datasets
+
+    distributed = getattr(dataset, "_distributed", None)
+    return (
+        world_size > 1 and isinstance(dataset, datasets.IterableDataset) and distributed is not None
+        and distributed.world_size == world_size
+    )
+
+
 def _meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and persistent buffers are on the meta device.
 
@@ -278,6 +289,32 @@ class BiMaskTrainer(Trainer):
         )
         if reason:
             raise UnsupportedSetupError(reason)
+
+    # ---- data ----------------------------------------------------------------------------------
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,  # type: ignore[no-untyped-def]
+                        dataloader_key=None):
+        """A streamed dataset already split per rank (``split_dataset_by_node``) is read as it is on each rank.
+
+        Accelerate would otherwise split it a second time (or read it on rank 0 and dispatch batches).
+        """
+        if not _split_per_rank(dataset, self.args.world_size):
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn=sampler_fn,
+                                           is_training=is_training, dataloader_key=dataloader_key)
+        from accelerate.data_loader import prepare_data_loader
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=self.args.dataloader_num_workers,
+            collate_fn=self._get_collator_with_removed_columns(self.data_collator, description=description),
+            pin_memory=self.args.dataloader_pin_memory, persistent_workers=self.args.dataloader_persistent_workers,
+            prefetch_factor=self.args.dataloader_prefetch_factor,
+        )
+        prepared = prepare_data_loader(
+            loader, self.accelerator.device, num_processes=1, process_index=0, put_on_device=True,
+            dispatch_batches=False, non_blocking=self.accelerator.non_blocking,
+        )
+        self.accelerator._dataloaders.append(prepared)  # as Accelerator.prepare records it
+        return prepared
 
     # ---- loss --------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]

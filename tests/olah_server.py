@@ -31,8 +31,20 @@ class LocalHub:
 
     def add_model_repo(self, repo_id: str, folder: str) -> str:
         """Commit the files of ``folder`` as model repo ``repo_id`` (``org/name``); returns the commit sha."""
+        return self._commit(repo_id, folder, "models")
+
+    def add_dataset_repo(self, repo_id: str, folder: str) -> str:
+        """Commit the files of ``folder`` as dataset repo ``repo_id``; returns the commit sha.
+
+        olah ignores HTTP ``Range`` on mirrored files, so keep every parquet file <= 64 KiB (pyarrow
+        reads the last 64 KiB first), and load with ``revision="main"`` (without one, olah answers the
+        repo-info request with 401).
+        """
+        return self._commit(repo_id, folder, "datasets")
+
+    def _commit(self, repo_id: str, folder: str, repo_type: str) -> str:
         org, name = repo_id.split("/")
-        repo = os.path.join(self.mirrors, "models", org, name)
+        repo = os.path.join(self.mirrors, repo_type, org, name)
         shutil.copytree(folder, repo)
         env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}

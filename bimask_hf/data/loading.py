@@ -155,7 +155,10 @@ def _prepare_split(
         dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
     if max_samples is not None:
         dataset = dataset.take(max_samples)
-    if world_size > 1:
+    if world_size > 1 and is_train:
+        # Each rank reads and decodes only its share. Evaluation streams stay whole: the Trainer's
+        # evaluation gathers every batch from all ranks, so the ranks must see equal batch counts,
+        # which Accelerate ensures by dispatching them from rank 0.
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     return dataset.map(apply)
 
@@ -237,10 +240,12 @@ def load_image_classification_data(
         shuffle_buffer: shuffle buffer of the streaming train split (map-style datasets are shuffled by
             the DataLoader sampler instead).
         seed: seed of the streaming shuffle and of the ``max_*_samples`` subsets; must match on all ranks.
-        rank, world_size: streaming splits are sharded with ``datasets.distributed.split_dataset_by_node``;
-            by default from ``torch.distributed`` when initialised (``accelerate`` does so), else no split.
-            Note that ``accelerate`` (and so the ``Trainer``) splits an ``IterableDataset`` itself, by default
-            by reading it on rank 0 and dispatching batches: pass ``world_size=1`` there.
+        rank, world_size: the streaming training split is sharded with
+            ``datasets.distributed.split_dataset_by_node`` (each rank reads and decodes its share; the
+            shuffle buffer and ``set_epoch`` reseeding then work per rank); by default from
+            ``torch.distributed`` when initialised (``accelerate`` does so), else no split. `BiMaskTrainer`
+            feeds such a split dataset to each rank as it is; a plain ``Trainer`` would split it again, so
+            pass ``world_size=1`` there. The streaming evaluation split is never split (see above).
         max_train_samples, max_eval_samples: keep a random subset (map-style) or the first ``n`` examples
             after the shuffle (streaming).
         cache_dir: ``datasets`` cache folder for Hub and image-folder datasets.

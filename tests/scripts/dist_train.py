@@ -1,10 +1,10 @@
 """Tiny Bi-Mask runs of a CNN and a ViT under whatever launcher starts this script (DDP, FSDP2, multi-node).
 
-For each model: ``--max_steps`` steps from seed 0 with a checkpoint half way, then a second trainer
-resumes from that checkpoint and trains to the end; the final save of the first run writes a Hub
-folder. Before training, one shared permutation search on a fresh model records which layers this
-rank searched. Writes ``<dump>.rank<R>.pt`` with the full (gathered) state dicts, the permutations,
-the losses and whether the parameters were sharded.
+For each model: ``--max_steps`` steps from seed 0 with a checkpoint half way, then a final save
+(a Hub folder); with ``--resume`` a second trainer resumes from the checkpoint and trains to the end.
+Before training, one shared permutation search on a fresh model records which layers this rank
+searched. Writes ``<dump>.rank<R>.pt`` with the full (gathered) state dicts, the permutations, the
+losses and whether the parameters were sharded.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from accelerate import PartialState
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import ViTConfig, ViTForImageClassification, set_seed
 
@@ -35,13 +36,13 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def train(kind: str, data, a, output_dir: str, resume: str | None = None) -> tuple[BiMaskTrainer, dict]:
+def train(kind: str, mode: str, data, a, output_dir: str, resume: str | None = None) -> tuple[BiMaskTrainer, dict]:
     model = build_model(kind, data.labels)
     args = BiMaskTrainingArguments(
         output_dir=output_dir, max_steps=a.max_steps, per_device_train_batch_size=8, learning_rate=0.05,
         optim="sgd", optim_args="momentum=0.9", save_strategy="steps", save_steps=a.max_steps // 2,
         logging_steps=1, report_to="none", permutation_interval=a.interval, permutation_search="random",
-        num_permutations=8, mode=a.mode, seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        num_permutations=8, mode=mode, seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
         save_only_model=False,
     )
     trainer = BiMaskTrainer(model=model, args=args, train_dataset=data.train_dataset, data_collator=data.collate_fn)
@@ -52,6 +53,7 @@ def train(kind: str, data, a, output_dir: str, resume: str | None = None) -> tup
         "permutations": perms,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "sharded": any(is_sharded(p) for p in trainer.model.parameters()),
+        "mask_cache": {layer.cache_masks for layer in bh.sparse_layers(trainer.model).values()},
     }
     return trainer, record
 
@@ -60,11 +62,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--output_dir", required=True)
     p.add_argument("--dump", required=True)
-    p.add_argument("--models", default="cnn,vit")
+    p.add_argument("--runs", default="cnn:bimask,vit:bimask,cnn:pre,vit:post,cnn:transposable,vit:srste",
+                   help="model:mode pairs; the first two also get a final save (and --resume)")
     p.add_argument("--max_steps", type=int, default=6)
     p.add_argument("--interval", type=int, default=2)
-    p.add_argument("--mode", default="bimask")
+    p.add_argument("--resume", action="store_true", help="also resume from the half-way checkpoint")
     a = p.parse_args()
+    PartialState()  # joins the process group before the shared search below
 
     data = load_image_classification_data("digits", image_size=16, in_chans=3, seed=0, rank=0, world_size=1,
                                           max_train_samples=256)
@@ -85,14 +89,16 @@ def main() -> None:
     out["search"] = {"searched": searched, "permutations": {
         name: layer.bimask_permutation.clone() for name, layer in bh.sparse_layers(model).items()}}
 
-    for kind in a.models.split(","):
-        trainer, out[kind] = train(kind, data, a, f"{a.output_dir}/{kind}")
-        trainer.save_model(f"{a.output_dir}/{kind}-final")
+    for index, run in enumerate(a.runs.split(",")):
+        kind, mode = run.split(":")
+        trainer, out[run] = train(kind, mode, data, a, f"{a.output_dir}/{run}")
         rank = trainer.args.process_index
-        out[kind]["world_size"] = trainer.args.world_size
-        _, resumed = train(kind, data, a, f"{a.output_dir}/{kind}",
-                           resume=f"{a.output_dir}/{kind}/checkpoint-{a.max_steps // 2}")
-        out[kind + "_resumed"] = resumed
+        out[run]["world_size"] = trainer.args.world_size
+        if index < 2:
+            trainer.save_model(f"{a.output_dir}/{kind}-final")
+            if a.resume:
+                _, out[run + "_resumed"] = train(kind, mode, data, a, f"{a.output_dir}/{run}",
+                                                 resume=f"{a.output_dir}/{run}/checkpoint-{a.max_steps // 2}")
     torch.save(out, f"{a.dump}.rank{rank}.pt")
 
 
