@@ -100,7 +100,9 @@ def enable_cpu_fsdp(accelerator: Any) -> bool:
 
     state = accelerator.state
     wanted = str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")) == 1
-    if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
+    # A second Trainer in the same process finds PartialState switched already, but no plugin yet.
+    on_cpu = state.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP) and state.device.type == "cpu"
+    if not wanted or not on_cpu or state.num_processes < 2 or getattr(state, "fsdp_plugin", None) is not None:
         return False
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:

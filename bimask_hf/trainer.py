@@ -366,9 +366,16 @@ class BiMaskTrainer(Trainer):
 
     def _export_model(self) -> nn.Module | None:
         """The model to save: under FSDP2 the gathered full weights in a plain copy (collective; main only)."""
-        if self._export_template is None or not any(is_sharded(p) for p in self.model.parameters()):
+        if self._export_template is None:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [module for module in self.model.modules() if isinstance(module, FSDPModule)]
+        if not units:  # not wrapped (yet): a plain module
+            return self.model
+        for unit in units:  # an evaluation leaves the root unit gathered; the state dict wants the shards
+            unit.reshard()
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.args.should_save:

@@ -141,7 +141,7 @@ def test_fsdp2_matches_multi_node_ddp_resumes_and_saves_exact_nm(tmp_path):
 # ---- streaming a Hub dataset per rank -----------------------------------------------------------
 
 @pytest.mark.slow
-def test_hub_cifar10_streams_per_rank_through_the_cli(tmp_path):
+def test_hub_cifar10_streams_per_rank_through_the_cli_under_fsdp2(tmp_path):
     repo = tmp_path / "repo"
     sizes = write_cifar10_like(str(repo))
     with serve_local_repos(str(tmp_path / "hub")) as hub:
@@ -154,13 +154,13 @@ def test_hub_cifar10_streams_per_rank_through_the_cli(tmp_path):
                "--save_strategy", "no", "--permutation_interval", "2", "--logging_steps", "1"]
         script = str(SCRIPTS / "stream_train.py")
         runs = [
-            _start([*LAUNCH, "--config_file", str(CONFIGS / "cpu_2proc.yaml"), script, "launched",
+            _start([*LAUNCH, "--config_file", str(CONFIGS / "cpu_fsdp_2proc.yaml"), script, "launched",
                     str(tmp_path / "seen"), *cli, "--output_dir", str(tmp_path / "two")], tmp_path / "two.log", env),
             _start([sys.executable, script, "expected", str(tmp_path / "expected"), *cli,
                     "--output_dir", str(tmp_path / "one")], tmp_path / "one.log", env),
         ]
         two_log, one_log = _finish(runs)
-    assert "DDP x2 (cpu)" in two_log and "single process (cpu)" in one_log
+    assert "FSDP2 x2 (cpu)" in two_log and "single process (cpu)" in one_log  # the CLI under FSDP2, and alone
     for out in ("one", "two"):
         assert "eval top-1" in (two_log if out == "two" else one_log)
         assert bh.BiMaskConfig.load_json(tmp_path / out)["sparse_layers"]
