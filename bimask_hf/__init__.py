@@ -2,12 +2,20 @@
 
 Patch a model with :func:`sparsify`, train it (``BiMaskTrainer`` or any loop that calls
 :func:`refresh_permutations`), then :func:`merge` it to plain layers with exact zeros.
+
+Naming rules. Functions that change a model's *modules* (:func:`sparsify`, :func:`merge`) work in
+place and return the model, as peft's ``inject_adapter_in_model`` does; :func:`merge` is destructive
+(also exported as ``merge_and_unload``, peft's name for that). A trailing underscore marks only the
+tensor-level in-place operation :func:`project_` (``W <- W * Mf``), as in ``torch.Tensor.mul_``.
+The method itself is described in ``docs/method.md``.
 """
 
 __version__ = "0.1.0"
 
 from . import models  # noqa: F401,E402  (registers resnet32_cifar & co. with timm)
 from .config import BiMaskConfig
+from .errors import NMPatternError
+from .inspection import SparsityReport, SparsityStats, check_nm, report, sparse_layers, sparsity_stats
 from .layers import BiMaskConv2d, BiMaskLayer, BiMaskLinear
 from .masks import (
     backward_mask,
@@ -17,17 +25,7 @@ from .masks import (
     transposable_mask,
     unstructured_mask,
 )
-from .patching import (
-    NMPatternError,
-    SparsityReport,
-    check_nm,
-    merge,
-    project_,
-    refresh_permutations,
-    report,
-    sparse_layers,
-    sparsify,
-)
+from .patching import merge, merge_and_unload, project_, refresh_permutations, sparsify
 
 # Heavier entry points (transformers Trainer, datasets) load on first use.
 _LAZY = {
@@ -59,9 +57,11 @@ __all__ = [
     "BiMaskLinear",
     "NMPatternError",
     "SparsityReport",
+    "SparsityStats",
     "backward_mask",
     "check_nm",
     "merge",
+    "merge_and_unload",
     "nm_mask",
     "project_",
     "refresh_permutations",
@@ -70,6 +70,7 @@ __all__ = [
     "search_permutation",
     "sparse_layers",
     "sparsify",
+    "sparsity_stats",
     "transposable_mask",
     "unstructured_mask",
 ]

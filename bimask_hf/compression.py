@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from .errors import NMPatternError
 from .masks import matrix_to_weight, weight_to_matrix
-from .patching import NMPatternError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
-"""Put Bi-Mask layers into timm and transformers models, report on them, and take them out again.
+"""Put Bi-Mask layers into timm and transformers models, and take them out again.
+
+Also the per-step model-wide operations on them (permutation refresh, in-place projection). Reporting
+and N:M verification live in :mod:`bimask_hf.inspection`, exceptions in :mod:`bimask_hf.errors`; both
+are re-exported here for compatibility.
 
 Target matching follows peft: a string is a ``re.fullmatch`` over the qualified module name, a list
 matches exact names or name suffixes (``"conv1"`` matches ``"layer1.0.conv1"``).
@@ -8,25 +12,25 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .config import BiMaskConfig
 from .distributed import search_permutations_shared
+from .errors import NMPatternError
+from .inspection import LayerReport, SparsityReport, check_nm, report, sparse_layers, sparsity_stats
 from .layers import BiMaskConv2d, BiMaskLayer, BiMaskLinear, conv_padding
-from .masks import weight_to_matrix
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "sparsify",
     "merge",
+    "merge_and_unload",
+    "sparsity_stats",
     "report",
     "check_nm",
     "refresh_permutations",
@@ -45,15 +49,6 @@ try:  # timm's Linear only adds a torchscript-friendly forward; it computes the 
     _EXACT_TYPES = _EXACT_TYPES + (_TimmLinear,)
 except ImportError:  # pragma: no cover - timm is a dependency
     pass
-
-
-class NMPatternError(ValueError):
-    """A weight that should follow an N:M pattern does not; names the layer and the first bad group."""
-
-
-def sparse_layers(model: nn.Module) -> dict[str, BiMaskLayer]:
-    """The Bi-Mask layers of ``model`` by qualified name."""
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, BiMaskLayer)}
 
 
 def _matches(name: str, pattern: str | list[str]) -> bool:
@@ -214,11 +209,14 @@ def sparsify(model: nn.Module, config: BiMaskConfig | None = None, **overrides) 
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Swap every Bi-Mask layer back to a plain ``nn.Linear``/``nn.Conv2d`` holding ``W * Mf``.
+    """Swap every Bi-Mask layer back to a plain ``nn.Linear``/``nn.Conv2d`` holding ``W * Mf``; in place.
 
-    Pruned weights become exactly zero, so in eval mode the merged model computes what the patched
-    one did. Raises if a weight is not finite. Records the merged layer names in
-    ``model.bimask_sparse_layers`` (used by :func:`check_nm` and the Hub helpers).
+    Destructive, like peft's ``merge_and_unload`` (also available under that name): the Bi-Mask layers,
+    their dense weights and permutations are gone, and the returned model is a plain timm/transformers
+    model. Pruned weights become exactly ``+0.0`` (never ``-0.0``), so in eval mode the merged model
+    computes what the patched one did and its zeros compare and compress as zeros. Raises if a weight is
+    not finite. Records the merged layer names in ``model.bimask_sparse_layers`` (used by
+    :func:`check_nm` and the Hub helpers).
     """
     layers = sparse_layers(model)
     for name, layer in layers.items():
@@ -226,14 +224,19 @@ def merge(model: nn.Module) -> nn.Module:
             raise ValueError(f"Layer {name!r} has non-finite weights; refusing to merge them.")
     merged = []
     for name, layer in layers.items():
-        _set_submodule(model, name, layer.to_dense())  # type: ignore[attr-defined]
+        plain = layer.to_dense()  # type: ignore[attr-defined]
+        with torch.no_grad():
+            plain.weight.masked_fill_(plain.weight == 0, 0.0)  # W * Mf keeps the sign of pruned weights: -0.0
+        _set_submodule(model, name, plain)
         if layer.mode != "dense":
             merged.append(name)
     model.bimask_sparse_layers = sorted(set(getattr(model, "bimask_sparse_layers", [])) | set(merged))  # type: ignore[assignment]
-    for attr in ("bimask_notes",):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    if hasattr(model, "bimask_notes"):
+        del model.bimask_notes
     return model
+
+
+merge_and_unload = merge
 
 
 def project_(model: nn.Module) -> None:
@@ -274,211 +277,11 @@ def refresh_permutations(
         layers.append(layer)
         generators.append(generator)
     seconds = search_permutations_shared(layers, generators, method, num_candidates)
-    retentions = [layer.retention() for layer in layers]
-    stats = {"seconds": seconds}
-    if retentions:
-        stats["retention_mean"] = sum(retentions) / len(retentions)
-        stats["retention_min"] = min(retentions)
+    stats: dict[str, float] = {"seconds": seconds}
+    after = sparsity_stats(report(model).rows)
+    if after.retention_mean is not None:
+        stats["retention_mean"] = after.retention_mean
+        stats["retention_min"] = after.retention_min  # type: ignore[assignment]
     return stats
 
 
-@dataclass
-class LayerReport:
-    """One row of :class:`SparsityReport`."""
-
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    mode: str
-    pattern: str
-    density: float
-    retention: float | None
-    reason: str | None = None
-
-
-@dataclass
-class SparsityReport:
-    """Per-layer table of a patched model; ``str()`` prints it, ``rows`` holds the data."""
-
-    rows: list[LayerReport] = field(default_factory=list)
-
-    @property
-    def sparse_rows(self) -> list[LayerReport]:
-        return [r for r in self.rows if r.mode != "dense"]
-
-    @property
-    def density(self) -> float:
-        """Kept share of the weights of all listed layers (dense ones included)."""
-        total = sum(math.prod(r.shape) for r in self.rows)
-        kept = sum(math.prod(r.shape) * r.density for r in self.rows)
-        return kept / total if total else 1.0
-
-    @property
-    def retention_mean(self) -> float | None:
-        values = [r.retention for r in self.rows if r.retention is not None]
-        return sum(values) / len(values) if values else None
-
-    @property
-    def retention_min(self) -> float | None:
-        values = [r.retention for r in self.rows if r.retention is not None]
-        return min(values) if values else None
-
-    def to_dicts(self) -> list[dict]:
-        return [dict(r.__dict__, shape=list(r.shape)) for r in self.rows]
-
-    def __str__(self) -> str:
-        header = ("layer", "kind", "shape", "mode", "N:M", "density", "retention", "note")
-        lines = [
-            (
-                r.name, r.kind, "x".join(map(str, r.shape)), r.mode, r.pattern, f"{r.density:.3f}",
-                "-" if r.retention is None else f"{r.retention:.4f}", r.reason or "",
-            )
-            for r in self.rows
-        ]
-        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        out += [fmt.format(*line).rstrip() for line in lines]
-        n_sparse = len(self.sparse_rows)
-        ret = self.retention_mean
-        out.append(
-            f"{n_sparse} of {len(self.rows)} layers sparse; overall density {self.density:.3f}"
-            + (f"; retention mean {ret:.4f}, min {self.retention_min:.4f}" if ret is not None else "")
-        )
-        return "\n".join(out)
-
-
-def report(model: nn.Module, config: BiMaskConfig | None = None) -> SparsityReport:
-    """The per-layer table: name, kind, shape, mode, N:M, density, retention, and why a layer stayed dense.
-
-    Layers already merged by :func:`merge` are listed with the mode and pattern of ``config`` (default:
-    the model's own) and the density read from their zeros.
-    """
-    notes: dict[str, str] = getattr(model, "bimask_notes", {})
-    merged = set(getattr(model, "bimask_sparse_layers", []))
-    config = config or getattr(model, "bimask_config", None)
-    rows = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or not name:
-            continue
-        kind = "Conv2d" if isinstance(mod, nn.Conv2d) else "Linear"
-        shape = tuple(mod.weight.shape)
-        if isinstance(mod, BiMaskLayer):
-            mf, mb = mod.masks()
-            density = float(mf.sum()) / mf.numel()
-            ret = float((mb & mf).sum()) / max(1, int(mf.sum())) if mod.effective_mode == "bimask" else None
-            rows.append(LayerReport(name, kind, shape, mod.effective_mode, mod.pattern, density, ret, notes.get(name)))
-        elif name in merged:
-            density = float((mod.weight != 0).sum()) / mod.weight.numel()
-            mode, pattern = (config.mode, config.pattern) if config is not None else ("merged", "-")
-            rows.append(LayerReport(name, kind, shape, mode, pattern, density, None))
-        else:
-            rows.append(LayerReport(name, kind, shape, "dense", "-", 1.0, None, notes.get(name, "not patched")))
-    return SparsityReport(rows)
-
-
-def _saved_meta(saved: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(saved, Mapping):
-        return dict(saved)
-    return BiMaskConfig.load_json(saved)
-
-
-def _state_dict_layer(state_dict: Mapping[str, torch.Tensor], name: str) -> str:
-    """A saved module name as a state-dict layer name (TimmWrapper modules carry a ``timm_model.`` prefix)."""
-    for candidate in (name, name.removeprefix("timm_model."), f"timm_model.{name}"):
-        if f"{candidate}.weight" in state_dict or candidate in state_dict:
-            return candidate
-    return name
-
-
-def _first_violation(weight: torch.Tensor, n: int, m: int, group_layout: str) -> str | None:
-    matrix = weight_to_matrix(weight.detach(), group_layout)
-    rows, cols = matrix.shape
-    if cols % m:
-        return f"K={cols} is not divisible by M={m}"
-    counts = (matrix != 0).reshape(rows, cols // m, m).sum(-1)
-    bad = (counts > n).nonzero()
-    if len(bad) == 0:
-        return None
-    r, g = (int(v) for v in bad[0])
-    return (
-        f"row {r}, column group {g} (columns {g * m}..{g * m + m - 1}) has {int(counts[r, g])} nonzeros, "
-        f"at most {n} allowed; {len(bad)} of {counts.numel()} groups violate {n}:{m}"
-    )
-
-
-def check_nm(
-    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
-    n: int | None = None,
-    m: int | None = None,
-    layers: Iterable[str] | None = None,
-    group_layout: str | None = None,
-    *,
-    saved: str | os.PathLike | Mapping[str, Any] | None = None,
-) -> list[str]:
-    """Verify that weights follow ``n:m`` (at most ``n`` nonzeros in every group of ``m``).
-
-    For a model, the layers checked are its Bi-Mask layers (their forward weights ``W * Mf``) and the
-    layers recorded by :func:`merge`, unless ``layers`` names them; for a state dict, the named layers
-    (``"<layer>"`` or ``"<layer>.weight"``), by default every 2-D/4-D ``.weight`` whose K allows the pattern.
-    A folder (or Hub id) written by :func:`save_sparse_model` is checked as saved: its ``bimask_config.json``
-    gives N, M, the group layout and the sparse layers, and its weights (compressed ones too) are read.
-    ``saved`` (such a folder, or the loaded ``bimask_config.json`` dict) does the same for a model or state
-    dict: N, M, layout and, unless ``layers`` is given, the recorded sparse layers (a TimmWrapper's
-    ``timm_model.`` prefix is matched either way). Explicit ``n`` / ``m`` / ``group_layout`` win.
-    Returns the checked layer names; raises :class:`NMPatternError` naming the first offending layer.
-    """
-    if isinstance(model_or_state_dict, (str, os.PathLike)):
-        from .hub.load import load_folder_for_check
-
-        model_or_state_dict, saved_meta = load_folder_for_check(model_or_state_dict)
-        saved = saved_meta if saved is None else saved
-    if saved is not None:
-        meta = _saved_meta(saved)
-        if meta.get("density") is not None and n is None:
-            raise ValueError(f"The saved model is unstructured (density {meta['density']}), not N:M; nothing to check.")
-        n = meta["n"] if n is None else n
-        m = meta["m"] if m is None else m
-        group_layout = group_layout or meta.get("group_layout")
-        if layers is None:
-            layers = list(meta.get("sparse_layers") or [])
-            if not layers:
-                raise ValueError("check_nm: the saved bimask_config.json records no sparse layers.")
-            if not isinstance(model_or_state_dict, nn.Module):
-                layers = [_state_dict_layer(model_or_state_dict, name) for name in layers]
-    if n is None or m is None:
-        raise ValueError("check_nm needs n and m, or a folder saved by bimask-hf (or saved=...) that records them.")
-    group_layout = group_layout or "channels_last"
-    if isinstance(model_or_state_dict, nn.Module):
-        model = model_or_state_dict
-        bimask = sparse_layers(model)
-        names = list(layers) if layers is not None else list(bimask) + list(getattr(model, "bimask_sparse_layers", []))
-        if not names:
-            raise ValueError("check_nm found no sparse layers in the model; pass layers=[...] to name them.")
-        tensors = {}
-        for name in names:
-            mod = model.get_submodule(name)
-            tensors[name] = mod.sparse_weight() if isinstance(mod, BiMaskLayer) else mod.weight
-    else:
-        sd = model_or_state_dict
-        if layers is not None:
-            tensors = {}
-            for name in layers:
-                key = name if name in sd else f"{name}.weight"
-                if key not in sd:
-                    raise KeyError(f"check_nm: layer {name!r} not in the state dict (no key {key!r}).")
-                tensors[name.removesuffix(".weight")] = sd[key]
-        else:
-            tensors = {
-                k.removesuffix(".weight"): v
-                for k, v in sd.items()
-                if k.endswith(".weight") and v.dim() in (2, 4) and math.prod(v.shape[1:]) % m == 0
-            }
-    for name, weight in tensors.items():
-        problem = _first_violation(weight, n, m, group_layout)
-        if problem:
-            raise NMPatternError(
-                f"Layer {name!r} (weight {'x'.join(map(str, weight.shape))}) is not {n}:{m} sparse: {problem}. "
-                "Re-sparsify it (bimask_hf.sparsify + merge) or load with resparsify=True."
-            )
-    return list(tensors)

@@ -452,8 +452,8 @@ def search_permutation(
     else:
         _check_permutation(init, rows, "init")
         start = init.to(device, torch.long)
-    if method == "identity":
-        return torch.arange(rows, device=device)
+    if method == "identity":  # no search: keep the starting permutation
+        return start.clone()
     if method == "random":
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}.")

@@ -138,21 +138,9 @@ class BiMaskCallback(TrainerCallback):
 
     def sparsity_logs(self) -> dict[str, float]:
         """``sparsity/*`` metrics of the current masks; resets the accumulated search time."""
-        layers = sparse_layers(self.model)
-        if not layers:
+        if not sparse_layers(self.model):
             return {}
-        kept = total = 0
-        retentions = []
-        for layer in layers.values():
-            mf, mb = layer.masks()
-            kept += int(mf.sum())
-            total += mf.numel()
-            if layer.effective_mode == "bimask":
-                retentions.append(float((mb & mf).sum()) / max(1, int(mf.sum())))
-        logs = {"sparsity/density": kept / total}
-        if retentions:
-            logs["sparsity/retention_mean"] = sum(retentions) / len(retentions)
-            logs["sparsity/retention_min"] = min(retentions)
+        logs = report(self.model).stats.to_logs()
         logs["sparsity/permutation_search_seconds"] = self.search_seconds
         self.search_seconds = 0.0
         return logs
@@ -349,7 +337,7 @@ class BiMaskTrainer(Trainer):
 
     # ---- logging -------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # type: ignore[override]
-        """Adds ``sparsity/density``, ``sparsity/retention_mean|min`` and the search time to training logs."""
+        """Adds ``sparsity/sparse_density``, ``sparsity/model_density``, ``sparsity/retention_mean|min`` and the search time to training logs."""
         if any(k in logs for k in ("loss", "train_loss")):
             logs = {**logs, **self.bimask_callback.sparsity_logs()}
         super().log(logs, start_time)

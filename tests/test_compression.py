@@ -18,8 +18,9 @@ from bimask_hf.compression import (
     save_nm_safetensors,
     to_semi_structured,
 )
+from bimask_hf.errors import NMPatternError
+from bimask_hf.inspection import check_nm
 from bimask_hf.masks import nm_mask_for_weight as nm_forward_mask
-from bimask_hf.patching import NMPatternError, check_nm
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

@@ -209,3 +209,71 @@ def test_torch_compile_traces_sparse_layers_without_graph_breaks():
     assert not torch._dynamo.utils.counters["graph_break"]
     for (name, a), b in zip(bh.sparse_layers(model).items(), bh.sparse_layers(ref).values()):
         torch.testing.assert_close(a.weight.grad, b.weight.grad, msg=name)
+
+
+def test_merge_leaves_positive_zeros_only():
+    torch.manual_seed(0)
+    model = bh.sparsify(models.timm_model("resnet18"), FAST)
+    names = list(bh.sparse_layers(model))
+    bh.merge(model)
+    for name in names:
+        w = model.get_submodule(name).weight
+        assert not bool(((w == 0) & torch.signbit(w)).any()), f"{name} holds -0.0 after merge"
+
+
+def test_check_nm_catches_one_extra_nonzero_in_one_group():
+    torch.manual_seed(0)
+    model = bh.merge(bh.sparsify(models.timm_model("resnet18"), FAST))
+    bh.check_nm(model, 2, 4)
+    weight = model.layer3.get_submodule("0").conv2.weight  # (256, 256, 3, 3): channels_last groups of 4 channels
+    with torch.no_grad():
+        group = weight[5, 8:12, 1, 2]  # row 5, one group of M=4 input channels at kernel position (1, 2)
+        assert int((group != 0).sum()) == 2
+        weight[5, 8 + int((group == 0).nonzero()[0]), 1, 2] = 1e-3
+    with pytest.raises(bh.NMPatternError, match=r"'layer3.0.conv2'.*3 nonzeros.*1 of \d+ groups"):
+        bh.check_nm(model, 2, 4)
+
+
+def test_sparsity_stats_match_explicit_counts():
+    torch.manual_seed(0)
+    model = bh.sparsify(models.timm_model("resnet18"), FAST)
+    kept_sparse = total_sparse = kept_all = total_all = 0
+    for mod in model.modules():
+        if isinstance(mod, bh.BiMaskLayer):
+            mf = bh.nm_mask(mod.weight.detach().permute(0, 2, 3, 1).reshape(mod.weight.shape[0], -1), 2, 4)
+            kept_sparse += int(mf.sum())
+            total_sparse += mf.numel()
+            kept_all += int(mf.sum())
+            total_all += mf.numel()
+        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
+            kept_all += mod.weight.numel()
+            total_all += mod.weight.numel()
+    stats = bh.report(model).stats
+    assert stats.sparse_density == pytest.approx(kept_sparse / total_sparse) == pytest.approx(0.5)
+    assert stats.model_density == pytest.approx(kept_all / total_all)
+    assert stats.model_density > 0.5  # the dense stem and head count fully
+    logs = stats.to_logs()
+    assert logs["sparsity/sparse_density"] == stats.sparse_density
+    assert logs["sparsity/model_density"] == stats.model_density
+
+
+def test_grouped_conv_refresh_keeps_a_permutation_per_group_and_never_lowers_retention():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3), nn.Conv2d(16, 32, 3, groups=2, bias=False), nn.Conv2d(32, 8, 1))
+    bh.sparsify(model, bh.BiMaskConfig(target_modules=["1"], permutation_search="matched"))
+    layer = model[1]
+    rows = 16  # output rows per conv group
+    # start from a non-identity permutation that stays inside each conv group
+    start = torch.cat([torch.randperm(rows) + g * rows for g in range(2)])
+    getattr(layer, PERMUTATION_KEY).copy_(start)
+    before = layer.retention()
+    bh.refresh_permutations(model, step=1)
+    perm = getattr(layer, PERMUTATION_KEY)
+    for g in range(2):
+        assert sorted(perm[g * rows:(g + 1) * rows].tolist()) == list(range(g * rows, (g + 1) * rows))
+    good = layer.retention()
+    assert good > before
+    # a weak search from this good permutation (one random candidate, or none) must keep it
+    for method in ("random", "identity"):
+        bh.refresh_permutations(model, step=2, method=method, num_candidates=1)
+        assert layer.retention() >= good, method

@@ -140,9 +140,9 @@ def test_refresh_every_interval_optimizer_steps_with_grad_accumulation(tmp_path,
     assert 0 in rec.refresh_steps and set(rec.refresh_steps) <= {0, 3, 6, 9}, rec.refresh_steps
     assert len(set(rec.refresh_steps) - {0}) >= 1
     train_logs = [log for log in rec.logs if "loss" in log]
-    assert train_logs and all({"sparsity/density", "sparsity/retention_mean", "sparsity/retention_min",
+    assert train_logs and all({"sparsity/sparse_density", "sparsity/model_density", "sparsity/retention_mean", "sparsity/retention_min",
                                "sparsity/permutation_search_seconds"} <= set(log) for log in train_logs)
-    assert all(log["sparsity/density"] == pytest.approx(0.5) for log in train_logs)
+    assert all(log["sparsity/sparse_density"] == pytest.approx(0.5) and log["sparsity/model_density"] > 0.5 for log in train_logs)
     assert all(0.5 < log["sparsity/retention_min"] <= log["sparsity/retention_mean"] <= 1 for log in train_logs)
 
 
@@ -300,8 +300,8 @@ def test_sparsity_metrics_reach_offline_trackers(tmp_path, digits, monkeypatch):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert "train/sparsity/retention_mean" in tags and "train/sparsity/density" in tags, tags
-    assert acc.Scalars("train/sparsity/density")[-1].value == pytest.approx(0.5)
+    assert "train/sparsity/retention_mean" in tags and "train/sparsity/sparse_density" in tags, tags
+    assert acc.Scalars("train/sparsity/sparse_density")[-1].value == pytest.approx(0.5)
     history = list((tmp_path / "wandb").rglob("*.wandb"))
     assert history, "no offline wandb run written"
     assert b"sparsity/retention_min" in history[0].read_bytes()

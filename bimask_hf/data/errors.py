@@ -1,12 +1,7 @@
-"""The one exception type of :mod:`bimask_hf.data`."""
+"""The one exception type of :mod:`bimask_hf.data` (defined with the others in :mod:`bimask_hf.errors`)."""
 
 from __future__ import annotations
 
+from ..errors import DataError
+
 __all__ = ["DataError"]
-
-
-class DataError(ValueError):
-    """A dataset cannot be loaded as asked; the message names the problem and how to fix it.
-
-    Raised while building the datasets, before any training starts.
-    """

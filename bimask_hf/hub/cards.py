@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import importlib.resources
-import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -17,7 +16,7 @@ import torch.nn as nn
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..config import BiMaskConfig
-from ..patching import LayerReport, SparsityReport, report, sparse_layers
+from ..inspection import LayerReport, SparsityReport, report, sparse_layers
 
 __all__ = ["create_model_card", "update_card_results", "card_metrics", "TEMPLATE_NAME"]
 
@@ -235,6 +234,7 @@ def create_model_card(
     )
     sparse_rows = [r for r in layer_report.rows if r.mode != "dense"]
     dense_rows = [r for r in layer_report.rows if r.mode == "dense"]
+    stats = layer_report.stats
     template = importlib.resources.files("bimask_hf.hub_cards").joinpath(TEMPLATE_NAME)
     with importlib.resources.as_file(template) as template_path:
         return ModelCard.from_template(
@@ -258,10 +258,10 @@ def create_model_card(
             mode_description=MODE_DESCRIPTIONS.get(config.mode, config.mode),
             sparse_rows=[_row(r) for r in sparse_rows],
             dense_rows=[_row(r) for r in dense_rows],
-            overall_density=f"{layer_report.density:.3f}",
-            sparse_density=f"{_density(sparse_rows):.3f}",
-            retention_mean=_opt(layer_report.retention_mean),
-            retention_min=_opt(layer_report.retention_min),
+            overall_density=f"{stats.model_density:.3f}",
+            sparse_density=f"{stats.sparse_density:.3f}",
+            retention_mean=_opt(stats.retention_mean),
+            retention_min=_opt(stats.retention_min),
             hyperparameters=_hyperparameters(config, training_args),
             results_table=results_table(eval_results),
             results_start=RESULTS_START,
@@ -296,11 +296,6 @@ def _row(r: LayerReport) -> dict[str, str]:
         "retention": _opt(r.retention) or "-",
         "reason": r.reason or "",
     }
-
-
-def _density(rows: list[LayerReport]) -> float:
-    total = sum(math.prod(r.shape) for r in rows)
-    return sum(math.prod(r.shape) * r.density for r in rows) / total if total else 1.0
 
 
 def _opt(value: float | None) -> str | None:

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from ..compression import NM_WEIGHTS_NAME
+from ..errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -17,10 +18,6 @@ MODEL_CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 # What a load fetches from the Hub: configs, safetensors weights and the card; never pickles.
 HUB_PATTERNS = ["*.json", "*.safetensors", CARD_NAME]
-
-
-class CorruptCheckpointError(OSError):
-    """A weight file of a saved sparse model is truncated or corrupted; names the file."""
 
 
 def corrupt(path: str, detail: str) -> CorruptCheckpointError:

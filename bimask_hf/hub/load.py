@@ -14,7 +14,9 @@ import torch.nn as nn
 
 from ..compression import NM_WEIGHTS_NAME, load_nm_safetensors
 from ..config import CONFIG_NAME, BiMaskConfig
-from ..patching import NMPatternError, check_nm, sparsify
+from ..errors import NMPatternError
+from ..inspection import check_nm
+from ..patching import sparsify
 from .files import (
     MODEL_CONFIG_NAME,
     SAFE_WEIGHTS_NAME,

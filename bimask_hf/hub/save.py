@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from ..compression import NM_WEIGHTS_NAME, is_nm_compressible, save_nm_safetensors
 from ..config import BiMaskConfig
-from ..patching import SparsityReport, check_nm, merge, report, sparse_layers
+from ..inspection import SparsityReport, check_nm, report, sparse_layers
+from ..patching import merge
 from .files import MODEL_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, tensor_shapes, weight_files
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,20 @@
+"""The exception classes of bimask-hf, in one leaf module (it imports nothing from the package)."""
+
+from __future__ import annotations
+
+__all__ = ["NMPatternError", "CorruptCheckpointError", "DataError"]
+
+
+class NMPatternError(ValueError):
+    """A weight that should follow an N:M pattern does not; names the layer and the first bad group."""
+
+
+class CorruptCheckpointError(OSError):
+    """A weight file of a saved sparse model is truncated or corrupted; names the file."""
+
+
+class DataError(ValueError):
+    """A dataset cannot be loaded as asked; the message names the problem and how to fix it.
+
+    Raised while building the datasets, before any training starts.
+    """
