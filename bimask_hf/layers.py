@@ -15,12 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MODES, BiMaskConfig
-from .distributed import full_tensor, is_sharded, shard_like
+from .distributed import full_tensor, shard_like
 from .functional import masked_conv2d, masked_linear
 from .masks import (
     backward_mask_for_weight,
     matrix_to_weight,
-    nm_mask,
     nm_mask_for_weight,
     retention,
     search_permutation,
@@ -64,11 +63,8 @@ class BiMaskLayer:
         self.bidirectional = density is None and (rows // row_groups) % m == 0
         perm = torch.arange(rows, device=self.weight.device)
         self.register_buffer(PERMUTATION_KEY, perm, persistent=True)
-        self.forward_mask: torch.Tensor | None = None
-        self.backward_mask: torch.Tensor | None = None
-        self._mask_key: tuple | None = None
-        # FSDP2 refills the gathered weight in place without bumping its version counter, so the
-        # cache key cannot see new weights there: the trainer turns caching off under FSDP.
+        # Kept for compatibility (the trainer sets it False under FSDP): masks are never cached any more,
+        # so refills that do not bump the version counter (FSDP2, fused optimizers) cannot go unseen.
         self.cache_masks = True
 
     # ---- configuration -------------------------------------------------------------------------
@@ -91,40 +87,52 @@ class BiMaskLayer:
         return f"pattern={self.pattern}, mode={self.effective_mode}, decay={self.decay}, layout={self.group_layout}"
 
     # ---- masks ---------------------------------------------------------------------------------
+    # Masks are recomputed from the weights at every use, never cached: a cache keyed on the weight's
+    # storage and version goes stale under fused optimizers (``AdamW(fused=True)``, the Trainer's CPU/GPU
+    # default, updates parameters without bumping ``_version``), and Dynamo cannot trace such a key.
+    # Under torch.compile the masks are thus part of the graph, fused with the masked weight and the
+    # decay term; Mb is only built in the backward pass, when the input gradient is needed.
     def full_weight(self) -> torch.Tensor:
         """The whole weight, detached; gathered from all ranks when it is an FSDP2 shard (a collective)."""
         return full_tensor(self.weight.detach())
 
+    def forward_mask_for(self, weight: torch.Tensor) -> torch.Tensor:
+        """``Mf`` of ``weight`` (boolean, shaped like ``weight``)."""
+        weight = weight.detach()
+        if self.mode == "dense":
+            return torch.ones_like(weight, dtype=torch.bool)
+        if self.density is not None:
+            return unstructured_mask(weight, self.density)
+        if self.mode == "transposable":
+            mf_m = transposable_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
+            return matrix_to_weight(mf_m, weight.shape, self.group_layout)
+        return nm_mask_for_weight(weight, self.n, self.m, self.group_layout)
+
+    def backward_mask_for(self, weight: torch.Tensor, forward_mask: torch.Tensor) -> torch.Tensor:
+        """``Mb`` of ``weight`` given its ``Mf`` (``Mf`` itself outside bi-directional ``bimask``)."""
+        if self.effective_mode != "bimask" or self.density is not None:
+            return forward_mask
+        return backward_mask_for_weight(weight.detach(), forward_mask, getattr(self, PERMUTATION_KEY), self.n, self.m)
+
     def compute_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward mask, backward mask) for the current (full) weights, both boolean and shaped like ``weight``."""
         weight = self.full_weight()
-        if self.mode == "dense":
-            ones = torch.ones_like(weight, dtype=torch.bool)
-            return ones, ones
-        if self.density is not None:
-            mf = unstructured_mask(weight, self.density)
-            return mf, mf
-        if self.mode == "transposable":
-            mf_m = transposable_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
-            mf = matrix_to_weight(mf_m, weight.shape, self.group_layout)
-            return mf, mf
-        mf = nm_mask_for_weight(weight, self.n, self.m, self.group_layout)
-        if self.effective_mode != "bimask":
-            return mf, mf
-        return mf, backward_mask_for_weight(weight, mf, getattr(self, PERMUTATION_KEY), self.n, self.m)
+        mf = self.forward_mask_for(weight)
+        return mf, self.backward_mask_for(weight, mf)
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks for the current weights, cached until the weights or the permutation change in place."""
-        perm = getattr(self, PERMUTATION_KEY)
-        if not self.cache_masks or is_sharded(self.weight):
-            self.forward_mask, self.backward_mask = self.compute_masks()
-            self._mask_key = None
-            return self.forward_mask, self.backward_mask
-        key = (self.weight.data_ptr(), self.weight._version, perm.data_ptr(), perm._version, self.mode)
-        if key != self._mask_key or self.forward_mask is None:
-            self.forward_mask, self.backward_mask = self.compute_masks()
-            self._mask_key = key
-        return self.forward_mask, self.backward_mask  # type: ignore[return-value]
+        """(``Mf``, ``Mb``) of the current weights and permutation (same as :meth:`compute_masks`)."""
+        return self.compute_masks()
+
+    @property
+    def forward_mask(self) -> torch.Tensor:
+        """``Mf`` of the current (full) weights."""
+        return self.forward_mask_for(self.full_weight())
+
+    @property
+    def backward_mask(self) -> torch.Tensor:
+        """``Mb`` of the current weights and permutation."""
+        return self.compute_masks()[1]
 
     def retention(self) -> float:
         """``|Mb| / |Mf|`` of the current masks (1.0 outside ``bimask`` mode)."""
@@ -133,14 +141,15 @@ class BiMaskLayer:
 
     def sparse_weight(self) -> torch.Tensor:
         """The weight the forward pass uses, ``W * Mf`` (pruned entries exactly zero)."""
-        mf, _ = self.masks()
-        return self.full_weight() * mf
+        weight = self.full_weight()
+        return weight * self.forward_mask_for(weight)
 
     @torch.no_grad()
-    def project_(self) -> None:
-        """Prune the parameter in place, ``W <- W * Mf`` (modes ``pre`` and ``post``)."""
-        mf, _ = self.masks()
+    def project_(self) -> torch.Tensor:
+        """Prune the parameter in place, ``W <- W * Mf`` (modes ``pre`` and ``post``); returns ``Mf``."""
+        mf = self.forward_mask_for(self.full_weight())
         self.weight.mul_(shard_like(mf, self.weight))
+        return mf
 
     @torch.no_grad()
     def refresh_permutation(
@@ -159,11 +168,13 @@ class BiMaskLayer:
         if self.effective_mode != "bimask":
             return 0.0
         start = time.perf_counter()
+        # The search only counts Mf's ones per row group and column, so the column order does not
+        # matter: Mf in the weight's own layout (the forward's function, no layout copies) will do.
         weight = self.full_weight() if weight is None else weight
-        mf = nm_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
+        mf = self.forward_mask_for(weight).reshape(weight.shape[0], -1)
         perm = getattr(self, PERMUTATION_KEY)
         groups = self._row_groups()
-        rows = weight.shape[0] // groups
+        rows = self.weight.shape[0] // groups
         parts = []
         for g in range(groups):
             lo = g * rows
@@ -185,21 +196,28 @@ class BiMaskLayer:
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        self._mask_key = None
 
     def _masked_call(self, x: torch.Tensor, fn: Any, **kwargs: Any) -> torch.Tensor:
         if self.mode == "pre" and self.training:
-            self.project_()
-        mf, mb = self.masks()
+            mf = self.project_()  # pruning keeps the N largest of every group: Mf is unchanged
+        else:
+            mf = self.forward_mask_for(self.weight)
         decay = self.decay if self.mode in _DECAY_MODES else 0.0
-        return fn(x, self.weight, self.bias, mf, mb, decay, **kwargs)
+        if self.effective_mode == "bimask" and self.density is None:  # Mb is built in backward, if needed
+            return fn(x, self.weight, self.bias, mf, None, decay, permutation=getattr(self, PERMUTATION_KEY),
+                      n=self.n, m=self.m, **kwargs)
+        return fn(x, self.weight, self.bias, mf, None, decay, **kwargs)
 
-    @classmethod
-    def _settings(cls, config: BiMaskConfig) -> dict[str, Any]:
-        return dict(
+    def _adopt(self, module: nn.Module, config: BiMaskConfig) -> Any:
+        """Share ``module``'s parameters and apply ``config`` (``self`` was built on the meta device)."""
+        self.weight = module.weight  # type: ignore[assignment]
+        self.bias = module.bias  # type: ignore[assignment]
+        self._init_bimask(  # once, after the parameters: the permutation buffer lives on their device
             n=config.n, m=config.m, mode=config.mode, decay=config.decay, density=config.density,
             group_layout=config.group_layout,
         )
+        self.train(module.training)
+        return self
 
 
 class BiMaskLinear(BiMaskLayer, nn.Linear):
@@ -225,7 +243,6 @@ class BiMaskLinear(BiMaskLayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
-            self.forward_mask, self.backward_mask = self.masks()
             return F.linear(x, self.weight, self.bias)
         return self._masked_call(x, masked_linear)
 
@@ -236,12 +253,8 @@ class BiMaskLinear(BiMaskLayer, nn.Linear):
     def from_dense(cls, module: nn.Linear, config: BiMaskConfig) -> BiMaskLinear:
         """Wrap an existing ``nn.Linear``, sharing its parameters (no copy)."""
         with torch.device("meta"):
-            new = cls(module.in_features, module.out_features, bias=module.bias is not None, **cls._settings(config))
-        new.weight = module.weight
-        new.bias = module.bias
-        new._init_bimask(**cls._settings(config))
-        new.train(module.training)
-        return new
+            new = cls(module.in_features, module.out_features, bias=module.bias is not None)
+        return new._adopt(module, config)
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W * Mf`` (pruned weights exactly zero) and the same bias."""
@@ -303,7 +316,6 @@ class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
-            self.forward_mask, self.backward_mask = self.masks()
             return self._conv_forward(x, self.weight, self.bias)
         padding = self._explicit_padding
         if self.padding_mode != "zeros":
@@ -323,13 +335,8 @@ class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
             new = cls(
                 module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                 module.dilation, module.groups, module.bias is not None, module.padding_mode,
-                **cls._settings(config),
             )
-        new.weight = module.weight
-        new.bias = module.bias
-        new._init_bimask(**cls._settings(config))
-        new.train(module.training)
-        return new
+        return new._adopt(module, config)
 
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding ``W * Mf`` and the same bias."""

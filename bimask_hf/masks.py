@@ -76,14 +76,11 @@ def nm_mask_for_weight(weight: torch.Tensor, n: int, m: int, group_layout: str =
     """
     _check_pattern(n, m)
     mags = weight.detach().abs()
-    if weight.dim() == 4 and (group_layout == "flat" or weight.shape[1] % m == 0) and m <= 16:
+    if weight.dim() == 4 and group_layout == "channels_last" and weight.shape[1] % m == 0:
+        # groups of m input channels at each kernel position, position-in-group leading (contiguous slices)
         out_ch, in_ch, kh, kw = weight.shape
-        if group_layout == "channels_last":  # groups of m input channels at each kernel position
-            front = mags.reshape(out_ch, in_ch // m, m, kh * kw).permute(2, 0, 1, 3).contiguous()
-            if n >= m:
-                return torch.ones_like(weight, dtype=torch.bool)
-            return _rank_keep(front, n).permute(1, 2, 0, 3).reshape(weight.shape).contiguous()
-        mags = mags.reshape(out_ch, -1)
+        front = mags.reshape(out_ch, in_ch // m, m, kh * kw).permute(2, 0, 1, 3).contiguous()
+        return keep_top_n(front, n, dim=0).permute(1, 2, 0, 3).reshape(weight.shape).contiguous()
     if weight.dim() == 2 or (weight.dim() == 4 and group_layout == "flat"):
         matrix = mags.reshape(weight.shape[0], -1)
         rows, cols = matrix.shape
@@ -104,14 +101,14 @@ def backward_mask_for_weight(
     rows = weight.shape[0]
     if rows % m:
         raise ValueError(f"N:M along rows needs O % M == 0, got O={rows}, M={m}.")
-    scores = torch.where(forward_mask, weight.detach().abs(), -1.0).reshape(rows, -1)
     order = permutation.view(rows // m, m).T.reshape(-1)  # position-in-group major: one contiguous slice each
-    keep_front = keep_top_n(scores[order].view(m, rows // m, -1), n, dim=0) if m > 16 else _rank_keep(
-        scores[order].view(m, rows // m, -1), n
-    )
-    keep = torch.empty((rows, scores.shape[1]), dtype=torch.bool, device=weight.device)
-    keep[order] = keep_front.reshape(rows, -1)
-    return keep.view(weight.shape) & forward_mask
+    # Gather the rows in group order once; |W| of pruned entries becomes -1 so Mf entries always win.
+    mf_rows = forward_mask.reshape(rows, -1)[order]
+    scores = weight.detach().reshape(rows, -1)[order].abs_().masked_fill_(mf_rows.logical_not(), -1.0)
+    keep_front = keep_top_n(scores.view(m, rows // m, -1), n, dim=0).view(rows, -1).logical_and_(mf_rows)
+    keep = torch.empty((rows, keep_front.shape[1]), dtype=torch.bool, device=weight.device)
+    keep[order] = keep_front
+    return keep.view(weight.shape)
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -208,15 +208,17 @@ def test_single_process_helpers_are_identities():
     assert describe_setup() == "single process (cpu)"
 
 
-def test_mask_cache_misses_fsdp2_refills_so_it_can_be_turned_off():
+def test_masks_follow_fsdp2_refills():
     torch.manual_seed(0)
     layer = bh.BiMaskLinear(8, 8, n=2, m=4)
-    stale = layer.masks()[0].clone()
+    before = layer.masks()[0].clone()
     refill = torch.randn(8, 8)
-    assert not torch.equal(nm_mask_for_weight(refill, 2, 4), stale)
-    # FSDP2 all-gathers into the same storage without bumping the version counter
+    assert not torch.equal(nm_mask_for_weight(refill, 2, 4), before)
+    # FSDP2 all-gathers into the same storage without bumping the version counter: masks are never
+    # cached, so they follow such a refill (and a fused optimizer's step) all the same
     with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(layer.weight):
         layer.weight.copy_(refill)
-    assert torch.equal(layer.masks()[0], stale)  # the cache key cannot see such a refill ...
-    layer.cache_masks = False  # ... so BiMaskTrainer turns caching off under FSDP
     assert torch.equal(layer.masks()[0], nm_mask_for_weight(refill, 2, 4))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, refill * nm_mask_for_weight(refill, 2, 4),
+                                                                    layer.bias))

@@ -207,3 +207,21 @@ def test_masks_are_contiguous_weight_shaped_tensors(layout):
         assert mf.shape == mb.shape == layer.weight.shape
         assert mf.is_contiguous() and mb.is_contiguous()
         assert mf.view(-1).dtype == torch.bool
+
+
+@pytest.mark.parametrize("cls,args,shape", [(BiMaskLinear, (16, 8), (4, 16)), (BiMaskConv2d, (8, 8, 3), (2, 8, 5, 5))])
+def test_masks_follow_fused_optimizer_steps(cls, args, shape):
+    """A fused optimizer updates the weights without bumping their version: masks must still follow."""
+    torch.manual_seed(0)
+    layer = cls(*args, mode="bimask")
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.5, fused=True)
+    x = torch.randn(*shape)
+    for _ in range(3):
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    w = layer.weight.detach()
+    mf = from_matrix(ref_nm_mask(to_matrix(w, "channels_last"), 2, 4), w.shape, "channels_last")
+    assert torch.equal(layer.forward_mask, mf)
+    ref = F.linear(x, w * mf, layer.bias) if cls is BiMaskLinear else F.conv2d(x, w * mf, layer.bias)
+    torch.testing.assert_close(layer(x), ref)
