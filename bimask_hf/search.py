@@ -1,4 +1,4 @@
-"""Row-permutation search for the backward mask of Bi-Mask (SPEC section 1).
+"""Row-permutation search for the backward mask of Bi-Mask (the method: ``docs/method.md``).
 
 The backward mask ``Mb`` is N:M along the rows of ``W * Mf`` after a row permutation ``p``: rows
 ``p[0:M], p[M:2M], ...`` form groups, and in every group and column the ``N`` largest ``|W * Mf|``
@@ -11,7 +11,7 @@ depends on the forward mask only, and every search here maximises it.
 
 Methods (all vectorised; the only Python loops run over rounds or candidate chunks):
 
-* ``"identity"`` -- ``arange(O)``.
+* ``"identity"`` -- no search: keeps ``init`` (``arange(O)`` by default).
 * ``"random"`` -- the paper's search: best of ``num_candidates`` random permutations, with the
   identity (or ``init``) as candidate 0 so the result never gets worse.
 * ``"swap"`` -- local search between row groups. Each round pairs the groups at random and, for every

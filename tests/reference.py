@@ -1,4 +1,4 @@
-"""Explicit, loop-based reference implementations of the SPEC's definitions (slow, obviously correct)."""
+"""Explicit, loop-based reference implementations of the definitions in docs/method.md (slow, obviously correct)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gradients of every mode against the SPEC's explicit formulas, in float64."""
+"""Gradients of every mode against the explicit formulas of docs/method.md, in float64."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ DECAY = 0.05  # large, so a missing or wrong decay term shows up clearly
 
 
 def expected_masks(layer, weight: torch.Tensor, mode: str, n: int, m: int, density=None, layout="channels_last"):
-    """(Mf, Mb, decay factor) by the SPEC's table, from loop-based reference masks."""
+    """(Mf, Mb, decay factor) by the mode table of docs/method.md, from loop-based reference masks."""
     if mode == "dense":
         ones = torch.ones_like(weight, dtype=torch.bool)
         return ones, ones, 0.0

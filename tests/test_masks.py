@@ -1,4 +1,4 @@
-"""Mask properties against the SPEC's definitions and the loop-based references."""
+"""Mask properties against the definitions in docs/method.md and the loop-based references."""
 
 from __future__ import annotations
 
