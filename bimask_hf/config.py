@@ -69,7 +69,8 @@ class BiMaskConfig:
         default=None,
         metadata={
             "help": "Layers to sparsify: a string is a full regex match on the qualified module name, a list "
-            "matches exact names or name suffixes. None = every eligible Linear/Conv2d but stem and head."
+            "matches exact names or name suffixes (on the command line: comma-separated names, or "
+            "'re:<regex>'). None = every eligible Linear/Conv2d but stem and head."
         },
     )
     exclude_modules: str | list[str] | None = field(
@@ -174,3 +175,42 @@ class BiMaskConfig:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> BiMaskConfig:
         """Load ``bimask_config.json`` from a local folder or a Hub repo id."""
         return cls.from_dict(cls.load_json(path_or_repo_id, **hub_kwargs))
+
+
+# Command-line spellings of the paper scripts' flags, per field.
+CLI_ALIASES = {
+    "n": ["--N"],
+    "m": ["--M"],
+    "mode": ["--mask_mode"],
+    "permutation_interval": ["--iter"],
+    "num_permutations": ["--greedy_num"],
+    "density": ["--random_mask_ratio"],
+    "target_modules": ["--nm_layers"],
+}
+# Fields the training arguments take from elsewhere: the Trainer's own ``--seed`` seeds the search.
+_NOT_ARGUMENTS = ("seed",)
+# Module patterns are one string on the command line (``parse_module_list`` turns it into a list or regex).
+_ARGUMENT_TYPES: dict[str, Any] = {"target_modules": str | None, "exclude_modules": str | None}
+
+
+def _argument_fields() -> list[tuple[str, Any, Any]]:
+    fields = []
+    for f in dataclasses.fields(BiMaskConfig):
+        if f.name in _NOT_ARGUMENTS:
+            continue
+        metadata = dict(f.metadata)
+        if f.name in CLI_ALIASES:
+            metadata["aliases"] = CLI_ALIASES[f.name]
+        annotation = _ARGUMENT_TYPES.get(f.name) or eval(f.type, {})  # noqa: S307 - our own annotations
+        fields.append((f.name, annotation, field(default=f.default, metadata=metadata)))
+    return fields
+
+
+#: Every ``BiMaskConfig`` field (but ``seed``) as a dataclass mixin for ``HfArgumentParser``, with the same
+#: defaults and help texts, plus the paper flags as aliases. ``BiMaskTrainingArguments`` inherits it, so
+#: the settings are declared once, here, in ``BiMaskConfig``.
+BiMaskConfigArguments = dataclasses.make_dataclass("BiMaskConfigArguments", _argument_fields())
+BiMaskConfigArguments.__module__ = __name__
+BiMaskConfigArguments.__doc__ = "The fields of :class:`BiMaskConfig` as command-line arguments (generated)."
+
+ARGUMENT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(BiMaskConfigArguments))

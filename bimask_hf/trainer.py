@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .config import BiMaskConfig
+from .config import ARGUMENT_FIELDS, BiMaskConfig, BiMaskConfigArguments
 from .distributed import UnsupportedSetupError, describe_setup, enable_cpu_fsdp, is_sharded
 from .metrics import compute_topk_metrics, topk_indices
 from .patching import project_, refresh_permutations, report, sparse_layers, sparsify
@@ -46,32 +46,15 @@ def parse_module_list(value: str | list[str] | None) -> str | list[str] | None:
 
 
 @dataclass
-class BiMaskTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus every `BiMaskConfig` field (the permutation search uses ``seed``)."""
+class BiMaskTrainingArguments(TrainingArguments, BiMaskConfigArguments):
+    """`TrainingArguments` plus every `BiMaskConfig` field (declared once, in `BiMaskConfig`).
 
-    n: int = field(default=2, metadata={"help": "N of N:M (kept weights per group).", "aliases": ["--N"]})
-    m: int = field(default=4, metadata={"help": "M of N:M (group size).", "aliases": ["--M"]})
-    mode: str = field(
-        default="bimask",
-        metadata={"help": "dense | srste | bimask | transposable | pre | post (or m1..m4).", "aliases": ["--mask_mode"]},
-    )
-    decay: float = field(default=2e-4, metadata={"help": "SR-STE decay on pruned weights."})
-    permutation_interval: int = field(
-        default=100, metadata={"help": "Optimizer steps between permutation refreshes.", "aliases": ["--iter"]}
-    )
-    num_permutations: int = field(
-        default=100, metadata={"help": "Random-search candidates.", "aliases": ["--greedy_num"]}
-    )
-    permutation_search: str = field(default="matched", metadata={"help": "matched | swap | random | identity."})
-    group_layout: str = field(default="channels_last", metadata={"help": "channels_last | flat."})
-    density: float | None = field(
-        default=None, metadata={"help": "Unstructured top-|W| keep ratio instead of N:M.", "aliases": ["--random_mask_ratio"]}
-    )
-    target_modules: str | None = field(
-        default=None,
-        metadata={"help": "Layers to sparsify: comma-separated names/suffixes, or 're:<regex>'.", "aliases": ["--nm_layers"]},
-    )
-    exclude_modules: str | None = field(default=None, metadata={"help": "Layers to keep dense, same syntax."})
+    The N:M fields (``n``, ``m``, ``mode``, ``decay``, ``permutation_interval``, ...) come from
+    :class:`~bimask_hf.config.BiMaskConfigArguments`, with the paper scripts' flags as aliases
+    (``--N --M --mask_mode --iter --greedy_num --random_mask_ratio --nm_layers``); the Trainer's ``seed``
+    also seeds the permutation search.
+    """
+
     exclude_norm_from_weight_decay: bool = field(
         default=True, metadata={"help": "No weight decay on normalisation layers and biases."}
     )
@@ -86,12 +69,7 @@ class BiMaskTrainingArguments(TrainingArguments):
 
     def to_bimask_config(self) -> BiMaskConfig:
         """The `BiMaskConfig` these arguments describe."""
-        return BiMaskConfig(
-            n=self.n, m=self.m, mode=self.mode, decay=self.decay, permutation_interval=self.permutation_interval,
-            num_permutations=self.num_permutations, permutation_search=self.permutation_search,
-            group_layout=self.group_layout, density=self.density, target_modules=self.target_modules,  # type: ignore[arg-type]
-            exclude_modules=self.exclude_modules, seed=self.seed,  # type: ignore[arg-type]
-        )
+        return BiMaskConfig(**{name: getattr(self, name) for name in ARGUMENT_FIELDS}, seed=self.seed)
 
 
 class BiMaskCallback(TrainerCallback):

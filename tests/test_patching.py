@@ -277,3 +277,29 @@ def test_grouped_conv_refresh_keeps_a_permutation_per_group_and_never_lowers_ret
     for method in ("random", "identity"):
         bh.refresh_permutations(model, step=2, method=method, num_candidates=1)
         assert layer.retention() >= good, method
+
+
+def test_training_arguments_take_every_config_field_once():
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    from bimask_hf.trainer import BiMaskTrainingArguments
+
+    args_fields = {f.name: f for f in dataclasses.fields(BiMaskTrainingArguments)}
+    for f in dataclasses.fields(bh.BiMaskConfig):
+        if f.name == "seed":  # the Trainer's --seed drives the search
+            continue
+        assert args_fields[f.name].default == f.default, f.name
+        assert args_fields[f.name].metadata["help"] == f.metadata["help"], f.name
+    parser = HfArgumentParser(BiMaskTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "unused", "--use_cpu", "true", "--N", "1", "--M", "8", "--mask_mode", "m4", "--iter", "7",
+         "--greedy_num", "3", "--nm_layers", "layer1,layer2", "--random_mask_ratio", "0.3", "--seed", "5",
+         "--group_layout", "flat", "--decay", "0.001", "--permutation_search", "swap",
+         "--exclude_modules", "re:.*fc"]
+    )
+    assert args.bimask_config == bh.BiMaskConfig(
+        n=1, m=8, mode="post", permutation_interval=7, num_permutations=3, target_modules=["layer1", "layer2"],
+        density=0.3, seed=5, group_layout="flat", decay=0.001, permutation_search="swap", exclude_modules=".*fc",
+    )
