@@ -42,11 +42,6 @@ def _val_images(folder: Path) -> tuple[list[Image.Image], list[str]]:
     return [Image.open(p) for p in paths], [p.parent.name for p in paths]
 
 
-def _pipeline_labels(folder: str, images: list[Image.Image]) -> list[str]:
-    classify = pipeline("image-classification", model=folder)
-    return [classify(image, top_k=1)[0]["label"] for image in images]
-
-
 def _pipeline_scores(folder: str, images: list[Image.Image]) -> torch.Tensor:
     """Class probabilities from ``pipeline("image-classification")``, in class-index order."""
     classify = pipeline("image-classification", model=folder)
@@ -72,7 +67,7 @@ def test_main_job_style_one_channel_folder_works_in_pipeline_and_bimask_eval(tmp
     out = tmp_path / "run"
     metrics = train.main([
         "--model", "resnet8_cifar", "--model_args", '{"base_width": 8}', "--dataset", str(data), "--in_chans", "1",
-        "--image_size", "16", "--max_steps", "2", "--per_device_train_batch_size", "6", "--learning_rate", "0.05",
+        "--image_size", "16", "--max_steps", "6", "--per_device_train_batch_size", "6", "--learning_rate", "0.2",
         "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--output_dir", str(out),
         "--permutation_search", "random", "--num_permutations", "2",
     ])
@@ -82,9 +77,13 @@ def test_main_job_style_one_channel_folder_works_in_pipeline_and_bimask_eval(tmp
 
     # pipeline(): top-1 on the validation images equals the training evaluation's.
     images, truth = _val_images(data)
-    predicted = _pipeline_labels(str(out), images)
-    accuracy = 100.0 * np.mean([p == t for p, t in zip(predicted, truth)])
-    assert accuracy == pytest.approx(metrics["eval_top1"], abs=1e-9)
+    scores = _pipeline_scores(str(out), images)
+    names = json.loads((out / "config.json").read_text())["label_names"]
+    accuracy = 100.0 * np.mean([names[i] == t for i, t in zip(scores.argmax(-1).tolist(), truth)])
+    # A 2-step model can have near-tied classes, which batch size alone may flip: those may differ.
+    top2 = scores.topk(2, dim=-1).values
+    ties = int(((top2[:, 0] - top2[:, 1]) < 1e-4).sum())
+    assert abs(accuracy - metrics["eval_top1"]) <= 100.0 * ties / len(truth) + 1e-9
 
     reference = bh.load_sparse_model(out)
     transform = load_image_classification_data(str(data), model="resnet8_cifar", image_size=16, in_chans=1).eval_transform

@@ -81,7 +81,7 @@ def _eval_results(metrics: Mapping[str, Any], dataset: str, split: str | None, d
             dataset_split=split,
             metric_type="accuracy",
             metric_name=TOP_K_NAMES[key],
-            metric_value=value,
+            metric_value=round(value, 4),  # 86.93, not 86.92999999999999
         )
         for key, value in card_metrics(metrics).items()
     ]
