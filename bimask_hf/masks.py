@@ -227,12 +227,17 @@ def transposable_mask(weight: torch.Tensor, n: int, m: int, max_rounds: int = 64
     return chosen.reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3).reshape(rows, cols)
 
 
+def unstructured_keep_count(density: float, numel: int) -> int:
+    """How many of ``numel`` weights an unstructured mask of ``density`` keeps (rounded, at least one)."""
+    return max(1, min(numel, int(math.floor(density * numel + 0.5))))
+
+
 def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` share (rounded, at least one) of entries with the largest ``|W|``."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}.")
     flat = weight.detach().abs().flatten()
-    keep = max(1, min(flat.numel(), int(math.floor(density * flat.numel() + 0.5))))
+    keep = unstructured_keep_count(density, flat.numel())
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=weight.device)
     mask[flat.topk(keep, sorted=False).indices] = True
     return mask.reshape(weight.shape)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,13 +88,14 @@ def test_permutation_search_quick_with_trained_weights(accuracy_smoke, tmp_path)
     assert {"identity", "random", "swap", "matched"} <= methods
     for label in ("64x576", "512x4608", "fmnist:layer3.0.conv2", "fmnist:all-layers"):
         assert any(line.strip().startswith(label) for line in out.splitlines()), label
-    assert re.search(r"^(PASS|FAIL)$", out, re.MULTILINE)  # the verdict is printed, whatever it is
     rows = json.loads((tmp_path / "mq.json").read_text())["rows"]
     real = [r for r in rows if r["shape"] == "fmnist:all-layers"]
     assert {r["method"] for r in real} == {"identity", "random K=10", "random K=100", "random K=1000", "swap", "matched"}
     assert all(0.0 < r["retention"] <= 1.0 and r["grad_gap"] >= 0.0 for r in rows)
     best = {r["method"]: r["retention"] for r in real}
     assert best["matched"] >= best["identity"]  # no search makes retention worse than its start
+    # the quality half of the TARGET (timing is not asserted): matched gains more than random best-of-100
+    assert best["matched"] - best["identity"] > best["random K=100"] - best["identity"] > 0
     assert (tmp_path / "mq.png").stat().st_size > 0
 
 

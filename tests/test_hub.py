@@ -257,6 +257,25 @@ def test_unstructured_round_trip(tmp_path):
     assert "unstructured-sparsity" in metadata_load(os.path.join(folder, "README.md"))["tags"]
 
 
+
+def test_unstructured_checkpoint_with_one_extra_nonzero_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = bh.sparsify(models.timm_model("test_resnet", num_classes=5), bh.BiMaskConfig(density=0.3))
+    folder = save_sparse_model(model, tmp_path / "u")
+    layer = bh.BiMaskConfig.load_json(folder)["sparse_layers"][0]
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    weight = tensors[f"{layer}.weight"].clone()
+    flat = weight.view(-1)
+    flat[int((flat == 0).nonzero()[0])] = 1e-3  # one pruned weight comes back
+    tensors[f"{layer}.weight"] = weight
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(bh.NMPatternError, match=f"'{layer}'.*more than density 0.3"):
+        load_sparse_model(folder)
+
+
 # ---- compressed ---------------------------------------------------------------------------------
 
 

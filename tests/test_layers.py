@@ -171,8 +171,11 @@ def test_masks_follow_weight_updates_and_permutation_changes():
 
 @pytest.mark.parametrize("cls,args", [(BiMaskLinear, (16, 8)), (BiMaskConv2d, (8, 8, 3))])
 def test_autocast_bf16_cpu(cls, args):
+    """Under bf16 autocast: bf16 output, float32 gradients, and the formulas of docs/method.md."""
     torch.manual_seed(0)
-    layer = cls(*args, mode="bimask", decay=0.0)
+    decay = 2.0  # large enough that a missing decay term is far outside the bf16 tolerance
+    layer = cls(*args, mode="bimask", decay=decay)
+    _shuffle_permutation(layer)  # Mb differs from Mf
     shape = (4, 16) if cls is BiMaskLinear else (2, 8, 6, 6)
     x = torch.randn(*shape, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -181,14 +184,25 @@ def test_autocast_bf16_cpu(cls, args):
     g = torch.randn_like(y, dtype=torch.float32)
     y.float().backward(g)
     assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
-    # Same computation in float32 as the reference, bf16 tolerance.
-    x32 = x.detach().clone().requires_grad_(True)
-    ref_layer = cls(*args, mode="bimask", decay=0.0)
-    ref_layer.load_state_dict(layer.state_dict())
-    y32 = ref_layer(x32)
-    y32.backward(g)
-    torch.testing.assert_close(y.float(), y32, atol=0.1, rtol=0.05)
-    torch.testing.assert_close(x.grad, x32.grad, atol=0.1, rtol=0.05)
+    w = layer.weight.detach()
+    mf, mb, _ = expected_masks(layer, w, "bimask", 2, 4)
+    xb, wf, wb = x.detach().bfloat16().float(), (w * mf).bfloat16().float(), (w * mb).bfloat16().float()
+    gb = g.bfloat16().float()
+    if cls is BiMaskLinear:
+        y_ref = xb @ wf.T + layer.bias.detach()
+        dx_ref = gb @ wb
+        dw_ref = gb.T @ xb
+    else:
+        y_ref = F.conv2d(xb, wf, layer.bias.detach())
+        dx_ref = torch.nn.grad.conv2d_input(xb.shape, wb, gb)
+        dw_ref = torch.nn.grad.conv2d_weight(xb, w.shape, gb)
+    dw_ref = dw_ref + decay * (~mf) * w
+    tol = dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    torch.testing.assert_close(x.grad, dx_ref, **tol)
+    torch.testing.assert_close(layer.weight.grad, dw_ref, **tol)
+    assert layer.bias.grad is not None
+    torch.testing.assert_close(layer.bias.grad, g.sum(dim=(0, 2, 3) if g.dim() == 4 else 0), **tol)
 
 
 def test_state_dict_loads_plain_checkpoint():

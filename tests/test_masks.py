@@ -115,3 +115,15 @@ def test_conv_layouts_round_trip_and_group_along_channels():
 def test_bad_input_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_nm_mask_beyond_m_16_keeps_the_n_largest():
+    from .reference import ref_nm_mask
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    for n, m in ((3, 32), (1, 32), (5, 64)):
+        mask = bh.nm_mask(w, n, m)
+        assert torch.equal(mask, ref_nm_mask(w, n, m)), (n, m)
+        kept = w.abs()[mask].reshape(8, -1, n).amin(-1)
+        dropped = w.abs().masked_fill(mask, -1).reshape(8, -1, m).amax(-1)
+        assert (kept.reshape(8, -1) >= dropped).all()

@@ -16,6 +16,7 @@ from ..compression import NM_WEIGHTS_NAME, load_nm_safetensors
 from ..config import CONFIG_NAME, BiMaskConfig
 from ..errors import NMPatternError
 from ..inspection import check_nm
+from ..masks import unstructured_keep_count
 from ..patching import sparsify
 from .files import (
     MODEL_CONFIG_NAME,
@@ -95,7 +96,7 @@ def _verify_pattern(model: nn.Module, names: list[str], config: BiMaskConfig, so
         for name in names:
             weight = model.get_submodule(name).weight
             kept = int((weight != 0).sum())
-            allowed = round(config.density * weight.numel()) + 1  # top-k rounding
+            allowed = unstructured_keep_count(config.density, weight.numel())
             if kept > allowed:
                 raise NMPatternError(
                     f"Layer {name!r} keeps {kept} of {weight.numel()} weights, more than density "
