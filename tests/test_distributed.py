@@ -154,7 +154,9 @@ def test_hub_cifar10_streams_per_rank_through_the_cli_under_fsdp2(tmp_path):
                "--save_strategy", "no", "--permutation_interval", "2", "--logging_steps", "1"]
         script = str(SCRIPTS / "stream_train.py")
         runs = [
-            _start([*LAUNCH, "--config_file", str(CONFIGS / "cpu_fsdp_2proc.yaml"), script, "launched",
+            # FSDP2 with one unit per residual block (nested in the root unit), through the CLI
+            _start([*LAUNCH, "--config_file", str(CONFIGS / "cpu_fsdp_2proc.yaml"), "--fsdp_auto_wrap_policy",
+                    "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "BasicBlock", script, "launched",
                     str(tmp_path / "seen"), *cli, "--output_dir", str(tmp_path / "two")], tmp_path / "two.log", env),
             _start([sys.executable, script, "expected", str(tmp_path / "expected"), *cli,
                     "--output_dir", str(tmp_path / "one")], tmp_path / "one.log", env),
