@@ -140,3 +140,11 @@ def test_plots_redraw_from_json(tmp_path):
     (tmp_path / "st.json").write_text(json.dumps(rows))
     out = _run("plots.py", "--step-time", str(tmp_path / "st.json"), "--out", str(tmp_path / "st.png"))
     assert "wrote" in out and (tmp_path / "st.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_shared_search_benchmark_runs_one_and_two_processes():
+    out = _run("shared_search.py", "--model", "test_resnet", "--quick")
+    rows = {row[0]: row[1:] for row in (line.split() for line in out.splitlines()) if row}
+    assert float(rows["1"][0]) > 0 and float(rows["2"][0]) > 0 and "ratio_2_over_1" in rows
+    assert rows["identical_permutations"] == ["True"]  # two processes sharing the search = one process
