@@ -204,7 +204,7 @@ def run(
         peak_bytes = peak_step_bytes(net, opt, x, y, mode == "post") if peak and not compiled else None
         runs[mode] = dict(model=net, opt=opt, x=x, y=y, search=search, mem=mem, peak=peak_bytes, times=[],
                           work=work, warmup=warmup)
-        print(f"  {name} {mode}: ready ({warmup:.1f} s warm-up)", flush=True)
+        print(f"  (warm-up {warmup:.1f} s: {name} {mode})", flush=True)
     order = random.Random(seed)
     for _ in range(rounds):
         shuffled = list(modes)

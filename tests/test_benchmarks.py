@@ -106,6 +106,8 @@ def test_step_time_quick(tmp_path):
     )
     rows = {r[1]: r for r in _table_rows(out, "resnet32_cifar")}
     assert set(rows) == {"dense", "bimask", "post", "bimask-unfold"}
+    # the mask-work columns (Mf, Mb, decay as % of the dense step) are filled for bimask only
+    assert all(float(v) > 0 for v in rows["bimask"][9:12]) and rows["post"][9:12] == ["-", "-", "-"]
     assert float(rows["dense"][5]) == 1.0  # the ratio column of the baseline
     assert "| resnet32_cifar | 16 | 32 | bimask |" in out
     data = json.loads((tmp_path / "st.json").read_text())
