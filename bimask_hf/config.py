@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,6 +16,11 @@ MODES = ("dense", "srste", "bimask", "transposable", "pre", "post")
 from .search import METHODS as PERMUTATION_SEARCHES  # noqa: E402
 
 GROUP_LAYOUTS = ("channels_last", "flat")
+
+# Keys that bimask-hf writes into bimask_config.json next to the fields (save_sparse_model's metadata).
+METADATA_KEYS = frozenset(
+    {"sparse_layers", "pattern", "library_version", "model_family", "weights_format", "compression"}
+)
 
 # The seed scripts' `--mask_mode` names.
 SEED_MODE_NAMES = {"m1": "dense", "m2": "bimask", "m3": "pre", "m4": "post"}
@@ -124,6 +131,15 @@ class BiMaskConfig:
                 raise ValueError(f"BiMaskConfig.{name} must be a regex string or a list of names, got {value!r}.")
             if isinstance(value, list) and not all(isinstance(v, str) for v in value):
                 raise ValueError(f"BiMaskConfig.{name} must hold module-name strings, got {value!r}.")
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise ValueError(
+                        f"BiMaskConfig.{name} is not a valid regular expression: {value!r} ({err}). A string is a "
+                        "full regex match on module names (on the command line 're:<regex>'); a list / comma-separated "
+                        "names match exact names or name suffixes."
+                    ) from None
             setattr(self, name, value)
 
     @property
@@ -139,8 +155,16 @@ class BiMaskConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BiMaskConfig:
-        """Build a config from a dict, ignoring keys that are not fields (e.g. saved metadata)."""
+        """Build a config from a dict of its fields; the metadata keys that bimask-hf saves next to them in
+        ``bimask_config.json`` (:data:`METADATA_KEYS`) are skipped, any other key is an error (a typo)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - METADATA_KEYS)
+        if unknown:
+            hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, names, n=1))
+                     else repr(k) for k in unknown]
+            raise ValueError(
+                f"Unknown BiMaskConfig key(s): {', '.join(hints)}. Valid fields: {', '.join(sorted(names))}."
+            )
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> str:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .metrics import topk_accuracy
 
-__all__ = ["evaluate_model", "load_for_eval", "main"]
+__all__ = ["cli", "evaluate_model", "load_for_eval", "main"]
 
 
 def load_for_eval(name_or_path: str) -> nn.Module:
@@ -142,5 +142,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``bimask-eval`` console script: exit status 0 on success; errors propagate (non-zero status)."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli())

@@ -152,6 +152,11 @@ def sparsify(model: nn.Module, config: BiMaskConfig | None = None, **overrides) 
     """
     config = config or BiMaskConfig()
     if overrides:
+        unknown = sorted(set(overrides) - set(config.to_dict()))
+        if unknown:
+            raise TypeError(
+                f"sparsify() got unknown BiMaskConfig field(s) {unknown}; valid: {', '.join(sorted(config.to_dict()))}."
+            )
         config = BiMaskConfig.from_dict({**config.to_dict(), **overrides})
     existing = sparse_layers(model)
     if existing:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, enable_full_determinism, set_seed
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,28 @@ class DataArguments:
 
 def _translate_seed_flags(argv: list[str]) -> list[str]:
     out = []
-    for token in argv:
+    for i, token in enumerate(argv):
         flag, eq, value = token.partition("=")
         if flag in SEED_FLAGS:
             token = SEED_FLAGS[flag] + (eq + value if eq else "")
         out.append(token)
+        if token == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")  # a bare --resume: the newest complete checkpoint in output_dir
     return out
+
+
+def _check_recipe_position(argv: list[str]) -> None:
+    """A recipe file anywhere but first would be parsed as a stray value: say where it goes."""
+    for i, token in enumerate(argv):
+        if i == 0 or not token.endswith((".yaml", ".yml")):
+            continue
+        previous = argv[i - 1]
+        if previous.startswith("-") and "=" not in previous and previous not in ("--resume", "--resume_from_checkpoint"):
+            continue  # the value of a flag (e.g. --fsdp_config f.yaml)
+        raise SystemExit(
+            f"bimask-train: the recipe file {token!r} must be the first argument: "
+            f"bimask-train {token} {' '.join(a for a in argv if a != token)}"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, Any]:
@@ -106,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     from .trainer import BiMaskTrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _check_recipe_position(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, BiMaskTrainingArguments))
     if argv and argv[0].endswith((".yaml", ".yml")):
         recipe_path = argv.pop(0)
@@ -123,7 +140,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         if isinstance(values.get("model_args"), dict):
             values["model_args"] = json.dumps(values["model_args"])
         parser.set_defaults(**values)
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(_translate_seed_flags(argv))
+    argv = _translate_seed_flags(argv)
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(argv)
+    save_strategy = getattr(train_args.save_strategy, "value", train_args.save_strategy)
+    if "--save_steps" in {token.partition("=")[0] for token in argv} and save_strategy != "steps":
+        where = "the command line" if "--save_strategy" in argv else "the recipe"
+        raise SystemExit(
+            f"bimask-train: --save_steps has no effect: {where} says save_strategy: {save_strategy}. "
+            "Add --save_strategy steps to save every --save_steps steps."
+        )
     if data_args.use_random_mask and train_args.density is None:
         train_args.density = 0.5
         train_args.bimask_config = train_args.to_bimask_config()
@@ -210,9 +235,18 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Train, evaluate top-1/top-5, and write a Hub-ready model folder to ``--output_dir``."""
+    """Train, evaluate top-1/top-5, and write a Hub-ready model folder to ``--output_dir``; returns the metrics.
+
+    The console script is :func:`cli` (exit status 0 / non-zero); ``main`` is for Python callers.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     model_args, data_args, train_args = parse_args(argv)
+    # Seed before anything random happens: the model's init, the data subsets, augmentation and the
+    # permutation search then depend on --seed alone (the Trainer seeds only after the model exists).
+    if train_args.full_determinism:
+        enable_full_determinism(train_args.seed)
+    else:
+        set_seed(train_args.seed)
     data, trainer = build(model_args, data_args, train_args)
     metrics: dict[str, float] = {}
     if train_args.do_train or not train_args.do_eval:
@@ -235,5 +269,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``bimask-train`` console script: exit status 0 on success; errors propagate (non-zero status)."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -20,11 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import number_of_arguments
 
 from .config import ARGUMENT_FIELDS, BiMaskConfig, BiMaskConfigArguments
 from .distributed import UnsupportedSetupError, describe_setup, enable_cpu_fsdp, is_sharded
 from .metrics import compute_topk_metrics, topk_indices
 from .patching import project_, refresh_permutations, report, sparse_layers, sparsify
+from .storage import check_writable, last_complete_checkpoint, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,11 @@ class BiMaskTrainingArguments(TrainingArguments, BiMaskConfigArguments):
     def __post_init__(self) -> None:
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False  # every parameter gets a gradient; skip DDP's extra graph walk
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # `accelerate launch` of a multi-process config (recipes/accelerate/cpu_2proc.yaml) on a machine
+            # without GPUs does not pass the config's use_cpu to its processes: without this they would
+            # run as independent single-process trainings racing on output_dir, instead of DDP on gloo.
+            self.use_cpu = True
         super().__post_init__()
         self.target_modules = parse_module_list(self.target_modules)  # type: ignore[assignment]
         self.exclude_modules = parse_module_list(self.exclude_modules)  # type: ignore[assignment]
@@ -92,6 +99,9 @@ class BiMaskCallback(TrainerCallback):
         self.search_seconds += stats["seconds"]
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("model") is not None:
+            # The model the Trainer trains: with ``model_init`` it is built anew in ``train()``.
+            self.model = kwargs["model"]
         if state.global_step == 0 and self.config.mode == "bimask":
             self._refresh(0)  # a resumed run keeps the permutations its checkpoint holds
         if self.print_report:
@@ -212,8 +222,9 @@ class BiMaskTrainer(Trainer):
         if model is None and kwargs.get("model_init") is not None:
             model_init, config = kwargs["model_init"], bimask_config
 
-            def sparse_model_init(*init_args: Any) -> nn.Module:  # hyper-parameter search builds models anew
-                return sparsify(model_init(*init_args), config)
+            def sparse_model_init(trial: Any = None) -> nn.Module:  # hyper-parameter search builds models anew
+                # The Trainer's own convention: a model_init with one argument gets the trial.
+                return sparsify(model_init(trial) if number_of_arguments(model_init) else model_init(), config)
 
             kwargs["model_init"] = sparse_model_init
         if model is not None and not sparse_layers(model):
@@ -238,6 +249,69 @@ class BiMaskTrainer(Trainer):
             self._export_template = _meta_copy(self.model)
         self.bimask_callback = BiMaskCallback(self.model, bimask_config, setup=lambda: describe_setup(self.accelerator))
         self.add_callback(self.bimask_callback)
+        self._check_datasets()
+
+    # ---- checks before training ----------------------------------------------------------------
+    def _check_datasets(self) -> None:
+        """Empty train / eval sets and eval sets without labels fail here, with the fix, not mid-run."""
+        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
+        for name, dataset in [("train", self.train_dataset)] + [(f"eval{' ' + k if k else ''}", v) for k, v in evals.items()]:
+            if dataset is None:
+                continue
+            if hasattr(dataset, "__len__") and len(dataset) == 0:
+                raise ValueError(
+                    f"The {name} set is empty: check the split name and --max_{name.split()[0]}_samples "
+                    "(or the dataset's folder)."
+                )
+            columns = getattr(dataset, "column_names", None)
+            labels = self.label_names or ["labels"]
+            if name != "train" and isinstance(columns, list) and not set(labels) & set(columns):
+                raise ValueError(
+                    f"The {name} set has no {labels[0]!r} column (columns: {columns}), so no accuracy can be "
+                    "computed: rename its label column to 'labels' (load_image_classification_data(label_column=...) "
+                    "does) or pass no eval set."
+                )
+
+    def _check_channels(self) -> None:
+        """1-channel images into a 3-channel model (or the reverse) fail before the first step."""
+        dataset = self.train_dataset
+        if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or not len(dataset):
+            return
+        try:
+            example = dataset[0]
+        except Exception:  # noqa: BLE001 - an unusual dataset: the Trainer reports its own errors
+            return
+        pixels = example.get("pixel_values") if isinstance(example, dict) else None
+        conv = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None or not isinstance(pixels, torch.Tensor) or pixels.ndim != 3:
+            return
+        if pixels.shape[0] != conv.in_channels:
+            raise ValueError(
+                f"The training images have {pixels.shape[0]} channel(s) but the model's first convolution takes "
+                f"{conv.in_channels}: load the data with in_chans={conv.in_channels} (bimask-train --in_chans "
+                f"{conv.in_channels}; grayscale is replicated to RGB) or build the model with in_chans={pixels.shape[0]}."
+            )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """The Trainer's ``train``, after checks; ``resume_from_checkpoint=True`` (or ``"true"``/``"last"``)
+        resumes from the newest *complete* checkpoint and logs which one (and why newer ones were skipped)."""
+        if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last", "yes", "1"):
+            resume_from_checkpoint = True
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir!r} holds no complete checkpoint-N "
+                    "folder to resume from; start without it, or pass a checkpoint folder."
+                )
+        if self.args.should_save:
+            check_writable(self.args.output_dir)  # a read-only or full output folder fails now, not after training
+        self._check_channels()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):  # type: ignore[no-untyped-def]
+        with storage_errors(self.args.output_dir):  # disk full / read-only: one clear message
+            return super()._save_checkpoint(model, trial)
 
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator; a CPU run launched with an FSDP2 config really runs FSDP2."""
@@ -359,9 +433,10 @@ class BiMaskTrainer(Trainer):
             model, output_dir, config=self.bimask_config, card_data=self._card_data(),
             metrics=self.card_info.get("metrics"), data_config=self.data_config,
         )
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        with storage_errors(output_dir):
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def push_to_hub(  # type: ignore[override]
         self,

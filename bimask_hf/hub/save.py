@@ -6,6 +6,8 @@ import copy
 import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from typing import Any
 
@@ -16,6 +18,7 @@ from ..compression import NM_WEIGHTS_NAME, is_nm_compressible, save_nm_safetenso
 from ..config import BiMaskConfig
 from ..inspection import SparsityReport, check_nm, report, sparse_layers
 from ..patching import merge
+from ..storage import replace_folder_contents, storage_errors
 from .files import MODEL_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, tensor_shapes, weight_files
 
 logger = logging.getLogger(__name__)
@@ -189,7 +192,6 @@ def save_sparse_model(
     ``transformers.pipeline("image-classification", model=folder)`` and ``bimask-eval`` preprocess images
     the way training evaluated them. Without it a timm model's own ``pretrained_cfg`` is kept.
     """
-    from .cards import bimask_architecture, create_model_card, default_library_name
 
     if not safe_serialization:
         warnings.warn(
@@ -223,10 +225,33 @@ def save_sparse_model(
         check_nm(export, config.n, config.m, layers=layers, group_layout=config.group_layout)
 
     folder = os.fspath(save_directory)
-    os.makedirs(folder, exist_ok=True)
-    for stale in (NM_WEIGHTS_NAME, "model.safetensors", SAFE_WEIGHTS_INDEX_NAME):
-        if os.path.isfile(os.path.join(folder, stale)):
-            os.remove(os.path.join(folder, stale))  # a re-save must not leave the other format behind
+    # Everything is written to a staging folder beside the target and moved in at the end, file by file
+    # with os.replace: a kill (or a full disk) during the save leaves the previous model loadable.
+    with storage_errors(folder):
+        os.makedirs(folder, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.saving-",
+                                   dir=os.path.dirname(os.path.abspath(folder)))
+        try:
+            _write_folder(export, model, staging, folder, family=family, config=config, layers=layers,
+                          compressed=compressed, card_data=card_data, metrics=metrics, data_config=data_config,
+                          layer_report=layer_report)
+            stale = {NM_WEIGHTS_NAME, "model.safetensors", SAFE_WEIGHTS_INDEX_NAME} - set(os.listdir(staging))
+            replace_folder_contents(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for name in stale:  # a re-save must not leave the other format behind
+            if os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+    return folder
+
+
+def _write_folder(export: nn.Module, model: nn.Module, folder: str, target: str, *, family: str,
+                  config: BiMaskConfig, layers: list[str], compressed: bool, card_data: dict[str, Any] | None,
+                  metrics: dict[str, Any] | None, data_config: dict[str, Any] | None,
+                  layer_report: SparsityReport | None) -> None:
+    """Write the whole model folder into ``folder`` (the staging folder of ``target``)."""
+    from .cards import bimask_architecture, create_model_card, default_library_name
+
     if family == "transformers":
         _save_transformers(export, folder)
     else:
@@ -238,14 +263,14 @@ def save_sparse_model(
     elif family == "transformers" and getattr(model.config, "model_type", None) != "timm_wrapper":
         logger.warning(
             "save_sparse_model: no data_config, so %s records no preprocessing and "
-            "pipeline('image-classification') cannot load it; pass data_config=data.data_config.", folder,
+            "pipeline('image-classification') cannot load it; pass data_config=data.data_config.", target,
         )
     files = weight_files(folder)
     tensor_shapes(folder, files)  # what was written reads back
     extra: dict[str, Any] = {}
     if compressed:
         extra["compression"] = _compress_folder(folder, files, config)
-        logger.info("Compressed %s: %.3f of the dense size", folder, extra["compression"]["ratio"])
+        logger.info("Compressed %s: %.3f of the dense size", target, extra["compression"]["ratio"])
 
     from .. import __version__
 
@@ -259,7 +284,7 @@ def save_sparse_model(
         **extra,
     )
     card_kwargs = dict(card_data or {})
-    card_kwargs.setdefault("model_name", os.path.basename(os.path.abspath(folder)))
+    card_kwargs.setdefault("model_name", os.path.basename(os.path.abspath(target)))
     card_kwargs.setdefault("compressed", compressed)
     # A compressed folder is read by bimask-hf only: the Hub must not offer a timm/transformers snippet.
     card_kwargs.setdefault("library_name", "bimask-hf" if compressed else default_library_name(model))
@@ -269,4 +294,3 @@ def save_sparse_model(
         card_kwargs.setdefault("in_chans", int(data_config["input_size"][0]))
     card = create_model_card(layer_report if layer_report is not None else export, config, metrics=metrics, **card_kwargs)
     card.save(os.path.join(folder, "README.md"))
-    return folder

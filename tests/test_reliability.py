@@ -1,0 +1,303 @@
+"""Runs you can trust: exit status, seeded CLI runs, crash-safe checkpoints and saves, clear input errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import set_seed
+
+import bimask_hf as bh
+from bimask_hf import BiMaskTrainer, BiMaskTrainingArguments, create_model, load_image_classification_data
+from bimask_hf.layers import PERMUTATION_KEY
+from bimask_hf.storage import StorageError, last_complete_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+KILLER = ROOT / "tests" / "scripts" / "cli_kill_after_save.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV.pop("ACCELERATE_USE_CPU", None)
+# A tiny seeded CLI run: random init, data subset and order, random permutation search, checkpoints every 2 steps.
+# (No random augmentation: accelerate's dataloader loads one batch ahead, so a checkpoint's saved RNG state is
+# one batch's augmentation past its step and a resumed run draws other crops than a straight one.)
+TINY_RUN = ["--model", "resnet8_cifar", "--model_args", '{"base_width": 8}', "--dataset", "digits", "--recipe", "default",
+            "--image_size", "8", "--max_train_samples", "128", "--max_eval_samples", "32", "--max_steps", "6",
+            "--per_device_train_batch_size", "16", "--learning_rate", "0.05", "--optim", "sgd",
+            "--optim_args", "momentum=0.9", "--report_to", "none", "--num_permutations", "4",
+            "--permutation_search", "random", "--permutation_interval", "2", "--save_strategy", "steps",
+            "--save_steps", "2", "--seed", "3", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
+
+
+def _run(cmd: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env or ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+# ---- exit status, seeds, SIGKILL + resume through the CLI ---------------------------------------
+
+@pytest.mark.slow
+def test_cli_seeded_run_killed_and_resumed_is_bit_identical_and_exits_0(tmp_path):
+    train = [sys.executable, "-m", "bimask_hf.train", *TINY_RUN]
+    a, crashed = tmp_path / "a", tmp_path / "crashed"
+    _ok(_run([*train, "--output_dir", str(a), "--use_cpu", "true"]))
+    # A second run with the same seed, killed after checkpoint-4 and resumed from checkpoint-2, must write
+    # the same model.safetensors to the bit: its init, data order and permutation search are seeded, and
+    # resumption continues exactly.
+    killed = _run([sys.executable, str(KILLER), *TINY_RUN, "--output_dir", str(crashed), "--use_cpu", "true"],
+                  env={**ENV, "KILL_AT_STEP": "4"})
+    assert killed.returncode == -9, killed.stderr[-3000:]  # really killed, not a clean exit
+    assert (crashed / "checkpoint-4").is_dir() and not (crashed / "model.safetensors").exists()
+    # A kill while checkpoint-4 was written: no trainer_state.json. A bare --resume takes checkpoint-2.
+    (crashed / "checkpoint-4" / "trainer_state.json").unlink()
+    resumed = _ok(_run([*train, "--output_dir", str(crashed), "--use_cpu", "true", "--resume"]))
+    assert "Skipping" in resumed.stderr and "checkpoint-4: it has no trainer_state.json" in resumed.stderr
+    assert f"Resuming from {crashed / 'checkpoint-2'}" in resumed.stderr
+    straight, again = load_file(a / "model.safetensors"), load_file(crashed / "model.safetensors")
+    assert straight.keys() == again.keys()
+    for key, value in straight.items():
+        assert torch.equal(again[key], value), key
+    assert (a / "model.safetensors").read_bytes() == (crashed / "model.safetensors").read_bytes()
+
+    # bimask-eval, the console script, exits 0 on success and non-zero on failure.
+    bimask_eval = shutil.which("bimask-eval")
+    assert bimask_eval is not None
+    ok = _ok(_run([bimask_eval, str(a), "--dataset", "digits", "--max_samples", "16"]))
+    assert "top-1" in ok.stdout
+    failed = _run([bimask_eval, str(tmp_path / "missing"), "--dataset", "digits"])
+    assert failed.returncode != 0 and "missing" in failed.stderr
+
+
+@pytest.mark.slow
+def test_cpu_2proc_config_trains_ddp_without_env_var_and_exits_0(tmp_path):
+    out = tmp_path / "ddp"
+    proc = _ok(_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                     str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"), "-m", "bimask_hf.train", *TINY_RUN,
+                     "--max_steps", "2", "--output_dir", str(out)]))
+    # One two-process DDP run (one header, one save), not two single-process runs racing on the folder.
+    assert proc.stdout.count("sparse training") == 1 and "DDP x2 (cpu)" in proc.stdout, proc.stdout[-2000:]
+    assert proc.stdout.count("Hub-ready model folder") == 1
+    assert bh.load_sparse_model(str(out)) is not None
+    assert not [p for p in tmp_path.iterdir() if ".saving-" in p.name]
+
+
+# ---- crash-safe checkpoints and saves ---------------------------------------------------------------
+
+def _checkpoint(root: Path, step: int, state: bool = True, weights: bool = True) -> Path:
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if state:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if weights:
+        (path / "model.safetensors").write_bytes(b"x")
+    return path
+
+
+def test_resume_takes_the_newest_complete_checkpoint_and_says_why(tmp_path, caplog):
+    good = _checkpoint(tmp_path, 20)
+    _checkpoint(tmp_path, 3)
+    _checkpoint(tmp_path, 100, weights=False)
+    _checkpoint(tmp_path, 40, state=False)
+    (_checkpoint(tmp_path, 30) / "trainer_state.json").write_text("{truncated")
+    with caplog.at_level(logging.WARNING, logger="bimask_hf.storage"):
+        assert last_complete_checkpoint(tmp_path) == str(good)
+    text = caplog.text
+    assert "checkpoint-100: it has no model weights" in text and "checkpoint-40: it has no trainer_state.json" in text
+    assert "checkpoint-30: its trainer_state.json is unreadable" in text and f"Resuming from {good}" in text
+    assert last_complete_checkpoint(tmp_path / "nothing") is None
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_image_classification_data("digits", image_size=16, in_chans=3, seed=0, rank=0, world_size=1,
+                                          max_train_samples=64, max_eval_samples=32)
+
+
+def _model(digits, **kwargs):
+    set_seed(0)
+    return create_model("resnet8_cifar", labels=digits.labels, model_args={"base_width": 8}, **kwargs)
+
+
+def _args(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=16, learning_rate=0.05,
+                    report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                    permutation_search="random", num_permutations=4, permutation_interval=2)
+    return BiMaskTrainingArguments(**{**defaults, **kwargs})
+
+
+def test_interrupted_resave_leaves_the_previous_model_loadable(tmp_path, digits, monkeypatch):
+    import bimask_hf.hub.save as save
+
+    folder = tmp_path / "model"
+    first = bh.sparsify(_model(digits), bh.BiMaskConfig())
+    bh.save_sparse_model(first, folder, data_config=digits.data_config)
+    (folder / "checkpoint-1").mkdir()  # a Trainer output folder also holds checkpoints: they stay
+    before = load_file(folder / "model.safetensors")
+    second = bh.sparsify(_model(digits), bh.BiMaskConfig())
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(1.0)
+    real = save._save_transformers
+
+    def full_disk(model, path):  # the weights are written, then the disk fills up
+        real(model, path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(save, "_save_transformers", full_disk)
+    with pytest.raises(StorageError, match="is full"):
+        bh.save_sparse_model(second, folder, data_config=digits.data_config)
+    after = load_file(folder / "model.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert bh.load_sparse_model(str(folder)) is not None and (folder / "checkpoint-1").is_dir()
+    assert not [p for p in tmp_path.iterdir() if ".saving-" in p.name]  # no staging folder left behind
+    monkeypatch.setattr(save, "_save_transformers", real)
+    bh.save_sparse_model(second, folder, data_config=digits.data_config)  # a completed re-save replaces it
+    assert not torch.equal(load_file(folder / "model.safetensors")["fc.weight"], before["fc.weight"])
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    """An existing folder this process cannot write to (root ignores permission bits: use sysfs there)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    folder = Path("/sys/kernel")
+    if not folder.is_dir() or os.access(folder, os.W_OK) and _can_create_file(folder):
+        pytest.skip("no read-only folder available to root here")
+    return folder
+
+
+def _can_create_file(folder: Path) -> bool:
+    try:
+        (folder / ".bimask-probe").touch()
+    except OSError:
+        return False
+    (folder / ".bimask-probe").unlink()
+    return True
+
+
+def test_read_only_output_folder_fails_before_training(tmp_path, digits):
+    trainer = BiMaskTrainer(model=_model(digits), args=_args(tmp_path, output_dir=str(_read_only_folder(tmp_path))),
+                            train_dataset=digits.train_dataset, data_collator=digits.collate_fn)
+    with pytest.raises(StorageError, match="Cannot write to"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_disk_full_while_checkpointing_is_one_clear_error(tmp_path, digits, monkeypatch):
+    from transformers import Trainer
+
+    def torch_full_disk(self, output_dir):  # what torch.save raises when the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1536 vs 1462")
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", torch_full_disk)
+    trainer = BiMaskTrainer(model=_model(digits), args=_args(tmp_path, save_strategy="steps", save_steps=1),
+                            train_dataset=digits.train_dataset, data_collator=digits.collate_fn)
+    with pytest.raises(StorageError, match="is full.*--output_dir"):
+        trainer.train()
+
+
+# ---- clear messages --------------------------------------------------------------------------------
+
+def test_recipe_must_come_first(tmp_path):
+    from bimask_hf.train import parse_args
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: resnet8_cifar\n")
+    with pytest.raises(SystemExit, match="must be the first argument"):
+        parse_args(["--n", "1", str(recipe)])
+
+
+def test_save_steps_with_an_epoch_recipe_is_an_error(tmp_path):
+    from bimask_hf.train import parse_args
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: resnet8_cifar\nsave_strategy: epoch\n")
+    with pytest.raises(SystemExit, match="the recipe says save_strategy: epoch.*--save_strategy steps"):
+        parse_args([str(recipe), "--save_steps", "5", "--output_dir", str(tmp_path)])
+    args = parse_args([str(recipe), "--save_steps", "5", "--save_strategy", "steps", "--output_dir", str(tmp_path)])[2]
+    assert args.save_steps == 5
+
+
+def test_invalid_target_modules_regex_names_the_field(tmp_path):
+    from bimask_hf.train import parse_args
+
+    with pytest.raises(ValueError, match="target_modules is not a valid regular expression"):
+        parse_args(["--target_modules", "re:layer1.([", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="exclude_modules is not a valid regular expression"):
+        bh.BiMaskConfig(exclude_modules="*conv")
+
+
+@pytest.mark.parametrize("flag,message", [("--max_train_samples", "train set is empty"),
+                                          ("--max_eval_samples", "eval set is empty")])
+def test_empty_train_or_eval_set_fails_before_training(tmp_path, flag, message):
+    from bimask_hf.train import build, parse_args
+
+    with pytest.raises(ValueError, match=message):
+        build(*parse_args(["--dataset", "digits", "--model", "resnet8_cifar", flag, "0", "--output_dir",
+                           str(tmp_path), "--use_cpu", "true", "--report_to", "none"]))
+
+
+def test_eval_set_without_labels_is_an_error(tmp_path, digits):
+    unlabeled = datasets.Dataset.from_dict({"pixel_values": [[0.0]] * 4})
+    with pytest.raises(ValueError, match="eval set has no 'labels' column"):
+        BiMaskTrainer(model=_model(digits), args=_args(tmp_path), train_dataset=digits.train_dataset,
+                      eval_dataset=unlabeled, data_collator=digits.collate_fn)
+
+
+def test_one_channel_data_into_a_three_channel_model_fails_before_training(tmp_path, digits):
+    gray = load_image_classification_data("digits", image_size=16, in_chans=1, seed=0, rank=0, world_size=1,
+                                          max_train_samples=32)
+    trainer = BiMaskTrainer(model=_model(digits), args=_args(tmp_path), train_dataset=gray.train_dataset,
+                            data_collator=gray.collate_fn)
+    with pytest.raises(ValueError, match="1 channel.*takes 3: load the data with in_chans=3"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_unknown_config_keys_are_errors_but_saved_metadata_loads(tmp_path, digits):
+    with pytest.raises(ValueError, match="'modee' \\(did you mean 'mode'\\?\\)"):
+        bh.BiMaskConfig.from_dict({"n": 2, "m": 4, "modee": "post"})
+    with pytest.raises(TypeError, match="unknown BiMaskConfig field.*permutation_intervall"):
+        bh.sparsify(_model(digits), permutation_intervall=5)
+    model = bh.sparsify(_model(digits), mode="post", n=1)  # real overrides still apply
+    assert model.bimask_config.mode == "post" and model.bimask_config.n == 1
+    folder = bh.save_sparse_model(model, tmp_path / "saved", data_config=digits.data_config, compressed=True)
+    saved = bh.BiMaskConfig.load_json(folder)
+    assert {"sparse_layers", "pattern", "library_version", "compression"} <= set(saved)
+    assert bh.BiMaskConfig.from_pretrained(folder) == model.bimask_config
+
+
+# ---- model_init ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["bimask", "post"])
+def test_callback_acts_on_the_model_that_model_init_builds(tmp_path, digits, mode):
+    trainer = BiMaskTrainer(model_init=lambda: _model(digits), args=_args(tmp_path, mode=mode, max_steps=3),
+                            train_dataset=digits.train_dataset, data_collator=digits.collate_fn)
+    trainer.train()
+    layers = bh.sparse_layers(trainer.model)
+    assert layers and trainer.bimask_callback.model is trainer.model
+    if mode == "post":  # projected after every optimizer step: pruned weights of the trained model are zero
+        for layer in layers.values():
+            mf, _ = layer.compute_masks()
+            assert bool(((layer.weight != 0) <= mf).all())
+        return
+    perms = [getattr(layer, PERMUTATION_KEY) for layer in layers.values()]
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms)  # refreshed on the trained model
+    logged = [log for log in trainer.state.log_history if "sparsity/retention_mean" in log][-1]
+    retention = [float((mb & mf).sum()) / float(mf.sum()) for mf, mb in (layer.masks() for layer in layers.values())]
+    assert logged["sparsity/retention_mean"] == pytest.approx(sum(retention) / len(retention), rel=1e-6)
