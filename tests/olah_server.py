@@ -5,21 +5,37 @@ serves git repositories laid out as ``<mirrors-path>/<repo_type>/<org>/<name>`` 
 ``models``/``datasets``/``spaces``) through the same endpoints as the Hub (``/api/models/...``,
 ``/<org>/<name>/resolve/<rev>/<file>``). With ``offline = true`` it never contacts huggingface.co.
 It does not accept uploads, so repos are committed with git directly.
+
+One difference from the Hub matters to clients: olah answers a request for a file that a repo does
+not have with ``401 RepoNotFound``, where the Hub answers ``404 EntryNotFound``. transformers probes
+for optional files (``adapter_config.json`` whenever peft is installed, processor configs), treats a
+404 as "not there" and a 401 as a fatal error. So the tests talk to olah through a small loopback proxy
+(:class:`_HubSemanticsProxy`) that forwards everything unchanged except that it turns olah's 401 for a
+file missing from the served git repo into the Hub's 404.
 """
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+_RESOLVE = re.compile(r"^/(?:(?P<kind>datasets|spaces)/)?(?P<org>[^/]+)/(?P<name>[^/]+)/resolve/[^/]+/(?P<file>.+)$")
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
+               "proxy-authenticate"}
 
 
 @dataclass
@@ -52,6 +68,63 @@ class LocalHub:
             subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True)
         return sha.stdout.strip()
+
+
+def _missing_file(mirrors: str, path: str) -> bool:
+    """Whether ``path`` is a ``.../resolve/<rev>/<file>`` request for a file the served repo lacks."""
+    match = _RESOLVE.match(urllib.parse.unquote(urllib.parse.urlsplit(path).path))
+    if match is None:
+        return False
+    repo = os.path.join(mirrors, match["kind"] or "models", match["org"], match["name"])
+    return os.path.isdir(repo) and not os.path.exists(os.path.join(repo, match["file"]))
+
+
+class _HubSemanticsProxy(http.server.ThreadingHTTPServer):
+    """Forwards requests to olah; a 401 for a file missing from the served repo becomes the Hub's 404."""
+
+    daemon_threads = True
+
+    def __init__(self, port: int, upstream_port: int, mirrors: str) -> None:
+        self.upstream_port, self.mirrors = upstream_port, mirrors
+        super().__init__(("127.0.0.1", port), _ProxyHandler)
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HubSemanticsProxy
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet test server
+        return
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=120)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            data = response.read()
+            status, reason, out_headers = response.status, response.reason, response.getheaders()
+        finally:
+            upstream.close()
+        if status == 401 and _missing_file(self.server.mirrors, self.path):
+            data = b'{"error": "Entry not found"}'
+            status, reason = 404, "Not Found"
+            out_headers = [("Content-Type", "application/json"), ("X-Error-Code", "EntryNotFound"),
+                           ("X-Error-Message", "Entry not found")]
+        self.send_response(status, reason)
+        keep_length = self.command == "HEAD" and status != 404  # a HEAD answer announces the GET's length
+        for key, value in out_headers:
+            if key.lower() not in _HOP_BY_HOP and (keep_length or key.lower() != "content-length"):
+                self.send_header(key, value)
+        if not keep_length:
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_HEAD = do_POST = _forward
 
 
 def free_port() -> int:
@@ -103,7 +176,14 @@ def serve_local_repos(root: str, startup_timeout: float = 60.0) -> Iterator[Loca
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"olah did not answer on {endpoint} within {startup_timeout:.0f} s") from None
                 time.sleep(0.25)
-        yield LocalHub(endpoint=endpoint, mirrors=mirrors)
+        proxy = _HubSemanticsProxy(free_port(), port, mirrors)
+        thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield LocalHub(endpoint=f"http://127.0.0.1:{proxy.server_address[1]}", mirrors=mirrors)
+        finally:
+            proxy.shutdown()
+            proxy.server_close()
     finally:
         proc.terminate()
         try:
