@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .errors import NMPatternError
-from .masks import matrix_to_weight, weight_to_matrix
+from .masks import check_nm_pattern, matrix_to_weight, weight_to_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ def _unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
 
 
 def _check_pattern(n: int, m: int) -> None:
-    if not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n <= m:
-        raise ValueError(f"Invalid N:M pattern {n}:{m}: need integers with 1 <= N <= M.")
-    index_bits(m)
+    check_nm_pattern(n, m)
+    index_bits(m)  # M small enough for the packed in-group indices
 
 
 def is_nm_compressible(tensor: torch.Tensor, n: int, m: int, group_layout: str = "channels_last") -> bool:

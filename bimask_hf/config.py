@@ -13,6 +13,7 @@ from typing import Any
 CONFIG_NAME = "bimask_config.json"
 
 MODES = ("dense", "srste", "bimask", "transposable", "pre", "post")
+from .masks import check_nm_pattern  # noqa: E402
 from .search import METHODS as PERMUTATION_SEARCHES  # noqa: E402
 
 GROUP_LAYOUTS = ("channels_last", "flat")
@@ -91,14 +92,7 @@ class BiMaskConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"BiMaskConfig.{name} must be an integer, got {value!r}.")
-        if self.n < 1:
-            raise ValueError(f"BiMaskConfig.n must be >= 1, got n={self.n}.")
-        if self.m < 1:
-            raise ValueError(f"BiMaskConfig.m must be >= 1, got m={self.m}.")
-        if self.n > self.m:
-            raise ValueError(
-                f"BiMaskConfig.n must be <= m (N:M keeps N of every M weights), got n={self.n}, m={self.m}."
-            )
+        check_nm_pattern(self.n, self.m, owner="BiMaskConfig")
         if self.mode not in MODES:
             raise ValueError(f"BiMaskConfig.mode must be one of {MODES} (or m1..m4), got {self.mode!r}.")
         if self.permutation_search not in PERMUTATION_SEARCHES:

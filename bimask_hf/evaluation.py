@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .families import takes_pixel_values
 from .metrics import topk_accuracy
 
 __all__ = ["cli", "evaluate_model", "load_for_eval", "main"]
@@ -33,9 +34,10 @@ def load_for_eval(name_or_path: str) -> nn.Module:
 
 
 def _load_folder(name_or_path: str) -> tuple[nn.Module, str]:
-    from .config import CONFIG_NAME
+    import httpx
+
     from .hub import load_sparse_model
-    from .hub.files import _looks_like_path, resolve_folder
+    from .hub.files import _looks_like_path, is_bimask_folder, resolve_folder
     from .hub.load import load_plain_model
 
     if os.path.exists(name_or_path) or _looks_like_path(name_or_path):
@@ -43,12 +45,14 @@ def _load_folder(name_or_path: str) -> tuple[nn.Module, str]:
     else:
         try:
             folder = resolve_folder(name_or_path)
-        except Exception as error:  # "runs/x" is also a valid Hub id: say it is not a local folder either
+        # "runs/x" is also a valid Hub id: say it is not a local folder either. The Hub client raises
+        # OSError subclasses (HTTP, missing repo, offline), ValueError (invalid id) or httpx's errors.
+        except (OSError, ValueError, httpx.HTTPError) as error:
             raise FileNotFoundError(
                 f"{name_or_path!r} is not an existing local folder, and loading it as a Hub repo id failed "
                 f"({type(error).__name__}: {error}). Check the path (bimask-train writes to --output_dir)."
             ) from error
-    if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+    if is_bimask_folder(folder):
         # A bimask-hf folder: its N:M pattern is verified; a damaged config is an error, not a plain load.
         return load_sparse_model(folder), folder
     return load_plain_model(folder), folder
@@ -96,7 +100,7 @@ def evaluate_model(
     ranked, labels = [], []
     for batch in loader:
         pixel_values = batch["pixel_values"].to(device)
-        out = model(pixel_values=pixel_values) if hasattr(model, "config") else model(pixel_values)
+        out = model(pixel_values=pixel_values) if takes_pixel_values(model) else model(pixel_values)
         logits = out if isinstance(out, torch.Tensor) else out.logits
         ranked.append(logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu().numpy())
         labels.append(batch["labels"].numpy())
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{', a subset' if subset else ''}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%")
     if args.update_card:
         from .hub import update_card_results
+        from .hub.files import CARD_NAME
         from .train import card_dataset, card_dataset_name
 
         # The same dataset id and split name as the training run's card, so this result replaces that one.
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             split=split, dataset_name=card_dataset_name(args.dataset, int(result["samples"]) if subset else None),
         )
         note = f" (a subset of {int(result['samples'])} images, as the card says)" if subset else ""
-        print(f"Updated the {card_dataset(args.dataset)}/{split} result in {os.path.join(args.model, 'README.md')}{note}")
+        print(f"Updated the {card_dataset(args.dataset)}/{split} result in {os.path.join(args.model, CARD_NAME)}{note}")
     return result
 
 

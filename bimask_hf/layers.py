@@ -19,6 +19,7 @@ from .distributed import full_tensor, shard_like
 from .functional import masked_conv2d, masked_linear
 from .masks import (
     backward_mask_for_weight,
+    check_nm_pattern,
     matrix_to_weight,
     nm_mask_for_weight,
     retention,
@@ -52,8 +53,7 @@ class BiMaskLayer:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        if not 1 <= n <= m:
-            raise ValueError(f"Invalid N:M pattern {n}:{m}: need 1 <= N <= M.")
+        check_nm_pattern(n, m)
         self.n, self.m, self.mode, self.decay = n, m, mode, float(decay)
         self.density = density
         self.group_layout = group_layout

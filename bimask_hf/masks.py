@@ -16,6 +16,7 @@ import torch
 from .search import permutation_retention, search_permutation
 
 __all__ = [
+    "check_nm_pattern",
     "nm_mask",
     "backward_mask",
     "retention",
@@ -29,9 +30,16 @@ __all__ = [
 ]
 
 
-def _check_pattern(n: int, m: int) -> None:
-    if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 1 or n > m:
-        raise ValueError(f"Invalid N:M pattern {n}:{m}: need integers with 1 <= N <= M (e.g. 2:4).")
+def check_nm_pattern(n: int, m: int, owner: str = "") -> None:
+    """Raise ``ValueError`` unless ``n`` and ``m`` are integers with ``1 <= n <= m`` (the one N:M argument check).
+
+    ``owner`` (e.g. ``"BiMaskConfig"``) starts the message so the user knows which settings to fix.
+    """
+    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n <= m:
+        raise ValueError(
+            f"{owner + ': ' if owner else ''}Invalid N:M pattern n={n!r}, m={m!r}: need integers with 1 <= N <= M "
+            "(n must be <= m: N:M keeps N of every M weights, e.g. 2:4)."
+        )
 
 
 def _check_matrix(weight: torch.Tensor, name: str = "weight") -> None:
@@ -74,7 +82,7 @@ def nm_mask_for_weight(weight: torch.Tensor, n: int, m: int, group_layout: str =
     Same result as ``matrix_to_weight(nm_mask(weight_to_matrix(w, layout), n, m), w.shape, layout)``
     but with one layout copy instead of four (this runs at every forward).
     """
-    _check_pattern(n, m)
+    check_nm_pattern(n, m)
     mags = weight.detach().abs()
     if weight.dim() == 4 and group_layout == "channels_last" and weight.shape[1] % m == 0:
         # groups of m input channels at each kernel position, position-in-group leading (contiguous slices)
@@ -113,7 +121,7 @@ def backward_mask_for_weight(
 
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Forward mask ``Mf``: in every row and every run of ``m`` consecutive columns keep the ``n`` largest ``|W|``."""
-    _check_pattern(n, m)
+    check_nm_pattern(n, m)
     _check_matrix(weight)
     rows, cols = weight.shape
     if cols % m:
@@ -131,7 +139,7 @@ def backward_mask(
     ``n`` entries of largest ``|W * Mf|`` are kept, then the result is ANDed with ``Mf``. Entries of
     ``Mf`` always outrank pruned ones, so ``|Mb|`` per group and column is ``min(count(Mf), n)``.
     """
-    _check_pattern(n, m)
+    check_nm_pattern(n, m)
     _check_matrix(weight)
     rows, cols = weight.shape
     if rows % m:
@@ -211,7 +219,7 @@ def transposable_mask(weight: torch.Tensor, n: int, m: int, max_rounds: int = 64
     Exact (all doubly-N:M block patterns are scored with one matmul) for ``m <= 5``; for larger ``m``
     a vectorised 2x2-swap local search from a cyclic pattern, at most ``max_rounds`` rounds.
     """
-    _check_pattern(n, m)
+    check_nm_pattern(n, m)
     _check_matrix(weight)
     rows, cols = weight.shape
     if rows % m or cols % m:

@@ -75,8 +75,9 @@ def _check_inputs(forward_mask: torch.Tensor, n: int, m: int) -> tuple[int, int]
         raise ValueError(
             f"forward_mask must be 2-D (rows=outputs, columns=reduction), got {tuple(forward_mask.shape)}."
         )
-    if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 1 or n > m:
-        raise ValueError(f"Invalid N:M pattern {n}:{m}: need integers with 1 <= N <= M (e.g. 2:4).")
+    from .masks import check_nm_pattern  # masks imports this module
+
+    check_nm_pattern(n, m)
     rows, cols = forward_mask.shape
     if rows % m:
         raise ValueError(

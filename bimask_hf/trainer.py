@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import number_of_arguments
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BiMaskTrainer", "BiMaskTrainingArguments", "BiMaskCallback", "parse_module_list"]
 
+_SOFT_TARGET_LOSS = SoftTargetCrossEntropy()
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -188,8 +190,8 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with soft (mixup/cutmix) targets."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    """Cross-entropy with soft (mixup/cutmix) targets: timm's ``SoftTargetCrossEntropy``, in float32."""
+    return _SOFT_TARGET_LOSS(logits.float(), targets)
 
 
 class BiMaskTrainer(Trainer):

@@ -536,3 +536,24 @@ def test_card_says_to_import_bimask_hf_for_its_own_architectures():
     plain = bh.sparsify(models.timm_model("resnet18"), CONFIG)
     assert "import bimask_hf  # registers resnet8_cifar" in str(create_model_card(cifar, CONFIG, model_name="c"))
     assert "import bimask_hf  #" not in str(create_model_card(plain, CONFIG, model_name="p"))
+
+
+def test_save_unwraps_data_parallel_and_compiled_models(tmp_path):
+    model = bh.sparsify(models.timm_model("test_resnet", num_classes=5), CONFIG)
+    plain = load_file(os.path.join(save_sparse_model(model, tmp_path / "plain"), "model.safetensors"))
+    for name, wrapped in (("dp", nn.DataParallel(model)), ("compiled", torch.compile(model))):
+        folder = save_sparse_model(wrapped, tmp_path / name, config=CONFIG)
+        saved = load_file(os.path.join(folder, "model.safetensors"))
+        assert saved.keys() == plain.keys() and all(torch.equal(saved[k], plain[k]) for k in plain), name
+
+
+def test_model_family_helpers_tell_timm_from_transformers(timm_model, vit_model):
+    from bimask_hf.families import is_timm_wrapper, model_family, reads_as_timm, takes_pixel_values
+
+    wrapper = models.timm_wrapper("resnet8_cifar", num_labels=3)
+    assert [model_family(m) for m in (timm_model, vit_model, wrapper)] == ["timm", "transformers", "transformers"]
+    assert [is_timm_wrapper(m) for m in (timm_model, vit_model, wrapper)] == [False, False, True]
+    assert [reads_as_timm(m) for m in (timm_model, vit_model, wrapper)] == [True, False, True]
+    assert [takes_pixel_values(m) for m in (timm_model, vit_model, wrapper)] == [False, True, True]
+    with pytest.raises(TypeError, match="Wrap a timm model with TimmWrapperForImageClassification"):
+        model_family(nn.Linear(2, 2))

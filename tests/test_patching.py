@@ -305,3 +305,19 @@ def test_training_arguments_take_every_config_field_once():
         n=1, m=8, mode="post", permutation_interval=7, num_permutations=3, target_modules=["layer1", "layer2"],
         density=0.3, seed=5, group_layout="flat", decay=0.001, permutation_search="swap", exclude_modules=".*fc",
     )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: bh.BiMaskConfig(n=3, m=2),
+        lambda: bh.nm_mask(torch.randn(4, 8), 3, 2),
+        lambda: bh.search_permutation(torch.ones(4, 8, dtype=torch.bool), 3, 2),
+        lambda: bh.BiMaskLinear(8, 8, n=3, m=2),
+        lambda: __import__("bimask_hf.compression", fromlist=["x"]).compress_nm(torch.randn(4, 8), 3, 2),
+    ],
+    ids=["config", "nm_mask", "search", "layer", "compress"],
+)
+def test_every_entry_point_checks_nm_arguments_with_one_message(call):
+    with pytest.raises(ValueError, match=r"Invalid N:M pattern n=3, m=2: need integers with 1 <= N <= M"):
+        call()

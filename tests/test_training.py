@@ -319,3 +319,15 @@ def test_sparsity_metrics_reach_offline_trackers(tmp_path, digits, monkeypatch):
     history = list((tmp_path / "wandb").rglob("*.wandb"))
     assert history, "no offline wandb run written"
     assert b"sparsity/retention_min" in history[0].read_bytes()
+
+
+def test_soft_target_cross_entropy_matches_its_formula_in_float32():
+    from bimask_hf.trainer import soft_target_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, dtype=torch.float64)
+    targets = torch.softmax(torch.randn(6, 5, dtype=torch.float64), dim=-1)  # mixup-like soft labels
+    expected = -(targets * (logits - logits.logsumexp(-1, keepdim=True))).sum(-1).mean()
+    assert torch.allclose(soft_target_cross_entropy(logits, targets).double(), expected, atol=1e-6)
+    low = soft_target_cross_entropy(logits.bfloat16(), targets.bfloat16())
+    assert low.dtype == torch.float32

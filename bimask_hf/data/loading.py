@@ -13,9 +13,9 @@ from datasets.distributed import split_dataset_by_node
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, resolve_data_config
 from torch import nn
 
-from ..models.cifar import CIFAR10_MEAN, CIFAR10_STD
 from .errors import DataError
 from .sources import AnyDataset, DatasetSpec, open_source, resolve_columns, resolve_splits
+from .statistics import CIFAR10_MEAN, CIFAR10_STD
 from .transforms import (
     ApplyImageTransform,
     ImageTransform,

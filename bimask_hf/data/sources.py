@@ -10,9 +10,9 @@ from pathlib import Path
 import datasets
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..models.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from .errors import DataError
 from .local import fashion_mnist_available, load_digits_dataset, load_fashion_mnist
+from .statistics import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 __all__ = ["KNOWN_DATASETS", "DatasetSpec", "RawSplits", "open_source", "resolve_columns", "resolve_splits"]
 

@@ -16,7 +16,9 @@ import torch.nn as nn
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..config import BiMaskConfig
+from ..families import reads_as_timm
 from ..inspection import LayerReport, SparsityReport, report, sparse_layers
+from .files import CARD_NAME
 
 __all__ = ["create_model_card", "update_card_results", "card_metrics", "TEMPLATE_NAME"]
 
@@ -133,12 +135,7 @@ def _as_report(model_or_report: nn.Module | SparsityReport, config: BiMaskConfig
 
 def default_library_name(model: nn.Module) -> str:
     """``"timm"`` for folders timm reads natively (bare timm models and TimmWrapper), else ``"transformers"``."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) == "timm_wrapper":
-        return "timm"
-    if getattr(model, "pretrained_cfg", None) is not None and config is None:
-        return "timm"
-    return "transformers"
+    return "timm" if reads_as_timm(model) else "transformers"
 
 
 def _hyperparameters(config: BiMaskConfig, training_args: Mapping[str, Any] | None) -> list[tuple[str, str]]:
@@ -315,7 +312,7 @@ def update_card_results(
     Results for other datasets or splits are kept; those for ``(dataset, split)`` are replaced. A card
     whose table markers were edited away gets a new "Results" section. Returns the saved card.
     """
-    path = os.path.join(os.fspath(folder), "README.md")
+    path = os.path.join(os.fspath(folder), CARD_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model card {path!r}; save the model with bimask_hf.save_sparse_model first.")
     new = _eval_results(metrics, dataset, split, dataset_name)

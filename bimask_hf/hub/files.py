@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from ..compression import NM_WEIGHTS_NAME
+from ..config import CONFIG_NAME
 from ..errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,25 @@ def read_json(path: str, what: str) -> dict[str, Any]:
         raise CorruptCheckpointError(
             f"{what} {path!r} is not valid JSON ({error}); re-download or re-save the model."
         ) from error
+
+
+def is_bimask_folder(folder: str | os.PathLike) -> bool:
+    """Whether a local ``folder`` was written by bimask-hf (it holds ``bimask_config.json``)."""
+    return os.path.isfile(os.path.join(folder, CONFIG_NAME))
+
+
+def read_bimask_meta(folder: str, source: str) -> dict[str, Any]:
+    """The ``bimask_config.json`` of a resolved ``folder`` (``source`` names it as the user gave it).
+
+    Raises ``FileNotFoundError`` if the folder was not saved by bimask-hf, and
+    :class:`CorruptCheckpointError` if the file is unreadable.
+    """
+    if not is_bimask_folder(folder):
+        raise FileNotFoundError(
+            f"{source!r} has no {CONFIG_NAME}: it was not saved by bimask_hf.save_sparse_model. Load it with "
+            "transformers/timm and call bimask_hf.sparsify(model, BiMaskConfig(...)) to start sparse training."
+        )
+    return read_json(os.path.join(folder, CONFIG_NAME), "Bi-Mask config")
 
 
 def _looks_like_path(name: str) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..compression import NM_WEIGHTS_NAME, load_nm_safetensors
-from ..config import CONFIG_NAME, BiMaskConfig
+from ..config import BiMaskConfig
 from ..errors import NMPatternError
 from ..inspection import check_nm
 from ..masks import unstructured_keep_count
@@ -22,6 +22,7 @@ from .files import (
     MODEL_CONFIG_NAME,
     SAFE_WEIGHTS_NAME,
     corrupt,
+    read_bimask_meta,
     read_json,
     resolve_folder,
     tensor_shapes,
@@ -139,13 +140,7 @@ def load_sparse_model(
     """
     source = os.fspath(repo_id_or_dir)
     folder = resolve_folder(source, **hub_kwargs)
-    meta_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(
-            f"{source!r} has no {CONFIG_NAME}: it was not saved by bimask_hf.save_sparse_model. Load it with "
-            "transformers/timm and call bimask_hf.sparsify(model, BiMaskConfig(...)) to start sparse training."
-        )
-    meta = read_json(meta_path, "Bi-Mask config")
+    meta = read_bimask_meta(folder, source)
     config = BiMaskConfig.from_dict(meta)
     files = weight_files(folder)
     tensor_shapes(folder, files)  # truncated / overwritten files fail here, naming the file
@@ -173,10 +168,7 @@ def load_folder_for_check(repo_id_or_dir: str | os.PathLike, **hub_kwargs: Any) 
     ``sparse_layers`` are renamed to the loaded model's modules; used by ``check_nm(folder)``."""
     source = os.fspath(repo_id_or_dir)
     folder = resolve_folder(source, **hub_kwargs)
-    meta_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{source!r} has no {CONFIG_NAME}: it was not saved by bimask_hf.save_sparse_model.")
-    meta = read_json(meta_path, "Bi-Mask config")
+    meta = read_bimask_meta(folder, source)
     files = weight_files(folder)
     tensor_shapes(folder, files)
     model = _load_compressed(folder, None) if files == [NM_WEIGHTS_NAME] else load_plain_model(folder)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..families import is_timm_wrapper
 from .files import MODEL_CONFIG_NAME, read_json
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def write_preprocessing(model: nn.Module, folder: str, family: str, data_config:
     """Record ``data_config`` in ``folder``: ``config.json``'s ``pretrained_cfg`` for timm models and
     TimmWrapper, a ``preprocessor_config.json`` for other transformers models."""
     config = _clean(data_config)
-    if family == "timm" or getattr(getattr(model, "config", None), "model_type", None) == "timm_wrapper":
+    if family == "timm" or is_timm_wrapper(model):
         _update_timm_config(folder, config)
     else:
         _write_image_processor(model, folder, config)

@@ -13,13 +13,22 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from accelerate.utils import extract_model_from_parallel
 
 from ..compression import NM_WEIGHTS_NAME, is_nm_compressible, save_nm_safetensors
 from ..config import BiMaskConfig
+from ..families import is_timm_wrapper, model_family
 from ..inspection import SparsityReport, check_nm, report, sparse_layers
 from ..patching import merge
 from ..storage import replace_folder_contents, storage_errors
-from .files import MODEL_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, tensor_shapes, weight_files
+from .files import (
+    CARD_NAME,
+    MODEL_CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    tensor_shapes,
+    weight_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,39 +36,6 @@ __all__ = ["save_sparse_model", "model_family"]
 
 FORMAT_DENSE = "safetensors"
 FORMAT_COMPRESSED = "nm-compressed"
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
-def model_family(model: nn.Module) -> str:
-    """``"transformers"`` for a ``PreTrainedModel`` (TimmWrapper included), ``"timm"`` for a bare timm model."""
-    if _is_transformers_model(model):
-        return "transformers"
-    if isinstance(getattr(model, "pretrained_cfg", None), dict):
-        return "timm"
-    raise TypeError(
-        f"save_sparse_model saves transformers PreTrainedModels and timm models (with a pretrained_cfg); "
-        f"got {type(model).__name__}. Wrap a timm model with TimmWrapperForImageClassification or build it "
-        "with timm.create_model."
-    )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel / DataParallel / accelerate wrappers keep the real model in `.module`.
-    # torch.compile keeps it in `._orig_mod`.
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _timm_wrapper_config(model: nn.Module, folder: str) -> None:
@@ -71,7 +47,7 @@ def _timm_wrapper_config(model: nn.Module, folder: str) -> None:
     """
     import tempfile
 
-    from timm.models._hub import save_config_for_hf
+    from timm.models import save_for_hf
 
     path = os.path.join(folder, MODEL_CONFIG_NAME)
     with open(path, encoding="utf-8") as f:
@@ -80,9 +56,8 @@ def _timm_wrapper_config(model: nn.Module, folder: str) -> None:
         config.pop("model_args", None)
     if not isinstance(config.get("pretrained_cfg"), dict):
         with tempfile.TemporaryDirectory() as tmp:
-            timm_path = os.path.join(tmp, MODEL_CONFIG_NAME)
-            save_config_for_hf(model.timm_model, timm_path)
-            with open(timm_path, encoding="utf-8") as f:
+            save_for_hf(model.timm_model, tmp, safe_serialization=True)  # timm's public export; its config
+            with open(os.path.join(tmp, MODEL_CONFIG_NAME), encoding="utf-8") as f:
                 timm_config = json.load(f)
         config["pretrained_cfg"] = timm_config["pretrained_cfg"]
         for key in ("num_features", "global_pool"):
@@ -101,7 +76,7 @@ def _save_transformers(model: nn.Module, folder: str) -> None:
     saved with prefixed keys that timm cannot load. Passing the prefix-free state dict makes both cases
     write the same timm-compatible file, which TimmWrapper loads back (it adds the prefix on load).
     """
-    if getattr(model.config, "model_type", None) != "timm_wrapper":
+    if not is_timm_wrapper(model):
         model.save_pretrained(folder)
         return
     state = {k.removeprefix("timm_model."): v for k, v in model.state_dict().items()}
@@ -117,7 +92,7 @@ def _save_timm(model: nn.Module, folder: str) -> None:
     fails with "got multiple values for keyword argument 'num_classes'". ``num_classes`` stays at the
     config's top level, where both libraries read it.
     """
-    from timm.models._hub import save_for_hf
+    from timm.models import save_for_hf
 
     save_for_hf(model, folder, safe_serialization=True)
     path = os.path.join(folder, MODEL_CONFIG_NAME)
@@ -199,7 +174,7 @@ def save_sparse_model(
             UserWarning,
             stacklevel=2,
         )
-    model = _unwrap(model)
+    model = extract_model_from_parallel(model, keep_torch_compile=False)  # DDP, DataParallel, torch.compile
     config = config or getattr(model, "bimask_config", None)
     if config is None:
         raise ValueError("save_sparse_model needs a BiMaskConfig: pass config=... or call bimask_hf.sparsify first.")
@@ -235,7 +210,7 @@ def save_sparse_model(
             _write_folder(export, model, staging, folder, family=family, config=config, layers=layers,
                           compressed=compressed, card_data=card_data, metrics=metrics, data_config=data_config,
                           layer_report=layer_report)
-            stale = {NM_WEIGHTS_NAME, "model.safetensors", SAFE_WEIGHTS_INDEX_NAME} - set(os.listdir(staging))
+            stale = {NM_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME} - set(os.listdir(staging))
             replace_folder_contents(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -260,7 +235,7 @@ def _write_folder(export: nn.Module, model: nn.Module, folder: str, target: str,
         from .preprocessing import write_preprocessing
 
         write_preprocessing(export, folder, family, data_config)
-    elif family == "transformers" and getattr(model.config, "model_type", None) != "timm_wrapper":
+    elif family == "transformers" and not is_timm_wrapper(export):
         logger.warning(
             "save_sparse_model: no data_config, so %s records no preprocessing and "
             "pipeline('image-classification') cannot load it; pass data_config=data.data_config.", target,
@@ -293,4 +268,4 @@ def _write_folder(export: nn.Module, model: nn.Module, folder: str, target: str,
     if data_config is not None and data_config.get("input_size"):
         card_kwargs.setdefault("in_chans", int(data_config["input_size"][0]))
     card = create_model_card(layer_report if layer_report is not None else export, config, metrics=metrics, **card_kwargs)
-    card.save(os.path.join(folder, "README.md"))
+    card.save(os.path.join(folder, CARD_NAME))

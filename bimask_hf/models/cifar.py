@@ -28,6 +28,8 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
+from ..data.statistics import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD  # re-exported
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -39,11 +41,6 @@ __all__ = [
     "ZeroPadShortcut",
 ]
 
-# Per-channel statistics of the training images, in [0, 1] pixel units.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 class _CifarClassifierBase(nn.Module):

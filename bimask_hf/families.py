@@ -1,0 +1,42 @@
+"""Which library a model comes from: the one place bimask-hf asks "is this timm or transformers?"."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+__all__ = ["model_family", "is_timm_wrapper", "reads_as_timm", "takes_pixel_values"]
+
+
+def _is_pretrained_model(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def model_family(model: nn.Module) -> str:
+    """``"transformers"`` for a ``PreTrainedModel`` (TimmWrapper included), ``"timm"`` for a bare timm model
+    (one with a ``pretrained_cfg`` dict); ``TypeError`` naming the fix for anything else."""
+    if _is_pretrained_model(model):
+        return "transformers"
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        return "timm"
+    raise TypeError(
+        f"bimask-hf saves and loads transformers PreTrainedModels and timm models (with a pretrained_cfg); "
+        f"got {type(model).__name__}. Wrap a timm model with TimmWrapperForImageClassification or build it "
+        "with timm.create_model."
+    )
+
+
+def is_timm_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is transformers' ``TimmWrapperForImageClassification`` (a timm model under ``timm_model``)."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "timm_wrapper"
+
+
+def reads_as_timm(model: nn.Module) -> bool:
+    """Whether the folder saved from ``model`` is in timm's own format (bare timm models and TimmWrapper)."""
+    return is_timm_wrapper(model) or (not _is_pretrained_model(model) and getattr(model, "pretrained_cfg", None) is not None)
+
+
+def takes_pixel_values(model: nn.Module) -> bool:
+    """Whether ``model`` is called as ``model(pixel_values=...)`` (transformers) rather than ``model(x)`` (timm)."""
+    return _is_pretrained_model(model)
