@@ -191,6 +191,7 @@ def create_model_card(
     in_chans: int = 3,
     training_results: list[dict[str, Any]] | None = None,
     framework_versions: list[tuple[str, str]] | None = None,
+    lora_from: str | None = None,
 ) -> ModelCard:
     """Build the model card of a Bi-Mask sparse model.
 
@@ -204,6 +205,7 @@ def create_model_card(
     bimask-hf's image processor: either makes the examples ``import bimask_hf``. ``training_results`` are the
     rows of transformers' training-results table (``transformers.modelcard.parse_log_history``);
     ``framework_versions`` default to the installed bimask-hf, transformers, timm, PyTorch and datasets.
+    ``lora_from`` names the sparse model a merged LoRA fine-tune started from (the card says so, tag ``lora``).
     """
     layer_report = _as_report(model_or_report, config)
     if library_name is None:
@@ -225,7 +227,7 @@ def create_model_card(
         license=license,
         library_name=library_name,
         pipeline_tag=TASK,
-        tags=_tags(config),
+        tags=_tags(config) + (["lora"] if lora_from else []),
         metrics=["accuracy"] if eval_results else None,
         eval_results=eval_results or None,
     )
@@ -246,6 +248,7 @@ def create_model_card(
             in_chans=in_chans,
             training_results=training_results or None,
             framework_versions=framework_versions if framework_versions is not None else _framework_versions(),
+            lora_from=lora_from,
             compressed=compressed,
             pattern=config.pattern,
             nm=config.density is None,
