@@ -63,9 +63,6 @@ class BiMaskLayer:
         self.bidirectional = density is None and (rows // row_groups) % m == 0
         perm = torch.arange(rows, device=self.weight.device)
         self.register_buffer(PERMUTATION_KEY, perm, persistent=True)
-        # Kept for compatibility (the trainer sets it False under FSDP): masks are never cached any more,
-        # so refills that do not bump the version counter (FSDP2, fused optimizers) cannot go unseen.
-        self.cache_masks = True
 
     # ---- configuration -------------------------------------------------------------------------
     def _row_groups(self) -> int:

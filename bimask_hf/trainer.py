@@ -244,8 +244,6 @@ class BiMaskTrainer(Trainer):
         self._check_setup()
         self._export_template: nn.Module | None = None
         if self.is_fsdp_enabled and self.model is not None:
-            for layer in sparse_layers(self.model).values():
-                layer.cache_masks = False
             # The final save needs a plain module to load the gathered weights into; the sharded one
             # cannot be deep-copied. A copy with meta tensors costs no memory.
             self._export_template = _meta_copy(self.model)

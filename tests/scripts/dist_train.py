@@ -53,7 +53,6 @@ def train(kind: str, mode: str, data, a, output_dir: str, resume: str | None = N
         "permutations": perms,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "sharded": any(is_sharded(p) for p in trainer.model.parameters()),
-        "mask_cache": {layer.cache_masks for layer in bh.sparse_layers(trainer.model).values()},
     }
     return trainer, record
 
