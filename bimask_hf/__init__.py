@@ -37,6 +37,7 @@ _LAZY = {
     "save_sparse_model": "hub",
     "load_sparse_model": "hub",
     "create_model_card": "hub",
+    "get_peft_model": "lora",
 }
 
 

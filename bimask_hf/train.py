@@ -183,6 +183,22 @@ def _is_bimask_folder(path: str) -> bool:
     return True
 
 
+def _with_lora(model: Any, train_args: Any) -> Any:
+    """``--lora_r``: LoRA adapters on ``--lora_target_modules`` with the sparse layers' masks fixed."""
+    from peft import LoraConfig
+
+    from .lora import get_peft_model
+    from .trainer import parse_module_list
+
+    targets = parse_module_list(train_args.lora_target_modules)
+    if not targets:
+        raise ValueError("--lora_r needs --lora_target_modules (comma-separated module names, or 're:<regex>').")
+    alpha = train_args.lora_alpha if train_args.lora_alpha is not None else 2 * train_args.lora_r
+    config = LoraConfig(r=train_args.lora_r, lora_alpha=alpha, lora_dropout=train_args.lora_dropout,
+                        target_modules=targets)
+    return get_peft_model(model, config)
+
+
 def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any):  # type: ignore[no-untyped-def]
     """Data, model and `BiMaskTrainer` for parsed arguments (everything `main` does before training)."""
     from .data import load_image_classification_data
@@ -219,6 +235,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
         model = create_model(
             name, labels=data.labels, in_chans=data_args.in_chans, pretrained=model_args.pretrained, model_args=extra,
         )
+    if train_args.lora_r is not None:
+        model = _with_lora(model, train_args)
     if data.mixup_fn is not None:
         train_args.label_smoothing_factor = 0.0  # folded into the mixup targets
     hub_dataset = card_dataset(data_args.dataset)

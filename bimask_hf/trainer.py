@@ -19,12 +19,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from timm.loss import SoftTargetCrossEntropy
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import number_of_arguments
 
 from .config import ARGUMENT_FIELDS, BiMaskConfig, BiMaskConfigArguments
 from .distributed import UnsupportedSetupError, describe_setup, enable_cpu_fsdp, is_sharded
+from .lora import is_peft_model
 from .metrics import compute_topk_metrics, topk_indices
 from .patching import project_, refresh_permutations, report, sparse_layers, sparsify
 from .storage import check_writable, last_complete_checkpoint, storage_errors
@@ -62,6 +64,22 @@ class BiMaskTrainingArguments(TrainingArguments, BiMaskConfigArguments):
     exclude_norm_from_weight_decay: bool = field(
         default=True, metadata={"help": "No weight decay on normalisation layers and biases."}
     )
+    lora_r: int | None = field(
+        default=None,
+        metadata={"help": "Fine-tune with LoRA of this rank (bimask_hf.get_peft_model: sparse layers keep their "
+                  "N:M masks fixed, adapters are never sparsified). Needs peft."},
+    )
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x lora_r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "LoRA targets: comma-separated module names/suffixes, or 're:<regex>' (required with "
+                  "--lora_r)."},
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "With LoRA, save_model also writes the merged, exactly N:M model to <output_dir>/merged."},
+    )
 
     def __post_init__(self) -> None:
         if self.ddp_find_unused_parameters is None:
@@ -88,11 +106,13 @@ class BiMaskCallback(TrainerCallback):
     """
 
     def __init__(
-        self, model: nn.Module, config: BiMaskConfig, print_report: bool = True, setup: Callable[[], str] | None = None
+        self, model: nn.Module, config: BiMaskConfig, print_report: bool = True, setup: Callable[[], str] | None = None,
+        fixed_masks: bool = False,
     ) -> None:
         self.model = model
         self.config = config
         self.print_report = print_report
+        self.fixed_masks = fixed_masks  # LoRA fine-tuning: masks are fixed, nothing to refresh or project
         self.setup = setup
         self.search_seconds = 0.0
 
@@ -104,6 +124,10 @@ class BiMaskCallback(TrainerCallback):
         if kwargs.get("model") is not None:
             # The model the Trainer trains: with ``model_init`` it is built anew in ``train()``.
             self.model = kwargs["model"]
+        if self.fixed_masks:
+            if state.is_world_process_zero:
+                print(f"bimask-hf: LoRA fine-tuning of a {self.config.pattern} sparse model, N:M masks fixed")
+            return
         if state.global_step == 0 and self.config.mode == "bimask":
             self._refresh(0)  # a resumed run keeps the permutations its checkpoint holds
         if self.print_report:
@@ -119,11 +143,12 @@ class BiMaskCallback(TrainerCallback):
             project_(self.model)
 
     def on_optimizer_step(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if self.config.mode == "post":
+        if self.config.mode == "post" and not self.fixed_masks:
             project_(self.model)
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if self.config.mode == "bimask" and state.global_step % self.config.permutation_interval == 0:
+        if (self.config.mode == "bimask" and not self.fixed_masks
+                and state.global_step % self.config.permutation_interval == 0):
             self._refresh(state.global_step)
 
     def sparsity_logs(self) -> dict[str, float]:
@@ -229,7 +254,16 @@ class BiMaskTrainer(Trainer):
                 return sparsify(model_init(trial) if number_of_arguments(model_init) else model_init(), config)
 
             kwargs["model_init"] = sparse_model_init
-        if model is not None and not sparse_layers(model):
+        self.is_lora = is_peft_model(model)
+        if self.is_lora:  # fixed-mask fine-tuning: never sparsify (the adapters least of all), never refresh
+            base = model.get_base_model()
+            if sparse_layers(base):
+                raise ValueError(
+                    "This PeftModel wraps Bi-Mask layers with plain LoRA, whose merge is dense. Build it with "
+                    "bimask_hf.get_peft_model(model, lora_config), which keeps the N:M masks fixed."
+                )
+            bimask_config = getattr(base, "bimask_config", None) or bimask_config
+        elif model is not None and not sparse_layers(model):
             sparsify(model, bimask_config)
         elif model is not None:
             bimask_config = getattr(model, "bimask_config", bimask_config)
@@ -247,7 +281,9 @@ class BiMaskTrainer(Trainer):
             # The final save needs a plain module to load the gathered weights into; the sharded one
             # cannot be deep-copied. A copy with meta tensors costs no memory.
             self._export_template = _meta_copy(self.model)
-        self.bimask_callback = BiMaskCallback(self.model, bimask_config, setup=lambda: describe_setup(self.accelerator))
+        self.bimask_callback = BiMaskCallback(
+            self.model, bimask_config, setup=lambda: describe_setup(self.accelerator), fixed_masks=self.is_lora
+        )
         self.add_callback(self.bimask_callback)
         self._check_datasets()
 
@@ -429,6 +465,9 @@ class BiMaskTrainer(Trainer):
             return
         from .hub import save_sparse_model
 
+        if self.is_lora:
+            self._save_lora(model, output_dir)
+            return
         save_sparse_model(
             model, output_dir, config=self.bimask_config, card_data=self._card_data(),
             metrics=self.card_info.get("metrics"), data_config=self.data_config,
@@ -437,6 +476,23 @@ class BiMaskTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_lora(self, model: Any, output_dir: str) -> None:
+        """Adapters (peft's ``save_pretrained``) and, with ``merge_lora``, the merged N:M model in ``merged/``."""
+        from .hub import save_sparse_model
+
+        model = extract_model_from_parallel(model)
+        with storage_errors(output_dir):
+            model.save_pretrained(output_dir)
+        if not getattr(self.args, "merge_lora", False):
+            return
+        merged = copy.deepcopy(model).merge_and_unload()
+        base = self.card_info.get("base_model") or getattr(merged, "name_or_path", None) or "the sparse base model"
+        card = {**self._card_data(), "lora_from": base, "base_model": self.card_info.get("base_model")}
+        save_sparse_model(
+            merged, os.path.join(output_dir, "merged"), config=self.bimask_config, card_data=card,
+            metrics=self.card_info.get("metrics"), data_config=self.data_config,
+        )
 
     def push_to_hub(  # type: ignore[override]
         self,

@@ -1,0 +1,200 @@
+"""LoRA fine-tuning of sparse models (bimask_hf.get_peft_model): the N:M pattern and the outputs survive the merge."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig  # noqa: E402
+from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
+from transformers import AutoModelForImageClassification  # noqa: E402
+
+import bimask_hf as bh  # noqa: E402
+from bimask_hf import BiMaskTrainer, BiMaskTrainingArguments  # noqa: E402
+from bimask_hf.hub import save_sparse_model  # noqa: E402
+from bimask_hf.lora import load_peft_model  # noqa: E402
+
+from . import models  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "v_proj", "fc1", "fc2", "classifier"]  # classifier: a dense target gets plain LoRA
+
+
+def _lora_config() -> LoraConfig:
+    # init_lora_weights=False: B is random too, so the update is nonzero from the first step
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+
+
+@pytest.fixture(scope="module")
+def sparse_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = bh.sparsify(models.tiny_vit(), bh.BiMaskConfig())
+    return save_sparse_model(model, tmp_path_factory.mktemp("lora") / "vit-2-4")
+
+
+def _sparse_names(folder: str) -> list[str]:
+    return bh.BiMaskConfig.load_json(folder)["sparse_layers"]
+
+
+def _train_steps(model, steps: int = 3) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(4, 3, 32, 32, generator=gen)
+        loss = model(pixel_values=x, labels=torch.randint(0, 10, (4,), generator=gen)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(pixel_values=x).logits
+
+
+def test_plain_automodel_lora_merge_stays_nm_and_computes_what_was_trained(sparse_folder):
+    base = AutoModelForImageClassification.from_pretrained(sparse_folder)
+    peft_model = bh.get_peft_model(base, _lora_config())
+    assert isinstance(peft_model, peft.PeftModel)
+    masked = [n for n, m in peft_model.named_modules() if type(m).__name__ == "MaskedLoraLinear"]
+    assert len(masked) == 8  # q_proj, v_proj, fc1, fc2 in both blocks; never the dense classifier
+    head = peft_model.get_submodule("base_model.model.classifier")
+    assert type(head) is LoraLinear  # plain LoRA on a dense target
+    assert not bh.sparse_layers(peft_model)  # adapters are never sparsified
+    _train_steps(peft_model)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    adapted = _logits(peft_model, x)
+    merged = peft_model.merge_and_unload()  # peft's own merge
+    assert bh.check_nm(merged, 2, 4, layers=_sparse_names(sparse_folder))
+    torch.testing.assert_close(_logits(merged, x), adapted, atol=1e-5, rtol=0)
+    # the sparse layers really changed (inside their mask), the dense head too
+    plain = AutoModelForImageClassification.from_pretrained(sparse_folder)
+    fc1 = "vit.layers.0.mlp.fc1.weight"
+    before, after = plain.state_dict()[fc1], merged.state_dict()[fc1]
+    assert not torch.equal(before, after) and torch.equal(before != 0, after != 0)
+
+
+def test_plain_lora_would_lose_the_pattern(sparse_folder):
+    """The failure this module exists for: peft's own get_peft_model merges a dense update."""
+    base = AutoModelForImageClassification.from_pretrained(sparse_folder)
+    plain = peft.get_peft_model(base, _lora_config())
+    merged = plain.merge_and_unload()
+    with pytest.raises(bh.NMPatternError):
+        bh.check_nm(merged, 2, 4, layers=_sparse_names(sparse_folder))
+
+
+def test_adapters_round_trip_on_the_sparse_base(sparse_folder, tmp_path):
+    base = AutoModelForImageClassification.from_pretrained(sparse_folder)
+    peft_model = bh.get_peft_model(base, _lora_config())
+    _train_steps(peft_model, steps=1)
+    peft_model.save_pretrained(tmp_path / "adapters")
+    files = set(os.listdir(tmp_path / "adapters"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    x = torch.randn(2, 3, 32, 32)
+    reloaded = load_peft_model(AutoModelForImageClassification.from_pretrained(sparse_folder), tmp_path / "adapters")
+    assert isinstance(reloaded, peft.PeftModel)
+    torch.testing.assert_close(_logits(reloaded, x), _logits(peft_model, x), atol=1e-6, rtol=0)
+    merged = reloaded.merge_and_unload()
+    bh.check_nm(merged, 2, 4, layers=_sparse_names(sparse_folder))
+
+
+def _image_dataset(n: int = 24) -> Dataset:
+    gen = torch.Generator().manual_seed(3)
+    data = Dataset.from_dict({"pixel_values": torch.randn(n, 3, 32, 32, generator=gen).numpy(),
+                              "labels": torch.randint(0, 10, (n,), generator=gen).tolist()})
+    return data.with_format("torch")
+
+
+def test_bimask_trainer_fine_tunes_a_model_under_bimask_training_and_saves_merged_nm(tmp_path):
+    torch.manual_seed(0)
+    model = bh.sparsify(models.tiny_vit(), bh.BiMaskConfig())
+    reference_masks = {n: layer.forward_mask.clone() for n, layer in bh.sparse_layers(model).items()}
+    peft_model = bh.get_peft_model(model, _lora_config())
+    args = BiMaskTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8,
+                                   learning_rate=0.01, report_to="none", use_cpu=True, save_strategy="no",
+                                   disable_tqdm=True, permutation_interval=1, merge_lora=True)
+    trainer = BiMaskTrainer(model=peft_model, args=args, train_dataset=_image_dataset(),
+                            card_info={"base_model": "org/vit-2-4"})
+    assert not bh.sparse_layers(trainer.model)  # nothing (adapters included) was sparsified
+    trainer.train()
+    x = torch.randn(2, 3, 32, 32)
+    adapted = _logits(trainer.model, x)
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").is_file()
+    merged_folder = out / "merged"
+    checked = bh.check_nm(str(merged_folder))
+    assert sorted(checked) == sorted(reference_masks)
+    merged = AutoModelForImageClassification.from_pretrained(merged_folder)
+    torch.testing.assert_close(_logits(merged, x), adapted, atol=1e-5, rtol=0)
+    for name, mask in reference_masks.items():  # the masks fixed at the start are the merged zero pattern
+        assert torch.equal(merged.get_submodule(name).weight != 0, mask), name
+    card = (merged_folder / "README.md").read_text()
+    assert "LoRA fine-tuned from [org/vit-2-4]" in card
+
+
+def test_bimask_trainer_refuses_plain_lora_on_bimask_layers(tmp_path):
+    model = bh.sparsify(models.tiny_vit(), bh.BiMaskConfig())
+    plain = peft.get_peft_model(model, LoraConfig(r=2, target_modules=["fc1"]))
+    args = BiMaskTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="bimask_hf.get_peft_model"):
+        BiMaskTrainer(model=plain, args=args, train_dataset=_image_dataset(8))
+
+
+def test_get_peft_model_needs_sparse_layers():
+    with pytest.raises(ValueError, match="no sparse Linear layers"):
+        bh.get_peft_model(models.tiny_vit(), _lora_config())
+
+
+@pytest.mark.slow
+def test_lora_under_two_process_ddp(sparse_folder, tmp_path):
+    script = tmp_path / "lora_ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(sparse_folder),
+           str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    r0, r1 = (torch.load(tmp_path / "out" / f"lora.rank{r}.pt") for r in (0, 1))
+    assert r0.keys() == r1.keys() and any("lora_A" in k for k in r0)
+    for key in r0:  # DDP keeps the adapters identical on both ranks
+        assert torch.equal(r0[key], r1[key]), key
+    assert bh.check_nm(str(tmp_path / "out" / "merged"))
+
+
+_DDP_SCRIPT = '''
+import os, sys
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForImageClassification
+import bimask_hf as bh
+from bimask_hf import BiMaskTrainer, BiMaskTrainingArguments
+
+folder, out = sys.argv[1], sys.argv[2]
+model = bh.get_peft_model(AutoModelForImageClassification.from_pretrained(folder),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1", "fc2"]))
+gen = torch.Generator().manual_seed(3)
+data = Dataset.from_dict({"pixel_values": torch.randn(32, 3, 32, 32, generator=gen).numpy(),
+                          "labels": torch.randint(0, 10, (32,), generator=gen).tolist()}).with_format("torch")
+args = BiMaskTrainingArguments(output_dir=out, max_steps=3, per_device_train_batch_size=4, learning_rate=0.1,
+                               report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                               merge_lora=True, ddp_backend="gloo")
+trainer = BiMaskTrainer(model=model, args=args, train_dataset=data)
+trainer.train()
+assert trainer.args.world_size == 2
+state = {k: v for k, v in trainer.model.state_dict().items() if "lora_" in k}
+trainer.save_model()
+os.makedirs(out, exist_ok=True)
+torch.save(state, os.path.join(out, f"lora.rank{trainer.args.process_index}.pt"))
+'''
