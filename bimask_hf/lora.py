@@ -84,9 +84,10 @@ def _masked_lora_class() -> type:
     class MaskedLoraLinear(LoraLinear):
         """peft's ``lora.Linear`` on an :class:`NMSparseLinear`: the update is ``(s·B@A) ⊙ Mf``.
 
-        The forward adds ``x (s·B@A ⊙ Mf)ᵀ``: one dense ``O x K`` product per adapter, layer and step (the
-        masked low-rank update cannot be factored). Merging adds the same masked delta, so the merged
-        weight is ``(W + s·B@A) ⊙ Mf`` (``W`` is zero outside the mask) and stays exactly N:M.
+        The forward computes ``x (W + s·B@A ⊙ Mf)ᵀ + b`` in one product (the masked low-rank update cannot
+        be factored, so it is folded into the weight: one dense ``O x K`` temporary per layer and step).
+        Merging adds the same masked delta, so the merged weight is ``(W + s·B@A) ⊙ Mf`` (``W`` is zero
+        outside the mask) and stays exactly N:M.
         """
 
         def _fixed_mask(self) -> torch.Tensor:
@@ -99,18 +100,27 @@ def _masked_lora_class() -> type:
             if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
                 return super().forward(x, *args, **kwargs)
             self._check_forward_args(x, *args, **kwargs)
-            result = self.base_layer(x, *args, **kwargs)
-            out_dtype = result.dtype
+            base = self.get_base_layer()
+            mask = self._fixed_mask()
+            weight = base.weight
+            separate = []  # adapters with dropout: their input differs from the base layer's
             for adapter in self.active_adapters:
                 if adapter not in self.lora_A.keys():
                     continue
                 if adapter in self.lora_variant:
                     raise NotImplementedError("LoRA variants (DoRA, ...) are not supported on N:M sparse layers.")
-                weight_a = self.lora_A[adapter].weight
-                delta = (self.lora_B[adapter].weight @ weight_a) * self._fixed_mask() * self.scaling[adapter]
-                x_in = self._cast_input_dtype(self.lora_dropout[adapter](x), weight_a.dtype)
-                result = result + F.linear(x_in, delta)
-            return result.to(out_dtype)
+                delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * mask * self.scaling[adapter]
+                if isinstance(self.lora_dropout[adapter], nn.Identity):
+                    weight = weight + delta.to(weight.dtype)
+                else:
+                    separate.append((adapter, delta))
+            # One product with W + (s·B@A) ⊙ Mf: one dense O x K temporary per layer and step, and the
+            # backward pass needs one O x K weight gradient for A and B (the mask prevents factoring it).
+            result = F.linear(x, weight, base.bias)
+            for adapter, delta in separate:
+                x_in = self._cast_input_dtype(self.lora_dropout[adapter](x), delta.dtype)
+                result = result + F.linear(x_in, delta).to(result.dtype)
+            return result
 
         def __repr__(self) -> str:
             return "masked_" + super().__repr__()
