@@ -173,16 +173,6 @@ def card_dataset_name(name: str, max_samples: int | None = None) -> str:
     return f"{shown} (subset of {max_samples} images)" if max_samples is not None else shown
 
 
-def _is_bimask_folder(path: str) -> bool:
-    from .config import BiMaskConfig
-
-    try:
-        BiMaskConfig.load_json(path)
-    except (FileNotFoundError, OSError, ValueError):
-        return False
-    return True
-
-
 def _with_lora(model: Any, train_args: Any) -> Any:
     """``--lora_r``: LoRA adapters on ``--lora_target_modules`` with the sparse layers' masks fixed."""
     from peft import LoraConfig
@@ -202,6 +192,7 @@ def _with_lora(model: Any, train_args: Any) -> Any:
 def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any):  # type: ignore[no-untyped-def]
     """Data, model and `BiMaskTrainer` for parsed arguments (everything `main` does before training)."""
     from .data import load_image_classification_data
+    from .hub.files import is_bimask_folder
     from .modeling import check_model_name, create_model
     from .trainer import BiMaskTrainer
 
@@ -223,7 +214,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
         rank=train_args.process_index, world_size=train_args.world_size,
         max_eval_samples=data_args.max_eval_samples,
     )
-    if model_args.pretrained_path is not None and _is_bimask_folder(model_args.pretrained_path):
+    if model_args.pretrained_path is not None and is_bimask_folder(model_args.pretrained_path):
         from .hub import load_sparse_model
 
         model = load_sparse_model(model_args.pretrained_path)  # keeps its N:M layers and config

@@ -525,6 +525,21 @@ def test_hub_endpoint_is_read_at_call_time(local_hub, tmp_path, monkeypatch):
         load_sparse_model("bimask-test/no-config", cache_dir=str(tmp_path / "cache"))
 
 
+def test_is_bimask_folder_answers_for_folders_and_hub_ids(local_hub, timm_folder, tmp_path, monkeypatch):
+    # The one "is this a bimask folder?" check (bimask-train's --pretrained_path and bimask-eval use it).
+    from bimask_hf.hub.files import is_bimask_folder
+
+    monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
+    plain = _copy(timm_folder, tmp_path, "plain")
+    os.remove(os.path.join(plain, "bimask_config.json"))
+    assert is_bimask_folder(timm_folder) and not is_bimask_folder(plain)
+    assert not is_bimask_folder(str(tmp_path / "missing" / "folder"))
+    cache = str(tmp_path / "cache")
+    assert is_bimask_folder("bimask-test/resnet-2-4", cache_dir=cache)
+    assert not is_bimask_folder("bimask-test/no-config", cache_dir=cache)
+    assert not is_bimask_folder("bimask-test/not-a-repo", cache_dir=cache)
+
+
 def test_weight_to_matrix_matches_plain_check():
     # The plain-torch group count used above agrees with the library's channels_last layout.
     w = torch.randn(8, 4, 3, 3)

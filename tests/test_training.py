@@ -295,6 +295,25 @@ def test_cli_bad_input_fails_before_training(tmp_path, argv, message):
     assert message in str(err.value)
 
 
+def test_pretrained_path_to_a_bimask_folder_keeps_its_pattern(tmp_path, digits):
+    # bimask-train --pretrained_path: a bimask-hf folder is loaded with its N:M layers (1:4 here, not the
+    # 2:4 default); a folder without bimask_config.json is a plain model, sparsified with the arguments' 2:4.
+    from bimask_hf.train import build, parse_args
+
+    model = create_model("resnet8_cifar", labels=digits.labels, model_args={"base_width": 16})
+    bh.sparsify(model, bh.BiMaskConfig(n=1, m=4))
+    folder = tmp_path / "sparse"
+    bh.save_sparse_model(model, str(folder))
+    argv = ["--model", "resnet8_cifar", "--dataset", "digits", "--image_size", "16", "--in_chans", "3",
+            "--max_train_samples", "32", "--max_eval_samples", "16", "--output_dir", str(tmp_path / "out"),
+            "--use_cpu", "true", "--report_to", "none"]
+    _, trainer = build(*parse_args([*argv, "--pretrained_path", str(folder)]))
+    assert {(layer.n, layer.m) for layer in bh.sparse_layers(trainer.model).values()} == {(1, 4)}
+    os.remove(folder / "bimask_config.json")
+    _, trainer = build(*parse_args([*argv, "--pretrained_path", str(folder)]))  # plain: sparsified with the args
+    assert {(layer.n, layer.m) for layer in bh.sparse_layers(trainer.model).values()} == {(2, 4)}
+
+
 def test_unknown_recipe_key_is_rejected(tmp_path):
     from bimask_hf.train import parse_args
 

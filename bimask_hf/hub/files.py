@@ -90,9 +90,29 @@ def read_json(path: str, what: str) -> dict[str, Any]:
         ) from error
 
 
-def is_bimask_folder(folder: str | os.PathLike) -> bool:
-    """Whether a local ``folder`` was written by bimask-hf (it holds ``bimask_config.json``)."""
-    return os.path.isfile(os.path.join(folder, CONFIG_NAME))
+def is_bimask_folder(folder: str | os.PathLike, **hub_kwargs: Any) -> bool:
+    """Whether ``folder`` was written by bimask-hf (it holds ``bimask_config.json``).
+
+    A local folder is looked at; any other name that can be a Hub repo id is asked for that one file
+    (``hub_kwargs`` go to ``hf_hub_download``): a missing file or repo, an invalid id or an unreachable
+    Hub answer ``False``, so the caller loads it as a plain transformers/timm model and reports that error.
+    """
+    path = os.fspath(folder)
+    if os.path.isdir(path) or _looks_like_path(path):
+        return os.path.isfile(os.path.join(path, CONFIG_NAME))
+    import httpx
+    from huggingface_hub import hf_hub_download
+
+    kwargs = dict(hub_kwargs)
+    if "endpoint" not in kwargs and os.environ.get("HF_ENDPOINT"):
+        kwargs["endpoint"] = os.environ["HF_ENDPOINT"].rstrip("/")  # read at call time, as resolve_folder does
+    try:
+        hf_hub_download(repo_id=path, filename=CONFIG_NAME, **kwargs)
+    # The Hub client raises OSError subclasses (HTTP, missing repo or file, offline), ValueError
+    # (invalid id) or httpx's errors (connection).
+    except (OSError, ValueError, httpx.HTTPError):
+        return False
+    return True
 
 
 def read_bimask_meta(folder: str, source: str) -> dict[str, Any]:
