@@ -12,6 +12,16 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from accelerate.utils.constants import FSDP_MODEL_NAME
+from transformers.utils import (
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["StorageError", "check_writable", "last_complete_checkpoint", "storage_errors"]
@@ -19,10 +29,10 @@ __all__ = ["StorageError", "check_writable", "last_complete_checkpoint", "storag
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What the Trainer writes as a checkpoint's model: plain, sharded, PEFT adapters, FSDP shards.
 _MODEL_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-    "adapter_model.safetensors", "adapter_model.bin",
+    SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+    ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME,
 )
-_MODEL_PREFIXES = ("pytorch_model_fsdp",)
+_MODEL_PREFIXES = (FSDP_MODEL_NAME,)
 
 
 class StorageError(OSError):
