@@ -198,3 +198,21 @@ trainer.save_model()
 os.makedirs(out, exist_ok=True)
 torch.save(state, os.path.join(out, f"lora.rank{trainer.args.process_index}.pt"))
 '''
+
+
+@pytest.mark.slow
+def test_cli_lora_fine_tune_writes_adapters_and_merged_nm_folder(sparse_folder, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "bimask_hf.train", "--model", "vit", "--pretrained_path", str(sparse_folder),
+           "--dataset", "digits", "--image_size", "32", "--output_dir", str(out), "--max_steps", "3",
+           "--per_device_train_batch_size", "8", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj,fc1,fc2",
+           "--merge_lora", "true", "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no",
+           "--max_eval_samples", "32"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LoRA fine-tuning of a 2:4 sparse model, N:M masks fixed" in proc.stdout
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    assert sorted(bh.check_nm(str(out / "merged"))) == sorted(_sparse_names(sparse_folder))
+    assert f"LoRA fine-tuned from [{sparse_folder}]" in (out / "merged" / "README.md").read_text()
