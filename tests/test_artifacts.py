@@ -210,7 +210,8 @@ def test_check_nm_reads_folders_and_saved_layers(tmp_path):
     assert checked == [name.removeprefix("timm_model.") for name in recorded]
     key = checked[0] + ".weight"
     state[key] = state[key].clone()
-    state[key].view(-1)[:4] = 1.0  # a full group of 4: breaks 2:4
+    assert state[key].dim() == 4 and state[key].shape[1] >= 4
+    state[key][0, :4, 0, 0] = 1.0  # a full channels_last group of 4 (4 channels at one kernel position): breaks 2:4
     with pytest.raises(bh.NMPatternError, match=checked[0]):
         bh.check_nm(state, saved=folder)
     from safetensors.torch import save_file
