@@ -150,3 +150,12 @@ def test_shared_search_benchmark_runs_one_and_two_processes():
     rows = {row[0]: row[1:] for row in (line.split() for line in out.splitlines()) if row}
     assert float(rows["1"][0]) > 0 and float(rows["2"][0]) > 0 and "ratio_2_over_1" in rows
     assert rows["identical_permutations"] == ["True"]  # two processes sharing the search = one process
+
+
+
+def test_lora_step_smallest():
+    pytest.importorskip("peft")
+    out = _run("lora_step.py", "--hidden", "64", "--layers", "1", "--image", "16", "--batch", "2", "--rounds", "1")
+    rows = {" ".join(row[:3]): row for row in _table_rows(out, "plain") + _table_rows(out, "N:M")}
+    assert set(rows) == {"plain LoRA (peft)", "N:M LoRA (bimask-hf)"}
+    assert float(rows["plain LoRA (peft)"][-1]) == 1.0 and float(rows["N:M LoRA (bimask-hf)"][-1]) > 0
