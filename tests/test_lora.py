@@ -216,3 +216,30 @@ def test_cli_lora_fine_tune_writes_adapters_and_merged_nm_folder(sparse_folder, 
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
     assert sorted(bh.check_nm(str(out / "merged"))) == sorted(_sparse_names(sparse_folder))
     assert f"LoRA fine-tuned from [{sparse_folder}]" in (out / "merged" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["folded", "separate-dropout-path"])
+def test_masked_lora_forward_and_gradients_match_explicit_formulas(dropout):
+    """y = x ((W + s·B@A) ⊙ M)ᵀ + b; dA = s·Bᵀ((gᵀx) ⊙ M), dB = s·((gᵀx) ⊙ M)Aᵀ, dx = g((W + s·B@A) ⊙ M)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    with torch.no_grad():
+        base[0].weight.mul_(torch.rand(8, 16) > 0.5)
+    mask = base[0].weight.detach() != 0
+    w, bias = base[0].weight.detach().clone(), base[0].bias.detach().clone()
+    config = LoraConfig(r=2, lora_alpha=6, target_modules=["0"], lora_dropout=dropout, init_lora_weights=False)
+    model = bh.get_peft_model(base, config, sparse_layers=["0"])
+    model.eval()  # dropout > 0 still takes the separate (unfolded) path, with identity dropout
+    layer = model.base_model.model[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = 3.0  # lora_alpha / r
+    x = torch.randn(5, 16, requires_grad=True)
+    out = model(x)
+    adapted = (w + s * b.detach() @ a.detach()) * mask
+    torch.testing.assert_close(out, x.detach() @ adapted.T + bias)
+    g = torch.randn_like(out)
+    out.backward(g)
+    gx = (g.T @ x.detach()) * mask
+    torch.testing.assert_close(a.grad, s * b.detach().T @ gx)
+    torch.testing.assert_close(b.grad, s * gx @ a.detach().T)
+    torch.testing.assert_close(x.grad, g @ adapted)
