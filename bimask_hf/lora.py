@@ -178,7 +178,8 @@ def _saved_sparse_layers(model: nn.Module) -> list[str] | None:
     return list(meta.get("sparse_layers") or [])
 
 
-def prepare_sparse_base(model: nn.Module, sparse_layers: list[str] | None = None) -> list[str]:
+def prepare_sparse_base(model: nn.Module, sparse_layers: list[str] | None = None, *,
+                        require_linear: bool = True) -> list[str]:
     """Fix the masks of ``model``'s sparse layers in place (before LoRA is added); returns their names.
 
     Bi-Mask layers (a model under training or from ``load_sparse_model``) are merged and keep their
@@ -215,7 +216,7 @@ def prepare_sparse_base(model: nn.Module, sparse_layers: list[str] | None = None
         model.bimask_sparse_layers = sorted(set(getattr(model, "bimask_sparse_layers", [])) | set(fixed))  # type: ignore[assignment]
         if getattr(model, "bimask_config", None) is None:
             model.bimask_config = _source_config(model)  # type: ignore[assignment]
-    if not fixed:
+    if not fixed and require_linear:
         raise ValueError(
             f"{type(model).__name__} has no sparse Linear layers to fine-tune: pass a model from "
             "load_sparse_model, one loaded from a folder saved by bimask-hf, one under Bi-Mask training, "
@@ -243,9 +244,24 @@ def get_peft_model(model: nn.Module, peft_config: Any, *args: Any, sparse_layers
         raise TypeError(f"bimask_hf.get_peft_model supports LoraConfig, got {type(peft_config).__name__}.")
     if getattr(peft_config, "use_dora", False):
         raise ValueError("DoRA is not supported on N:M sparse layers (its magnitude rescaling is dense); set use_dora=False.")
-    names = prepare_sparse_base(model, sparse_layers)
+    names = prepare_sparse_base(model, sparse_layers, require_linear=False)
+    convs = [name for name in getattr(model, "bimask_sparse_layers", [])
+             if isinstance(model.get_submodule(name), nn.Conv2d) and _is_target(peft_config, name)]
+    if convs:
+        raise ValueError(
+            f"LoRA targets sparse Conv2d layers {convs[:5]}: their update would not be masked and the merge would "
+            "be dense. Target Linear layers only (or exclude these with exclude_modules)."
+        )
+    if not names:
+        prepare_sparse_base(model, sparse_layers)  # raises the error that names what is missing
     logger.info("LoRA keeps the N:M masks of %d sparse layers fixed", len(names))
     return peft.get_peft_model(model, _with_sparse_mapping(peft_config), *args, **kwargs)
+
+
+def _is_target(peft_config: Any, name: str) -> bool:
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return bool(check_target_module_exists(peft_config, name))
 
 
 def load_peft_model(model: nn.Module, model_id: str | os.PathLike, *, sparse_layers: list[str] | None = None,

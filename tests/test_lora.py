@@ -243,3 +243,9 @@ def test_masked_lora_forward_and_gradients_match_explicit_formulas(dropout):
     torch.testing.assert_close(a.grad, s * b.detach().T @ gx)
     torch.testing.assert_close(b.grad, s * gx @ a.detach().T)
     torch.testing.assert_close(x.grad, g @ adapted)
+
+
+def test_lora_on_sparse_convolutions_is_refused():
+    model = bh.sparsify(models.timm_model("resnet18"), bh.BiMaskConfig())
+    with pytest.raises(ValueError, match="sparse Conv2d layers"):
+        bh.get_peft_model(model, LoraConfig(r=2, target_modules=["conv1"]))
