@@ -208,16 +208,29 @@ def test_no_weight_decay_on_norm_layers_and_biases(tmp_path, digits):
 
 
 def test_bf16_mixed_precision_run(tmp_path, digits):
-    trainer = _trainer(tmp_path, digits, bf16=True, max_steps=6, learning_rate=0.1)
+    trainer = _trainer(tmp_path, digits, bf16=True, max_steps=4, learning_rate=0.05, optim="sgd")
     seen = []
     layer = next(iter(bh.sparse_layers(trainer.model).values()))
     hook = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     trainer.train()
     hook.remove()
     assert torch.bfloat16 in seen  # the sparse layers really ran under bf16 autocast
+    assert layer.weight.dtype == torch.float32
+    # The same run in float32 from the same seed: bf16 changes rounding, not the training. The sparse
+    # layers' updates must agree closely (a lost or wrong weight gradient under autocast would not).
+    name = next(iter(bh.sparse_layers(trainer.model)))
+    reference = _trainer(tmp_path / "fp32", digits, max_steps=4, learning_rate=0.05, optim="sgd")
+    start = reference.model.get_submodule(name).weight.detach().clone()
+    reference.train()
+    update_fp32 = reference.model.get_submodule(name).weight.detach() - start
+    update_bf16 = layer.weight.detach() - start
+    assert update_fp32.norm() > 0
+    # bf16 rounding of small, partly cancelling gradients moves individual entries (measured: ~25 % in norm)
+    assert (update_bf16 - update_fp32).norm() < 0.5 * update_fp32.norm()
+    assert torch.nn.functional.cosine_similarity(update_bf16.flatten(), update_fp32.flatten(), dim=0) > 0.9
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert losses and all(torch.isfinite(torch.tensor(losses)))
-    assert layer.weight.dtype == torch.float32 and torch.isfinite(layer.weight).all()
+    losses32 = [log["loss"] for log in reference.state.log_history if "loss" in log]
+    assert losses == pytest.approx(losses32, rel=0.05)
 
 
 # ---- the command line ---------------------------------------------------------------------------
