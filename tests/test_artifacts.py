@@ -174,9 +174,17 @@ def test_bimask_eval_loads_timm_format_folders(tmp_path):
 
     data_dir = _image_folder(tmp_path / "data", "RGB")
     folder = tmp_path / "timm-format"
-    save_for_hf(timm.create_model("resnet8_cifar", num_classes=3, base_width=8), str(folder), safe_serialization=True)
+    model = timm.create_model("resnet8_cifar", num_classes=3, base_width=8)
+    with torch.no_grad():  # a model that always answers class 1 ("light"): its accuracy is known exactly
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor([0.0, 5.0, 1.0]))
+    save_for_hf(model, str(folder), safe_serialization=True)
+    for i in range(4):  # unbalanced val split: 6 dark, 2 light, 6 mid
+        (data_dir / "val" / "light" / f"{i}.png").unlink()
     result = evaluation.main([str(folder), "--dataset", str(data_dir), "--split", "val"])
-    assert result["samples"] == 18 and 0.0 <= result["top1"] <= result["top5"] <= 100.0
+    assert result["samples"] == 14
+    assert result["top1"] == pytest.approx(100.0 * 2 / 14)  # the loaded weights (the head's bias) decide
+    assert result["top5"] == pytest.approx(100.0)  # 3 classes: every label is in the top 5
 
 
 def test_bimask_eval_rejects_corrupt_config_and_names_missing_folders(tmp_path, monkeypatch):
