@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -10,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from accelerate.utils.constants import FSDP_MODEL_NAME
 from transformers.utils import (
@@ -22,9 +23,14 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from .compression import NM_WEIGHTS_NAME
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["StorageError", "check_writable", "last_complete_checkpoint", "storage_errors"]
+__all__ = [
+    "StorageError", "check_writable", "last_complete_checkpoint", "make_staging_folder", "recover_interrupted_save",
+    "replace_folder_contents", "storage_errors",
+]
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What the Trainer writes as a checkpoint's model: plain, sharded, PEFT adapters, FSDP shards.
@@ -33,6 +39,7 @@ _MODEL_FILES = (
     ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME,
 )
 _MODEL_PREFIXES = (FSDP_MODEL_NAME,)
+_SHARD_RE = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
 
 
 class StorageError(OSError):
@@ -113,13 +120,107 @@ def check_writable(folder: str | os.PathLike) -> None:
             pass
 
 
-def replace_folder_contents(staging: str, folder: str) -> None:
-    """Move every file of ``staging`` into ``folder`` with ``os.replace`` (each file atomically), then
-    delete ``staging``. A kill leaves each file of ``folder`` either old or new, never half-written."""
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(staging):
-        target = os.path.join(folder, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(staging, name), target)
-    shutil.rmtree(staging, ignore_errors=True)
+_STAGING_MARKER = ".bimask-staging"  # in a staging folder until it has become the model folder
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux): swap two paths atomically
+
+
+def _staging_prefix(folder: str) -> str:
+    return f".{os.path.basename(os.path.abspath(folder))}.saving-"
+
+
+def make_staging_folder(folder: str | os.PathLike) -> str:
+    """A new, marked staging folder beside ``folder`` for :func:`replace_folder_contents` (which needs
+    the same file system); a save interrupted earlier is recovered first."""
+    target = os.fspath(folder)
+    recover_interrupted_save(target)
+    staging = tempfile.mkdtemp(prefix=_staging_prefix(target), dir=os.path.dirname(os.path.abspath(target)))
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkdtemp makes the folder private (0700); the swapped-in model folder keeps the old folder's mode.
+    os.chmod(staging, os.stat(target).st_mode & 0o7777 if os.path.isdir(target) else 0o777 & ~umask)
+    open(os.path.join(staging, _STAGING_MARKER), "w").close()  # noqa: SIM115 - an empty marker file
+    return staging
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two folders in one atomic step (``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE) == 0:  # -100: AT_FDCWD
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"Cannot swap {b!r} into place: {os.strerror(err)}", a)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in _MODEL_FILES or name == NM_WEIGHTS_NAME or bool(_SHARD_RE.match(name))
+
+
+def _restore_entries(old: str, folder: str, drop: Collection[str]) -> None:
+    """Move what the model folder held besides the model (checkpoints, logs, ...) from ``old`` back into
+    ``folder``; names the new model has, and ``drop``, stay behind and are deleted with ``old``."""
+    present = set(os.listdir(folder))
+    for name in os.listdir(old):
+        if name not in present and name not in drop and name != _STAGING_MARKER and not _is_weight_file(name):
+            os.replace(os.path.join(old, name), os.path.join(folder, name))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_folder_contents(staging: str, folder: str, drop: Collection[str] = ()) -> None:
+    """Make the complete model in ``staging`` (from :func:`make_staging_folder`) the model folder ``folder``.
+
+    The two folders are swapped in one atomic rename, so a kill at any moment leaves ``folder`` holding
+    either the whole previous model or the whole new one, never a mix. Everything else the previous
+    folder held (checkpoints, logs) is then moved back into it, except the names in ``drop`` (weight
+    files of another format). Where the file system cannot swap, the old folder is renamed away and the
+    new one renamed into place (two steps). A save killed between the steps is finished or undone by the
+    next save or resume (:func:`recover_interrupted_save`).
+    """
+    # The marker leaves the new folder only once it is in place (until then a kill discards it).
+    if not os.path.isdir(folder):
+        os.rename(staging, folder)
+        os.remove(os.path.join(folder, _STAGING_MARKER))
+        return
+    if _exchange(staging, folder):
+        os.remove(os.path.join(folder, _STAGING_MARKER))  # ``folder`` is the new model now
+        _restore_entries(staging, folder, drop)  # ``staging`` holds the previous folder
+        return
+    old = tempfile.mkdtemp(prefix=_staging_prefix(folder), dir=os.path.dirname(os.path.abspath(folder)))
+    os.rename(folder, old)  # onto the empty folder just made; a kill here is undone by the next save
+    os.rename(staging, folder)
+    os.remove(os.path.join(folder, _STAGING_MARKER))
+    _restore_entries(old, folder, drop)
+
+
+def recover_interrupted_save(folder: str | os.PathLike) -> None:
+    """Finish or undo a save of ``folder`` that a kill interrupted (see :func:`replace_folder_contents`).
+
+    A leftover staging folder that still has its marker was never swapped in: deleted. One without the
+    marker is the previous model folder swapped out: its other entries (checkpoints) move back into
+    ``folder``, or it becomes ``folder`` again if the kill came before the new one was in place.
+    """
+    target = os.fspath(folder)
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent):
+        return
+    prefix = _staging_prefix(target)
+    if os.path.isfile(os.path.join(target, _STAGING_MARKER)):
+        os.remove(os.path.join(target, _STAGING_MARKER))  # swapped in, killed before the marker was removed
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not name.startswith(prefix) or not os.path.isdir(path):
+            continue
+        if os.path.isfile(os.path.join(path, _STAGING_MARKER)):
+            logger.warning("Removing %s: the unfinished staging folder of an interrupted save of %s.", path, target)
+            shutil.rmtree(path, ignore_errors=True)
+        elif not os.path.isdir(target):
+            logger.warning("Restoring %s from %s: a save was interrupted while swapping folders.", target, path)
+            os.rename(path, target)
+        else:
+            logger.warning("Moving the checkpoints and logs of %s back from %s (an interrupted save).", target, path)
+            _restore_entries(path, target, drop=())

@@ -168,6 +168,87 @@ def test_interrupted_resave_leaves_the_previous_model_loadable(tmp_path, digits,
     assert not torch.equal(load_file(folder / "model.safetensors")["fc.weight"], before["fc.weight"])
 
 
+class _Killed(BaseException):
+    """A simulated SIGKILL: raised at one file-system step; nothing the save does afterwards happens."""
+
+
+class _KillAt:
+    """Wraps file-system functions: the ``step``-th call raises :class:`_Killed`, later calls do nothing."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.count, self.dead = step, 0, False
+
+    def wrap(self, real):  # type: ignore[no-untyped-def]
+        def op(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if self.dead:
+                return False  # killed: nothing runs any more
+            self.count += 1
+            if self.count == self.step:
+                self.dead = True
+                raise _Killed(real.__name__)
+            return real(*args, **kwargs)
+        return op
+
+
+def _model_files(folder: Path, hidden: bool = True) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()
+            if p.is_file() and p.name != "README.md" and (hidden or not p.name.startswith("."))}
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_a_save_killed_at_any_step_leaves_the_whole_old_or_the_whole_new_model(tmp_path, digits, monkeypatch, swap):
+    import bimask_hf.storage as storage
+
+    if not swap:  # a file system without an atomic exchange: the fallback renames twice
+        monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+
+    folder, reference = tmp_path / "model", tmp_path / "reference" / "model"
+    old = bh.sparsify(_model(digits), bh.BiMaskConfig(n=2, m=4))
+    new = bh.sparsify(_model(digits), bh.BiMaskConfig(n=1, m=4))
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    bh.save_sparse_model(new, reference, data_config=digits.data_config)
+    want_new = _model_files(reference)
+    ops = [(os, "replace"), (os, "rename"), (os, "remove"), (os, "unlink"), (shutil, "rmtree"), (storage, "_exchange")]
+    kills, step = 0, 1
+    while True:
+        shutil.rmtree(folder, ignore_errors=True)
+        # The previous model: 2:4 in the compressed format, inside a Trainer output folder with a checkpoint.
+        bh.save_sparse_model(old, folder, data_config=digits.data_config, compressed=True)
+        (folder / "checkpoint-1").mkdir()
+        (folder / "checkpoint-1" / "trainer_state.json").write_text("{}")
+        want_old = _model_files(folder)
+        killer = _KillAt(step)
+        with monkeypatch.context() as m:
+            for module, attr in ops:
+                m.setattr(module, attr, killer.wrap(getattr(module, attr)))
+            try:
+                bh.save_sparse_model(new, folder, data_config=digits.data_config)
+            except _Killed:
+                kills += 1
+            else:
+                assert step > 3, "the save made no file-system steps to interrupt"
+                break
+        # Right after the kill: the folder is the old model or the new one, never a mix, and it loads.
+        if swap or folder.exists():
+            state = _model_files(folder, hidden=False)  # (a kill right after the swap leaves a hidden marker)
+            assert state in (want_old, want_new), (step, sorted(state))
+            assert bh.load_sparse_model(str(folder)) is not None
+        else:  # between the two renames: the previous model waits whole beside the folder
+            state = want_old
+            assert [_model_files(p) for p in tmp_path.glob(".model.saving-*")].count(want_old) == 1
+        # The next save of the folder starts by finishing the interrupted one: checkpoints back, no leftovers.
+        storage.recover_interrupted_save(folder)
+        assert _model_files(folder) == state
+        assert (folder / "checkpoint-1" / "trainer_state.json").is_file(), step
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "reference"], step  # no staging left
+        step += 1
+    assert kills >= 3
+    assert _model_files(folder) == want_new and (folder / "checkpoint-1").is_dir()
+    assert folder.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777  # not mkdtemp's private 0700
+
+
 def _read_only_folder(tmp_path: Path) -> Path:
     """An existing folder this process cannot write to (root ignores permission bits: use sysfs there)."""
     if os.geteuid() != 0:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from typing import Any
 
@@ -20,7 +19,7 @@ from ..config import BiMaskConfig
 from ..families import is_timm_wrapper, model_family
 from ..inspection import SparsityReport, check_nm, report, sparse_layers
 from ..patching import merge
-from ..storage import replace_folder_contents, storage_errors
+from ..storage import make_staging_folder, replace_folder_contents, storage_errors
 from .files import (
     CARD_NAME,
     MODEL_CONFIG_NAME,
@@ -200,23 +199,21 @@ def save_sparse_model(
         check_nm(export, config.n, config.m, layers=layers, group_layout=config.group_layout)
 
     folder = os.fspath(save_directory)
-    # Everything is written to a staging folder beside the target and moved in at the end, file by file
-    # with os.replace: a kill (or a full disk) during the save leaves the previous model loadable.
+    # Everything is written to a staging folder beside the target, which is then swapped in atomically:
+    # a kill (or a full disk) during the save leaves the previous model loadable.
     with storage_errors(folder):
         os.makedirs(folder, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.saving-",
-                                   dir=os.path.dirname(os.path.abspath(folder)))
+        staging = make_staging_folder(folder)
         try:
             _write_folder(export, model, staging, folder, family=family, config=config, layers=layers,
                           compressed=compressed, card_data=card_data, metrics=metrics, data_config=data_config,
                           layer_report=layer_report)
-            stale = {NM_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME} - set(os.listdir(staging))
-            replace_folder_contents(staging, folder)
-        finally:
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-        for name in stale:  # a re-save must not leave the other format behind
-            if os.path.isfile(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
+            raise
+        # A re-save must not keep the other format's weights: they leave with the previous folder.
+        stale = {NM_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME} - set(os.listdir(staging))
+        replace_folder_contents(staging, folder, drop=stale)
     return folder
 
 
