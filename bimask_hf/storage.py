@@ -179,7 +179,7 @@ def replace_folder_contents(staging: str, folder: str, drop: Collection[str] = (
     folder held (checkpoints, logs) is then moved back into it, except the names in ``drop`` (weight
     files of another format). Where the file system cannot swap, the old folder is renamed away and the
     new one renamed into place (two steps). A save killed between the steps is finished or undone by the
-    next save or resume (:func:`recover_interrupted_save`).
+    next save of the folder (:func:`recover_interrupted_save`).
     """
     # The marker leaves the new folder only once it is in place (until then a kill discards it).
     if not os.path.isdir(folder):
