@@ -115,6 +115,7 @@ class BiMaskCallback(TrainerCallback):
         self.fixed_masks = fixed_masks  # LoRA fine-tuning: masks are fixed, nothing to refresh or project
         self.setup = setup
         self.search_seconds = 0.0
+        self.examples: Any = None  # the trainer's SeededExamples: told each epoch which one it is
 
     def _refresh(self, step: int) -> None:
         stats = refresh_permutations(self.model, step=step)
@@ -135,6 +136,10 @@ class BiMaskCallback(TrainerCallback):
             if state.is_world_process_zero:
                 setup = f", {self.setup()}" if self.setup is not None else ""
                 print(f"bimask-hf: {self.config.pattern} sparse training, mode={self.config.mode}{setup}\n{table}")
+
+    def on_epoch_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.examples is not None:  # before the epoch's data loader starts (and forks its workers)
+            self.examples.set_epoch(int(state.epoch or 0))
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         # ``pre`` prunes the parameter inside forward; under FSDP2 that is the gathered copy, which is
@@ -344,6 +349,29 @@ class BiMaskTrainer(Trainer):
             check_writable(self.args.output_dir)  # a read-only or full output folder fails now, not after training
         self._check_channels()
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def get_train_dataloader(self) -> Any:
+        """The Trainer's train loader; a map-style train set is read through
+        :class:`~bimask_hf.data.seeding.SeededExamples`, so the augmentation of an example depends on the
+        seed, the epoch and its index only: a resumed run draws the same crops as the run it continues."""
+        import datasets
+
+        from .data.seeding import SeededExamples
+
+        dataset = original = self.train_dataset
+        if (dataset is None or isinstance(dataset, (torch.utils.data.IterableDataset, datasets.IterableDataset))
+                or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__")
+                or self.args.dataloader_persistent_workers):  # persistent workers would keep epoch 0's crops
+            return super().get_train_dataloader()
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="training")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self.bimask_callback.examples = SeededExamples(dataset, seed)
+        self.train_dataset = self.bimask_callback.examples
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset = original
 
     def _save_checkpoint(self, model, trial):  # type: ignore[no-untyped-def]
         with storage_errors(self.args.output_dir):  # disk full / read-only: one clear message

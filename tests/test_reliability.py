@@ -15,7 +15,7 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 import bimask_hf as bh
 from bimask_hf import BiMaskTrainer, BiMaskTrainingArguments, create_model, load_image_classification_data
@@ -27,10 +27,9 @@ KILLER = ROOT / "tests" / "scripts" / "cli_kill_after_save.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 ENV.pop("ACCELERATE_USE_CPU", None)
-# A tiny seeded CLI run: random init, data subset and order, random permutation search, checkpoints every 2 steps.
-# (No random augmentation: accelerate's dataloader loads one batch ahead, so a checkpoint's saved RNG state is
-# one batch's augmentation past its step and a resumed run draws other crops than a straight one.)
-TINY_RUN = ["--model", "resnet8_cifar", "--model_args", '{"base_width": 8}', "--dataset", "digits", "--recipe", "default",
+# A tiny seeded CLI run: random init, data subset and order, random crops and flips, random permutation
+# search, checkpoints every 2 steps.
+TINY_RUN = ["--model", "resnet8_cifar", "--model_args", '{"base_width": 8}', "--dataset", "digits", "--recipe", "cifar",
             "--image_size", "8", "--max_train_samples", "128", "--max_eval_samples", "32", "--max_steps", "6",
             "--per_device_train_batch_size", "16", "--learning_rate", "0.05", "--optim", "sgd",
             "--optim_args", "momentum=0.9", "--report_to", "none", "--num_permutations", "4",
@@ -55,15 +54,16 @@ def test_cli_seeded_run_killed_and_resumed_is_bit_identical_and_exits_0(tmp_path
     a, crashed = tmp_path / "a", tmp_path / "crashed"
     _ok(_run([*train, "--output_dir", str(a), "--use_cpu", "true"]))
     # A second run with the same seed, killed after checkpoint-4 and resumed from checkpoint-2, must write
-    # the same model.safetensors to the bit: its init, data order and permutation search are seeded, and
-    # resumption continues exactly.
+    # the same model.safetensors to the bit: its init, data order, augmentation and permutation search are
+    # seeded, and resumption continues exactly (with a worker process loading the data, too).
     killed = _run([sys.executable, str(KILLER), *TINY_RUN, "--output_dir", str(crashed), "--use_cpu", "true"],
                   env={**ENV, "KILL_AT_STEP": "4"})
     assert killed.returncode == -9, killed.stderr[-3000:]  # really killed, not a clean exit
     assert (crashed / "checkpoint-4").is_dir() and not (crashed / "model.safetensors").exists()
     # A kill while checkpoint-4 was written: no trainer_state.json. A bare --resume takes checkpoint-2.
     (crashed / "checkpoint-4" / "trainer_state.json").unlink()
-    resumed = _ok(_run([*train, "--output_dir", str(crashed), "--use_cpu", "true", "--resume"]))
+    resumed = _ok(_run([*train, "--output_dir", str(crashed), "--use_cpu", "true", "--resume",
+                        "--dataloader_num_workers", "1"]))
     assert "Skipping" in resumed.stderr and "checkpoint-4: it has no trainer_state.json" in resumed.stderr
     assert f"Resuming from {crashed / 'checkpoint-2'}" in resumed.stderr
     straight, again = load_file(a / "model.safetensors"), load_file(crashed / "model.safetensors")
@@ -382,3 +382,40 @@ def test_callback_acts_on_the_model_that_model_init_builds(tmp_path, digits, mod
     logged = [log for log in trainer.state.log_history if "sparsity/retention_mean" in log][-1]
     retention = [float((mb & mf).sum()) / float(mf.sum()) for mf, mb in (layer.masks() for layer in layers.values())]
     assert logged["sparsity/retention_mean"] == pytest.approx(sum(retention) / len(retention), rel=1e-6)
+
+
+# ---- seeded augmentation ---------------------------------------------------------------------------
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path, digits):
+    """Each example's random draws are fixed by (seed, epoch, index): a resumed run repeats them exactly
+    (the loader's read-ahead does not shift them), and the next epoch draws new ones."""
+    drawn: list[tuple[int, float]] = []
+
+    def augment(batch):  # a random transform: records what it drew for each example (label = its index)
+        noise = [float(torch.rand(())) for _ in batch["labels"]]
+        drawn.extend(zip(batch["labels"], noise))
+        return {"pixel_values": [torch.full((3, 16, 16), n) for n in noise], "labels": batch["labels"]}
+
+    data = datasets.Dataset.from_dict({"pixel_values": [[0.0]] * 8, "labels": list(range(8))}).with_transform(augment)
+
+    class Record(TrainerCallback):  # keep only what the training loop loads
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            drawn.clear()
+
+    def run(resume: bool) -> dict[tuple[int, int], float]:
+        trainer = BiMaskTrainer(model=_model(digits), args=_args(tmp_path, max_steps=-1, num_train_epochs=2,
+                                                                 per_device_train_batch_size=4, save_strategy="steps",
+                                                                 save_steps=1, ignore_data_skip=False),
+                                train_dataset=data, data_collator=digits.collate_fn, callbacks=[Record()])
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3") if resume else None)
+        # Loaded for training, in order: epoch 0 is examples 0-7, epoch 1 the next 8; a run resumed after
+        # step 3 loads only epoch 1's last batch.
+        epochs = [1] * 4 if resume else [0] * 8 + [1] * 8
+        assert len(drawn) == len(epochs)
+        return {(e, label): value for e, (label, value) in zip(epochs, drawn)}
+
+    straight = run(resume=False)
+    assert len(straight) == 16
+    assert all(straight[0, i] != straight[1, i] for i in range(8))  # a new epoch, new draws
+    resumed = run(resume=True)  # resumed inside epoch 1: its last batch is read again
+    assert len(resumed) == 4 and all(resumed[k] == straight[k] for k in resumed), (resumed, straight)
