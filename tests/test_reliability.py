@@ -52,7 +52,9 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def test_cli_seeded_run_killed_and_resumed_is_bit_identical_and_exits_0(tmp_path):
     train = [sys.executable, "-m", "bimask_hf.train", *TINY_RUN]
     a, crashed = tmp_path / "a", tmp_path / "crashed"
-    _ok(_run([*train, "--output_dir", str(a), "--use_cpu", "true"]))
+    bimask_train = shutil.which("bimask-train")  # the console script exits 0 (not 1 with a metrics dict)
+    assert bimask_train is not None
+    _ok(_run([bimask_train, *TINY_RUN, "--output_dir", str(a), "--use_cpu", "true"]))
     # A second run with the same seed, killed after checkpoint-4 and resumed from checkpoint-2, must write
     # the same model.safetensors to the bit: its init, data order, augmentation and permutation search are
     # seeded, and resumption continues exactly (with a worker process loading the data, too).
@@ -79,6 +81,10 @@ def test_cli_seeded_run_killed_and_resumed_is_bit_identical_and_exits_0(tmp_path
     assert "top-1" in ok.stdout
     failed = _run([bimask_eval, str(tmp_path / "missing"), "--dataset", "digits"])
     assert failed.returncode != 0 and "missing" in failed.stderr
+    ok = _ok(_run([sys.executable, "-m", "bimask_hf.evaluation", str(a), "--dataset", "digits", "--max_samples", "16"]))
+    assert "top-1" in ok.stdout
+    failed = _run([bimask_train, *TINY_RUN, "--output_dir", str(tmp_path / "bad"), "--dataset", "no-such-dataset"])
+    assert failed.returncode != 0 and "no-such-dataset" in failed.stderr
 
 
 @pytest.mark.slow
