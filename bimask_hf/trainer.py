@@ -377,6 +377,23 @@ class BiMaskTrainer(Trainer):
         with storage_errors(self.args.output_dir):  # disk full / read-only: one clear message
             return super()._save_checkpoint(model, trial)
 
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's loop; an evaluation whose batches carry no labels is an error (the Trainer would
+        silently report no accuracy), e.g. a streamed or plain torch eval set without a ``labels`` field.
+        ``predict`` on unlabeled data stays allowed."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, *args, **kwargs)
+        loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        if (description == "Evaluation" and not loss_only and self.compute_metrics is not None
+                and output.label_ids is None and output.num_samples):
+            labels = self.label_names or ["labels"]
+            raise ValueError(
+                f"The eval set's batches have no {labels[0]!r} field, so no accuracy can be computed: give its "
+                "examples a 'labels' entry (load_image_classification_data(label_column=...) does) or pass no "
+                "eval set. Use trainer.predict() for unlabeled data."
+            )
+        return output
+
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator; a CPU run launched with an FSDP2 config really runs FSDP2."""
         super().create_accelerator_and_postprocess()

@@ -346,6 +346,26 @@ def test_eval_set_without_labels_is_an_error(tmp_path, digits):
                       eval_dataset=unlabeled, data_collator=digits.collate_fn)
 
 
+def test_evaluating_batches_without_labels_is_an_error_but_predict_works(tmp_path, digits):
+    """A plain (or streamed) eval set has no columns to check up front: evaluate() must not silently
+    report no accuracy; predict() on unlabeled data is fine."""
+    unlabeled = [{"pixel_values": digits.eval_dataset[i]["pixel_values"]} for i in range(8)]
+    trainer = BiMaskTrainer(model=_model(digits), args=_args(tmp_path, per_device_eval_batch_size=4),
+                            train_dataset=digits.train_dataset, data_collator=_stack_pixels)
+    with pytest.raises(ValueError, match="batches have no 'labels' field, so no accuracy"):
+        trainer.evaluate(unlabeled)
+    assert trainer.predict(unlabeled).predictions.shape[0] == 8
+    labeled = [{**example, "labels": digits.eval_dataset[i]["labels"]} for i, example in enumerate(unlabeled)]
+    assert "eval_top1" in trainer.evaluate(labeled)
+
+
+def _stack_pixels(examples: list[dict]) -> dict[str, torch.Tensor]:
+    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([e["labels"] for e in examples])
+    return batch
+
+
 def test_one_channel_data_into_a_three_channel_model_fails_before_training(tmp_path, digits):
     gray = load_image_classification_data("digits", image_size=16, in_chans=1, seed=0, rank=0, world_size=1,
                                           max_train_samples=32)
