@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Collection, Iterator
@@ -128,16 +129,41 @@ def _staging_prefix(folder: str) -> str:
     return f".{os.path.basename(os.path.abspath(folder))}.saving-"
 
 
+def _inside(folder: str) -> bool:
+    """Stage inside ``folder`` (files then move in one by one) where it cannot be swapped: it is the
+    working directory (the process would lose it) or a mount point, or its parent takes no new folder."""
+    path = os.path.abspath(folder)
+    parent = os.path.dirname(path)
+    try:
+        if os.path.isdir(path) and os.path.samefile(path, os.getcwd()):
+            return True
+    except OSError:
+        return True
+    return path == parent or os.path.ismount(path) or not os.access(parent, os.W_OK | os.X_OK)
+
+
+def _new_folder(parent: str, prefix: str) -> str:
+    while True:  # os.mkdir (unlike mkdtemp's private 0700) gives the umask's usual mode
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
 def make_staging_folder(folder: str | os.PathLike) -> str:
-    """A new, marked staging folder beside ``folder`` for :func:`replace_folder_contents` (which needs
-    the same file system); a save interrupted earlier is recovered first."""
+    """A new, marked staging folder for :func:`replace_folder_contents`: beside ``folder`` (same file
+    system, so the two can be swapped), or inside it where it cannot be swapped (see :func:`_inside`).
+    A save interrupted earlier is recovered first."""
     target = os.fspath(folder)
     recover_interrupted_save(target)
-    staging = tempfile.mkdtemp(prefix=_staging_prefix(target), dir=os.path.dirname(os.path.abspath(target)))
-    umask = os.umask(0)
-    os.umask(umask)
-    # mkdtemp makes the folder private (0700); the swapped-in model folder keeps the old folder's mode.
-    os.chmod(staging, os.stat(target).st_mode & 0o7777 if os.path.isdir(target) else 0o777 & ~umask)
+    if _inside(target):
+        staging = _new_folder(os.path.abspath(target), ".saving-")
+    else:
+        staging = _new_folder(os.path.dirname(os.path.abspath(target)), _staging_prefix(target))
+        if os.path.isdir(target):  # the swapped-in model folder keeps the old folder's mode
+            os.chmod(staging, os.stat(target).st_mode & 0o7777)
     open(os.path.join(staging, _STAGING_MARKER), "w").close()  # noqa: SIM115 - an empty marker file
     return staging
 
@@ -179,8 +205,22 @@ def replace_folder_contents(staging: str, folder: str, drop: Collection[str] = (
     folder held (checkpoints, logs) is then moved back into it, except the names in ``drop`` (weight
     files of another format). Where the file system cannot swap, the old folder is renamed away and the
     new one renamed into place (two steps). A save killed between the steps is finished or undone by the
-    next save of the folder (:func:`recover_interrupted_save`).
+    next save of the folder (:func:`recover_interrupted_save`). A staging folder inside ``folder`` (the
+    working directory, or a parent that takes no new folder) moves in file by file: each file is whole,
+    but a kill midway mixes old and new files.
     """
+    if os.path.dirname(os.path.abspath(staging)) == os.path.abspath(folder):  # staged inside: file by file
+        for name in os.listdir(staging):
+            if name != _STAGING_MARKER:
+                target = os.path.join(folder, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(staging, name), target)
+        for name in drop:
+            if os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     # The marker leaves the new folder only once it is in place (until then a kill discards it).
     if not os.path.isdir(folder):
         os.rename(staging, folder)
@@ -211,6 +251,10 @@ def recover_interrupted_save(folder: str | os.PathLike) -> None:
     prefix = _staging_prefix(target)
     if os.path.isfile(os.path.join(target, _STAGING_MARKER)):
         os.remove(os.path.join(target, _STAGING_MARKER))  # swapped in, killed before the marker was removed
+    if os.path.isdir(target):  # staged inside the folder and never moved in
+        for name in os.listdir(target):
+            if name.startswith(".saving-") and os.path.isfile(os.path.join(target, name, _STAGING_MARKER)):
+                shutil.rmtree(os.path.join(target, name), ignore_errors=True)
     for name in sorted(os.listdir(parent)):
         path = os.path.join(parent, name)
         if not name.startswith(prefix) or not os.path.isdir(path):

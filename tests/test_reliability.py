@@ -255,6 +255,19 @@ def test_a_save_killed_at_any_step_leaves_the_whole_old_or_the_whole_new_model(t
     assert folder.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777  # not mkdtemp's private 0700
 
 
+def test_saving_into_the_working_directory_keeps_it(tmp_path, digits, monkeypatch):
+    """``--output_dir .``: the folder cannot be swapped away from under the process; files move in."""
+    folder = tmp_path / "here"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    first, second = (bh.sparsify(_model(digits), bh.BiMaskConfig(n=n, m=4)) for n in (2, 1))
+    bh.save_sparse_model(first, ".", data_config=digits.data_config, compressed=True)
+    bh.save_sparse_model(second, ".", data_config=digits.data_config)
+    assert os.path.samefile(os.getcwd(), folder)  # still the folder, not a deleted one
+    assert bh.BiMaskConfig.from_pretrained(".").n == 1 and not Path("model.nm.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not list(folder.glob(".saving-*"))
+
+
 def _read_only_folder(tmp_path: Path) -> Path:
     """An existing folder this process cannot write to (root ignores permission bits: use sysfs there)."""
     if os.geteuid() != 0:
