@@ -64,11 +64,32 @@ def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
     return rank < n
 
 
+def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """:func:`_rank_keep` along ``dim`` as one broadcast comparison, for compiled graphs.
+
+    Entry ``i`` of a group is beaten by entry ``j`` when ``s_j > s_i``, or ``s_j == s_i`` and ``j < i``;
+    it is kept when fewer than ``n`` entries beat it. A pure function of ``scores`` (no in-place slice
+    updates), so inductor turns it into one vectorised kernel fused with its consumers, where the eager
+    slice loop becomes a chain of masked, scalar, recomputed loads.
+    """
+    size = scores.shape[dim]
+    dim = dim % scores.dim()
+    trailing = (1,) * (scores.dim() - dim - 1)
+    idx = torch.arange(size, device=scores.device)
+    earlier = (idx.view(1, size) < idx.view(size, 1)).view((size, size) + trailing)  # [i, j] = j < i
+    s_i = scores.unsqueeze(dim + 1)  # entry i along dim, candidates j along dim + 1
+    s_j = scores.unsqueeze(dim)
+    beaten = (s_j > s_i) | ((s_j == s_i) & earlier)
+    return beaten.sum(dim + 1) < n
+
+
 def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
     """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim`` (ties: lower index wins)."""
     size = scores.shape[dim]
     if n >= size:
         return torch.ones_like(scores, dtype=torch.bool)
+    if size <= 16 and torch.compiler.is_compiling():
+        return _rank_keep_fused(scores, n, dim)
     if size > 16:
         s = scores.movedim(dim, -1)
         idx = s.topk(n, dim=-1, sorted=False).indices
@@ -87,6 +108,8 @@ def nm_mask_for_weight(weight: torch.Tensor, n: int, m: int, group_layout: str =
     if weight.dim() == 4 and group_layout == "channels_last" and weight.shape[1] % m == 0:
         # groups of m input channels at each kernel position, position-in-group leading (contiguous slices)
         out_ch, in_ch, kh, kw = weight.shape
+        if torch.compiler.is_compiling():  # ranked in place along the group axis: no layout copies
+            return keep_top_n(mags.reshape(out_ch, in_ch // m, m, kh * kw), n, dim=2).reshape(weight.shape)
         front = mags.reshape(out_ch, in_ch // m, m, kh * kw).permute(2, 0, 1, 3).contiguous()
         return keep_top_n(front, n, dim=0).permute(1, 2, 0, 3).reshape(weight.shape).contiguous()
     if weight.dim() == 2 or (weight.dim() == 4 and group_layout == "flat"):
@@ -109,6 +132,8 @@ def backward_mask_for_weight(
     rows = weight.shape[0]
     if rows % m:
         raise ValueError(f"N:M along rows needs O % M == 0, got O={rows}, M={m}.")
+    if torch.compiler.is_compiling():
+        return _backward_mask_gathered(weight, forward_mask, permutation, n, m)
     order = permutation.view(rows // m, m).T.reshape(-1)  # position-in-group major: one contiguous slice each
     # Gather the rows in group order once; |W| of pruned entries becomes -1 so Mf entries always win.
     mf_rows = forward_mask.reshape(rows, -1)[order]
@@ -117,6 +142,23 @@ def backward_mask_for_weight(
     keep = torch.empty((rows, keep_front.shape[1]), dtype=torch.bool, device=weight.device)
     keep[order] = keep_front
     return keep.view(weight.shape)
+
+
+def _backward_mask_gathered(
+    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int
+) -> torch.Tensor:
+    """:func:`backward_mask_for_weight` with gathers only (no scatter, no in-place updates).
+
+    Rows are read in permutation order, ranked within their group, and read back through the inverse
+    permutation: every step is a gather or a pointwise op, which inductor fuses into the kernel that
+    consumes ``Mb`` (``W * Mb``). Same result as the eager path.
+    """
+    rows = weight.shape[0]
+    inverse = torch.argsort(permutation)
+    mf_rows = forward_mask.reshape(rows, -1)[permutation]
+    scores = torch.where(mf_rows, weight.detach().reshape(rows, -1)[permutation].abs(), -1.0)
+    keep = keep_top_n(scores.view(rows // m, m, -1), n, dim=1).view(rows, -1) & mf_rows
+    return keep[inverse].view(weight.shape)
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -127,3 +127,23 @@ def test_nm_mask_beyond_m_16_keeps_the_n_largest():
         kept = w.abs()[mask].reshape(8, -1, n).amin(-1)
         dropped = w.abs().masked_fill(mask, -1).reshape(8, -1, m).amax(-1)
         assert (kept.reshape(8, -1) >= dropped).all()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (3, 16)])
+@pytest.mark.parametrize("shape,layout", [((16, 48), "channels_last"), ((16, 16, 3, 3), "channels_last"),
+                                          ((16, 16, 3, 3), "flat")])
+def test_compiled_graph_masks_match_the_references(monkeypatch, n, m, shape, layout):
+    """Under torch.compile the masks take a gather-and-compare path (no in-place slices, no scatter);
+    on integer weights full of ties it must keep exactly the reference's entries."""
+    from bimask_hf.masks import backward_mask_for_weight, nm_mask_for_weight
+
+    gen = torch.Generator().manual_seed(n * 100 + m)
+    w = torch.randint(-3, 4, shape, generator=gen).float()
+    perm = torch.randperm(shape[0], generator=gen)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    mf = nm_mask_for_weight(w, n, m, layout)
+    mb = backward_mask_for_weight(w, mf, perm, n, m)
+    matrix = weight_to_matrix(w, layout)
+    ref_mf = ref_nm_mask(matrix, n, m)
+    assert torch.equal(weight_to_matrix(mf, layout), ref_mf)
+    assert torch.equal(weight_to_matrix(mb, layout), ref_backward_mask(matrix, ref_mf, perm.tolist(), n, m))
