@@ -18,23 +18,30 @@ Methods (all vectorised; the only Python loops run over rounds or candidate chun
   pair, scores all ``M * M`` single-row swaps at once with one batched matmul (the gain of a swap is
   bilinear in the two rows, see :func:`_swap_gains`), then applies the best strictly improving swap
   of every pair simultaneously (the pairs are disjoint, so the gains add up exactly).
-* ``"matched"`` (the strongest) -- every round scores *all* single-row swaps between all groups with
-  two int8 matmuls (``O x O`` gains, :func:`_all_pair_gains`), pairs the groups by repeated
-  mutual-best matching on their best swap gain, and applies the best swap of every matched pair.
-  Once no swap helps and M <= 5, it tries every re-split of the ``2M`` rows of every pair of groups
-  (35 splits at M=4, scored for all pairs at once from joint histograms of column patterns) and then
-  goes back to swaps. It stops at a local optimum, after ``max_rounds`` rounds, or after a round
-  that gained less than :data:`DEFAULT_TOLERANCE` of ``|Mf|``. It uses no randomness.
+* ``"matched"`` (the strongest) -- every round splits the row groups into candidate blocks of up to 64
+  groups (round 0: consecutive groups; later rounds: every ``s``-th group, ``s`` changing each round, so
+  groups meet new partners) and, in every block, scores *all* single-row swaps between its groups with
+  two int8 matmuls (:func:`_block_swap_gains`), pairs the groups by repeated mutual-best matching on
+  their best swap gain, and applies the best swap of every matched pair. Blocks bound the work per round
+  (``O x 256 x K`` at M=4 instead of ``O x O x K``) and the scratch memory: blocks are scored a chunk at a
+  time under :data:`GAIN_CHUNK_BYTES` (64 MiB), so no ``O x O`` tensor is built at any size. A layer with
+  at most 64 groups is one block (every swap between all groups, as before); there, once no swap helps and
+  M <= 5, it tries every re-split of the ``2M`` rows of every pair of groups (35 splits at M=4, scored for
+  all pairs at once from joint histograms of column patterns) and then goes back to swaps. It stops at
+  a local optimum, after ``max_rounds`` rounds, or after a round that gained less than
+  :data:`DEFAULT_TOLERANCE` of ``|Mf|``. It uses no randomness.
 
-Measured on 2 CPU threads (``benchmarks/permutation_search.py``), 2:4 on randn weights: random
-best-of-100 gains +0.003 (64x576) and +0.0001 (512x4608) retention; ``"matched"`` gains +0.023 in
-about 10-20 ms and +0.010 in about 150-250 ms, in less time than best-of-100 random.
+Measured on 1 CPU thread (``benchmarks/permutation_search.py``, figures in ``docs/benchmarks.md``), 2:4
+on randn weights, gain in retention over the identity: random best-of-100 gains +0.003 (64x576), +0.0001
+(512x4608), +0.002 (1536x384) and +0.0005 (2048x512); ``"matched"`` gains +0.023, +0.010, +0.040 and
++0.034, at about 1-3x, 0.4x, 1x and 1.3x random best-of-100's time (64x576: about 10 ms).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import torch
 
@@ -43,6 +50,7 @@ __all__ = [
     "DEFAULT_MAX_ROUNDS",
     "DEFAULT_PATIENCE",
     "DEFAULT_TOLERANCE",
+    "GAIN_CHUNK_BYTES",
     "search_permutation",
     "permutation_retention",
 ]
@@ -68,6 +76,16 @@ _SPLIT_BUDGET = 2**31
 
 #: Rough bound on the scratch memory of one chunk of random candidates, in bytes.
 _CHUNK_BYTES = 256 * 2**20
+
+#: Bound on the scratch memory of ``"matched"``'s swap scores, in bytes: the candidate blocks of a round
+#: are scored a chunk at a time (:func:`_block_chunk`), so no ``O x O`` tensor is ever built.
+GAIN_CHUNK_BYTES = 64 * 2**20
+
+#: Row groups per candidate block of ``"matched"`` (every swap inside a block is scored each round).
+_BLOCK_GROUPS = 64
+
+#: Stride of the block layouts: round ``r`` takes every ``s``-th group with ``s ~ frac(r * _GOLDEN) * G``.
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def _check_inputs(forward_mask: torch.Tensor, n: int, m: int) -> tuple[int, int]:
@@ -193,67 +211,130 @@ def _pair_at_random(
     return order[:half], order[half : 2 * half]
 
 
-def _mm01(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for small non-negative integer matrices, exact; int8 VNNI kernels on CPU, float on GPU."""
+def _mm01(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` for small non-negative integer matrices, exact, as int32 (into ``out`` when given);
+    int8 VNNI kernels on CPU, float on GPU."""
     if a.device.type == "cpu" and hasattr(torch, "_int_mm"):
         try:
-            return torch._int_mm(a.to(torch.int8), b.to(torch.int8))
+            return torch._int_mm(a.to(torch.int8), b.to(torch.int8), out=out)
         except (RuntimeError, NotImplementedError):  # pragma: no cover - kernels without int8 CPU GEMM
             pass
-    return (a.float() @ b.float()).round_().to(torch.int32)
+    result = (a.float() @ b.float()).round_().to(torch.int32)
+    return result if out is None else out.copy_(result)
 
 
-def _all_pair_gains(rows01: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """``(O, O)`` gains of swapping row ``a`` with row ``b`` (rows in group order; same group: -1).
+def _block_layout(groups: int, block_groups: int, round_index: int, device: torch.device) -> torch.Tensor:
+    """Candidate blocks of round ``round_index``: ``(B, g)`` group indices, ``-1`` pads the last blocks.
 
-    The same bilinear form as :func:`_swap_gains`, for every pair of rows at once:
-    ``S[a, b] = r_a.lt_{g(b)} - r_a.le_{g(a)} + r_a.(eq_{g(a)} * r_b)`` and ``gain = S + S^T``.
+    Round 0 takes consecutive groups; later rounds take every ``s``-th group (``s`` coprime to the
+    number of groups and different each round), so groups meet new partners from round to round.
+    The schedule is fixed: no randomness.
     """
-    rows, cols = rows01.shape
-    groups = rows // m
-    counts = rows01.reshape(groups, m, cols).sum(dim=1, dtype=torch.int32)
+    blocks = -(-groups // block_groups)
+    size = -(-groups // blocks)
+    order = torch.arange(groups, device=device)
+    if blocks > 1 and round_index > 0:
+        stride = 1 + int(groups * ((round_index * _GOLDEN) % 1.0))
+        while math.gcd(stride, groups) != 1:
+            stride += 1
+        order = (order * stride + round_index) % groups
+    pad = torch.full((blocks * size - groups,), -1, dtype=torch.long, device=device)
+    return torch.cat([order, pad]).reshape(blocks, size)
+
+
+def _block_scratch_bytes(block_rows: int, cols: int, m: int) -> int:
+    """Upper bound on the scratch bytes of scoring one candidate block in :func:`_block_swap_gains`
+    and matching it: four int32 ``(rows, rows)`` score tensors, the gathered int8 rows and their
+    products/counts (``5 * rows * K``), and the float64 ``(g, g)`` matching scores (three copies)."""
+    groups = block_rows // m
+    return 16 * block_rows * block_rows + 5 * block_rows * cols + 40 * groups * groups
+
+
+def _split_scratch_bytes(groups: int, cols: int, m: int) -> int:
+    """Upper bound on the scratch bytes of :func:`_all_split_gains` on ``groups`` groups: the one-hot
+    column codes (``G 2^m x K`` bytes), the int32 joint histograms, their float64 copy and the
+    float64 split gains."""
+    codes = groups * 2**m
+    splits = math.comb(2 * m - 1, m - 1)
+    return codes * cols * 9 + codes * codes * 4 + groups * groups * 4**m * 16 + groups * groups * splits * 8
+
+
+def _block_groups(groups: int, cols: int, m: int) -> int:
+    """Groups per candidate block: :data:`_BLOCK_GROUPS`, fewer when one block's scratch would exceed
+    :data:`GAIN_CHUNK_BYTES` (never below 2, nor above ``groups``)."""
+    size = min(groups, _BLOCK_GROUPS)
+    while size > 2 and _block_scratch_bytes(size * m, cols, m) > GAIN_CHUNK_BYTES:
+        size -= 1
+    return max(2, size)
+
+
+def _block_chunk(block_rows: int, cols: int, m: int) -> int:
+    """Blocks scored at once so that their scratch stays under :data:`GAIN_CHUNK_BYTES`."""
+    return max(1, GAIN_CHUNK_BYTES // _block_scratch_bytes(block_rows, cols, m))
+
+
+def _block_swap_gains(rows: torch.Tensor, valid: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best single-row swap between every two groups of each block: ``(B, g, g)`` gains and indices.
+
+    ``rows`` is ``(B, g*m, K)`` 0/1 int8 (block ``b``'s groups in order, ``m`` rows each), ``valid``
+    ``(B, g)`` marks real groups (padding: False). With ``lt = [C < n]``, ``le = [C <= n]`` and
+    ``eq = le - lt`` per group and column, the gain of swapping row ``a`` (group ``g(a)``) with row
+    ``b`` is ``S[a, b] + S[b, a]`` where ``S[a, b] = r_a.lt_{g(b)} - r_a.le_{g(a)} + r_a.(eq_{g(a)} * r_b)``:
+    two int8 matmuls per block. Index ``i*m + j`` means row ``i`` of the first group with row ``j`` of
+    the second; pairs within a group and padding score -1.
+    """
+    blocks, size, cols = rows.shape
+    g = size // m
+    counts = rows.reshape(blocks, g, m, cols).sum(dim=2, dtype=torch.int8 if m < 128 else torch.int32)
     lt = counts < n
     le = counts <= n
-    eq = le & ~lt
-    proj = _mm01(rows01, torch.cat([lt, le]).T)  # (O, 2G)
-    group_of = torch.arange(rows, device=rows01.device) // m
-    self_le = proj[:, groups:].gather(1, group_of.unsqueeze(1))  # (O, 1)
-    weighted = rows01 * eq.repeat_interleave(m, dim=0)
-    s = _mm01(weighted, rows01.T)
-    s += proj[:, :groups].repeat_interleave(m, dim=1)
-    s -= self_le
-    gain = s + s.T
-    same = group_of.unsqueeze(0) == group_of.unsqueeze(1)
-    return gain.masked_fill_(same, -1)
+    eq = (le & ~lt).repeat_interleave(m, dim=1)
+    s = torch.empty(blocks, size, size, dtype=torch.int32, device=rows.device)
+    proj = torch.empty(blocks, size, 2 * g, dtype=torch.int32, device=rows.device)
+    for b in range(blocks):
+        _mm01(rows[b], torch.cat([lt[b], le[b]]).T, out=proj[b])
+        _mm01(rows[b] * eq[b], rows[b].T, out=s[b])
+    own = torch.arange(size, device=rows.device) // m
+    self_le = proj[:, :, g:].gather(2, own.view(1, size, 1).expand(blocks, size, 1))  # (B, size, 1)
+    s5 = s.view(blocks, g, m, g, m)
+    s5 += proj[:, :, :g].reshape(blocks, g, m, g, 1)
+    s5 -= self_le.view(blocks, g, m, 1, 1)
+    gain = s + s.transpose(1, 2)
+    per_pair = gain.view(blocks, g, m, g, m).permute(0, 1, 3, 2, 4).reshape(blocks, g, g, m * m)
+    best_gain, best = per_pair.max(dim=3)
+    bad = ~(valid.unsqueeze(2) & valid.unsqueeze(1)) | torch.eye(g, dtype=torch.bool, device=rows.device)
+    return best_gain.masked_fill_(bad, -1), best
 
 
-def _mutual_best_matching(best_gain: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Disjoint group pairs ``(g, h)`` with positive gain, by repeated mutual-best selection.
+def _mutual_best_matching(best_gain: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Disjoint group pairs ``(g, h)`` with positive gain in every block, by repeated mutual-best selection.
 
-    Every iteration each free group points at its best free partner; pairs that point at each other
-    are matched (the globally best remaining pair always is), so this approximates greedy matching.
+    ``best_gain`` is ``(B, g, g)``; returns block, first and second group indices. Every iteration each
+    free group points at its best free partner in its block; pairs that point at each other are matched
+    (the globally best remaining pair always is), so this approximates greedy matching.
     """
-    groups = best_gain.shape[0]
+    blocks, groups, _ = best_gain.shape
     device = best_gain.device
     idx = torch.arange(groups, device=device)
-    free = torch.ones(groups, dtype=torch.bool, device=device)
+    free = torch.ones(blocks, groups, dtype=torch.bool, device=device)
     # break ties towards lower indices deterministically
-    score = best_gain.double() - idx.double().unsqueeze(0) * 1e-9 - idx.double().unsqueeze(1) * 1e-9
-    firsts, seconds = [], []
+    score = best_gain.double() - idx.double().view(1, 1, -1) * 1e-9 - idx.double().view(1, -1, 1) * 1e-9
+    found = []
     for _ in range(iterations):
-        live = score.masked_fill(~(free.unsqueeze(0) & free.unsqueeze(1)), -1.0)
-        value, best = live.max(dim=1)
-        mutual = free & (best[best] == idx) & (idx < best) & (value > 0.5)
+        live = score.masked_fill(~(free.unsqueeze(2) & free.unsqueeze(1)), -1.0)
+        value, best = live.max(dim=2)
+        mutual = free & (best.gather(1, best) == idx) & (idx < best) & (value > 0.5)
         if not bool(mutual.any()):
             break
-        a, b = idx[mutual], best[mutual]
-        firsts.append(a)
-        seconds.append(b)
-        free[a] = False
-        free[b] = False
-    if not firsts:
-        return idx[:0], idx[:0]
-    return torch.cat(firsts), torch.cat(seconds)
+        block, a = mutual.nonzero(as_tuple=True)
+        b = best[block, a]
+        found.append((block, a, b))
+        free[block, a] = False
+        free[block, b] = False
+    if not found:
+        empty = idx[:0]
+        return empty, empty, empty
+    return tuple(torch.cat(parts) for parts in zip(*found))  # type: ignore[return-value]
 
 
 def _swap_search(
@@ -375,46 +456,71 @@ def _matched_search(
     rounds: int,
     tolerance: float = DEFAULT_TOLERANCE,
     matching_iterations: int = 8,
+    chunk_blocks: int | None = None,
 ) -> torch.Tensor:
-    """All-pairs search: score every row swap, match groups, apply the best swaps; when no swap helps,
-    try every re-split of every group pair (``3 <= m <= _MAX_SPLIT_M`` and within ``_SPLIT_BUDGET``),
-    then go back to swaps."""
+    """Blocked all-pairs search (see the module docstring).
+
+    Every round splits the groups into candidate blocks (:func:`_block_layout`); in each block it
+    scores every row swap, matches groups and applies the best swap of every matched pair. When one
+    block holds all groups and no swap helps, it tries every re-split of every group pair
+    (``3 <= m <= _MAX_SPLIT_M``, within ``_SPLIT_BUDGET`` and :data:`GAIN_CHUNK_BYTES`) and then goes
+    back to swaps. ``chunk_blocks`` blocks are scored at once (default :func:`_block_chunk`); it
+    changes the scratch memory, never the result.
+    """
     rows, cols = mask.shape
     groups = rows // m
     perm = start.clone()
     if groups < 2 or n >= m:
         return perm
+    device = mask.device
     rows01 = mask[perm].to(torch.int8)
     min_gain = max(0.5, tolerance * float(mask.sum()))
     use_splits = 3 <= m <= _MAX_SPLIT_M
-    for _ in range(rounds):
-        gain = _all_pair_gains(rows01, n, m)
-        per_pair = gain.reshape(groups, m, groups, m).permute(0, 2, 1, 3).reshape(groups, groups, m * m)
-        best_gain, best = per_pair.max(dim=2)
-        g, h = _mutual_best_matching(best_gain.float(), matching_iterations)
-        if g.numel():
-            round_gain = float(best_gain[g, h].sum())
-            best = best[g, h]
-            pos_a, pos_b = g * m + best // m, h * m + best % m
+    block_groups = _block_groups(groups, cols, m)
+    chunk = chunk_blocks or _block_chunk(block_groups * m, cols, m)
+    offsets = torch.arange(m, device=device)
+    for round_index in range(rounds):
+        layout = _block_layout(groups, block_groups, round_index, device)  # (B, g) group indices
+        blocks, size = layout.shape
+        valid = layout >= 0
+        row_index = (layout.clamp(min=0).unsqueeze(2) * m + offsets).reshape(blocks, size * m)
+        swap_a, swap_b, split_groups, split_subsets = [], [], [], []
+        round_gain = 0.0
+        for lo in range(0, blocks, chunk):
+            index, ok = row_index[lo : lo + chunk], valid[lo : lo + chunk]
+            block_rows = rows01[index]
+            if not bool(ok.all()):
+                block_rows *= ok.repeat_interleave(m, dim=1).unsqueeze(2)
+            best_gain, best = _block_swap_gains(block_rows, ok, n, m)
+            block, g, h = _mutual_best_matching(best_gain, matching_iterations)
+            if block.numel():
+                round_gain += float(best_gain[block, g, h].sum())
+                pick = best[block, g, h]
+                swap_a.append(index[block, g * m + pick // m])
+                swap_b.append(index[block, h * m + pick % m])
+            if block.numel() or not use_splits or blocks > 1:
+                continue
+            # one block holds every group and no swap helps: try every re-split of every group pair
+            if (groups * 2**m) ** 2 * cols > _SPLIT_BUDGET or _split_scratch_bytes(groups, cols, m) > GAIN_CHUNK_BYTES:
+                continue
+            split_gain, subset = _all_split_gains(rows01, n, m)
+            split_gain.fill_diagonal_(-1.0)
+            _, first, second = _mutual_best_matching(split_gain.unsqueeze(0), matching_iterations)
+            if first.numel():
+                split_groups.append(torch.stack([first, second]))
+                split_subsets.append(subset[first, second])
+        if swap_a:
+            pos_a, pos_b = torch.cat(swap_a), torch.cat(swap_b)
             _swap_entries(rows01, pos_a, pos_b)
             _swap_entries(perm, pos_a, pos_b)
-            if round_gain < min_gain:
-                break
+        if split_groups:
+            first, second = torch.cat(split_groups, dim=1)
+            chosen = _bipartitions(m).to(device)[torch.cat(split_subsets)]
+            _apply_repartitions(rows01, first, second, chosen, m)
+            _apply_repartitions(perm, first, second, chosen, m)
             continue
-        if not use_splits:
+        if not swap_a or round_gain < min_gain:
             break
-        # swap-optimal: try every re-split of every group pair when affordable
-        if (groups * 2**m) ** 2 * cols > _SPLIT_BUDGET:
-            break
-        split_gain, subset = _all_split_gains(rows01, n, m)
-        split_gain.fill_diagonal_(-1.0)
-        g, h = _mutual_best_matching(split_gain, matching_iterations)
-        if g.numel() == 0:
-            break
-        first, second = g, h
-        chosen = _bipartitions(m).to(mask.device)[subset[g, h]]
-        _apply_repartitions(rows01, first, second, chosen, m)
-        _apply_repartitions(perm, first, second, chosen, m)
     return perm
 
 

@@ -82,7 +82,8 @@ def test_permutation_search_quick_with_trained_weights(accuracy_smoke, tmp_path)
     out = _run(
         "permutation_search.py", "--quick", "--threads", "1", "--checkpoint",
         str(out_dir / "fmnist_bimask_2x4.safetensors"), "--json", str(tmp_path / "mq.json"), "--plot",
-        str(tmp_path / "mq.png"), ok_codes=(0, 1),  # 1 = the timing TARGET failed on a busy machine: not a bug
+        str(tmp_path / "mq.png"), "--models", "test_resnet", "--model-steps", "1", "--model-refreshes", "1",
+        ok_codes=(0, 1),  # 1 = a timing TARGET failed (always the tiny test_resnet's refresh share): not a bug
     )
     methods = {line.split("2:4", 1)[1].split()[0] for line in out.splitlines() if " 2:4 " in line}
     assert {"identity", "random", "swap", "matched"} <= methods
@@ -97,6 +98,17 @@ def test_permutation_search_quick_with_trained_weights(accuracy_smoke, tmp_path)
     # the quality half of the TARGET (timing is not asserted): matched gains more than random best-of-100
     assert best["matched"] - best["identity"] > best["random K=100"] - best["identity"] > 0
     assert (tmp_path / "mq.png").stat().st_size > 0
+    # one verdict line per randn shape, side by side
+    verdicts = {f[0]: f[8] for f in map(str.split, out.split("TARGET")[-1].splitlines()) if f[:1] and f[0][0].isdigit()}
+    assert set(verdicts) == {"64x576", "512x4608"} and set(verdicts.values()) <= {"ok", "FAIL"}
+    # the whole-model refresh share: refresh seconds / (interval * dense step seconds)
+    (row,) = _table_rows(out, "test_resnet")
+    batch, image, layers, refresh_s, _, step_s, interval, share = row[1:9]
+    assert (batch, image, interval) == ("2", "64", "100") and int(layers) > 0
+    assert float(share) == pytest.approx(100 * float(refresh_s) / (int(interval) * float(step_s)), rel=0.01, abs=0.01)
+    (saved,) = json.loads((tmp_path / "mq.json").read_text())["refresh"]
+    assert saved["share"] == pytest.approx(saved["refresh_s"] / (saved["interval"] * saved["dense_step_s"]))
+    assert saved["sparse_layers"] == int(layers) and saved["refresh_random_s"] > 0
 
 
 def test_step_time_quick(tmp_path):
@@ -159,3 +171,4 @@ def test_lora_step_smallest():
     rows = {" ".join(row[:3]): row for row in _table_rows(out, "plain") + _table_rows(out, "N:M")}
     assert set(rows) == {"plain LoRA (peft)", "N:M LoRA (bimask-hf)"}
     assert float(rows["plain LoRA (peft)"][-1]) == 1.0 and float(rows["N:M LoRA (bimask-hf)"][-1]) > 0
+

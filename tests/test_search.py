@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bimask_hf import search
 from bimask_hf.search import METHODS, permutation_retention, search_permutation
 
 PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (1, 16)]
@@ -172,3 +173,119 @@ def test_cuda_matches_device(method: str) -> None:
         assert permutation_retention(cpu_mask, perm.cpu(), 2, 4) == pytest.approx(
             permutation_retention(cpu_mask, cpu, 2, 4), abs=0.01
         )
+
+
+def _profiled_peak_bytes(fn) -> tuple[int, int]:
+    """Peak of live CPU allocations while ``fn`` runs, and its largest single allocation, from the torch
+    profiler's memory events (tracemalloc does not see torch's CPU allocator)."""
+    with torch.profiler.profile(profile_memory=True) as prof:
+        fn()
+    steps = []
+    for event in prof.events():
+        if event.name == "[memory]":  # frees (negative) recorded on their own
+            steps.append((event.time_range.start, event.cpu_memory_usage))
+        elif event.self_cpu_memory_usage > 0:  # allocations, by the op that made them
+            steps.append((event.time_range.start, event.self_cpu_memory_usage))
+    live = peak = largest = 0
+    for _, size in sorted(steps, key=lambda step: step[0]):
+        live += size
+        peak = max(peak, live)
+        largest = max(largest, size)
+    return peak, largest
+
+
+@pytest.mark.parametrize("bound", [None, 8 * 2**20])
+def test_matched_scratch_bounded_at_16384_rows(monkeypatch, bound: int | None) -> None:
+    rows, cols = 16384, 32
+    if bound is not None:  # a tighter bound: more, smaller chunks
+        monkeypatch.setattr(search, "GAIN_CHUNK_BYTES", bound)
+    mask = _forward_mask(rows, cols, 2, 4)
+    peak, largest = _profiled_peak_bytes(lambda: search_permutation(mask, 2, 4, "matched", max_rounds=1))
+    inputs = 8 * rows * cols  # the permuted bool and int8 copies of the mask, the permutation
+    assert peak <= search.GAIN_CHUNK_BYTES + inputs, f"peak scratch {peak / 2**20:.1f} MiB"
+    assert largest < rows * rows  # not even one O x O int8 matrix (an int32 one is 1 GiB)
+
+
+@pytest.mark.parametrize("rows", [1024, 4096, 16384])
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+@pytest.mark.parametrize("cols", [16, 4608])
+def test_matched_block_and_chunk_sizes_fit_the_bound(rows: int, m: int, cols: int) -> None:
+    groups = rows // m
+    block_groups = search._block_groups(groups, cols, m)
+    chunk = search._block_chunk(block_groups * m, cols, m)
+    assert 2 <= block_groups <= min(groups, search._BLOCK_GROUPS)
+    assert chunk >= 1
+    assert chunk * search._block_scratch_bytes(block_groups * m, cols, m) <= search.GAIN_CHUNK_BYTES
+    assert block_groups * m < rows or rows * rows * 16 <= search.GAIN_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("groups,block_groups", [(18, 4), (64, 8), (16, 16), (7, 3)])
+def test_block_layouts_partition_the_groups(groups: int, block_groups: int) -> None:
+    seen = []
+    for round_index in range(6):
+        layout = search._block_layout(groups, block_groups, round_index, torch.device("cpu"))
+        assert layout.shape[1] <= block_groups
+        real = layout[layout >= 0]
+        assert torch.equal(real.sort().values, torch.arange(groups))  # every group in exactly one block
+        assert int((layout < 0).sum()) < layout.shape[0]  # padding: less than one per block
+        seen.append(layout)
+    if groups > block_groups:  # groups meet new partners: the layouts differ between rounds
+        assert any(not torch.equal(seen[0], other) for other in seen[1:3])
+        assert not torch.equal(seen[1], seen[2])
+
+
+@pytest.mark.parametrize("rows,n,m", [(72, 2, 4), (64, 4, 8), (96, 1, 4)])
+def test_matched_chunking_does_not_change_the_result(monkeypatch, rows: int, n: int, m: int) -> None:
+    monkeypatch.setattr(search, "_BLOCK_GROUPS", 4)  # several blocks (and padding) on a small mask
+    mask = _forward_mask(rows, 96, n, m)
+    start = torch.arange(rows)
+    whole = search._matched_search(mask, start, n, m, rounds=20, chunk_blocks=10_000)
+    one_by_one = search._matched_search(mask, start, n, m, rounds=20, chunk_blocks=1)
+    pairs = search._matched_search(mask, start, n, m, rounds=20, chunk_blocks=2)
+    assert torch.equal(whole, one_by_one) and torch.equal(whole, pairs)
+    assert _is_permutation(whole, rows)
+    assert permutation_retention(mask, whole, n, m) > permutation_retention(mask, start, n, m)
+
+
+def test_matched_on_a_tall_layer_keeps_the_all_pairs_quality(monkeypatch) -> None:
+    rows, cols = 1024, 256  # 256 groups: four candidate blocks per round
+    mask = _forward_mask(rows, cols, 2, 4)
+    identity = permutation_retention(mask, torch.arange(rows), 2, 4)
+    rand = search_permutation(mask, 2, 4, "random", 100, torch.Generator().manual_seed(0))
+    blocked = search_permutation(mask, 2, 4, "matched")
+    monkeypatch.setattr(search, "_BLOCK_GROUPS", rows)  # one block: every swap between all groups scored
+    all_pairs = search_permutation(mask, 2, 4, "matched")
+    rand_gain, blocked_gain, all_pairs_gain = (
+        permutation_retention(mask, p, 2, 4) - identity for p in (rand, blocked, all_pairs)
+    )
+    assert blocked_gain >= 5.0 * max(rand_gain, 0.002)
+    assert blocked_gain >= 0.95 * all_pairs_gain > 0
+
+
+@pytest.mark.parametrize("n,m,groups,block_groups", [(2, 4, 7, 3), (1, 4, 6, 6), (3, 8, 5, 2)])
+def test_block_swap_gains_match_brute_force(n: int, m: int, groups: int, block_groups: int) -> None:
+    rows, cols = groups * m, 3 * m
+    mask = _forward_mask(rows, cols, n, m, seed=4)
+    total = int(mask.sum())
+    layout = search._block_layout(groups, block_groups, 1, torch.device("cpu"))
+    valid = layout >= 0
+    index = (layout.clamp(min=0).unsqueeze(2) * m + torch.arange(m)).reshape(layout.shape[0], -1)
+    block_rows = mask.to(torch.int8)[index] * valid.repeat_interleave(m, dim=1).unsqueeze(2)
+    best_gain, best = search._block_swap_gains(block_rows, valid, n, m)
+    base = permutation_retention(mask, torch.arange(rows), n, m)
+    for b, members in enumerate(layout.tolist()):
+        for i, g in enumerate(members):
+            for j, h in enumerate(members):
+                if g < 0 or h < 0 or g == h:
+                    assert best_gain[b, i, j] == -1
+                    continue
+                gains = []
+                for a_row in range(m):
+                    for b_row in range(m):
+                        perm = torch.arange(rows)
+                        perm[[g * m + a_row, h * m + b_row]] = perm[[h * m + b_row, g * m + a_row]]
+                        gains.append(round((permutation_retention(mask, perm, n, m) - base) * total))
+                assert best_gain[b, i, j] == max(gains)
+                assert gains[int(best[b, i, j])] == max(gains)
+
+
