@@ -18,17 +18,17 @@ Methods (all vectorised; the only Python loops run over rounds or candidate chun
   pair, scores all ``M * M`` single-row swaps at once with one batched matmul (the gain of a swap is
   bilinear in the two rows, see :func:`_swap_gains`), then applies the best strictly improving swap
   of every pair simultaneously (the pairs are disjoint, so the gains add up exactly).
-* ``"matched"`` (the strongest) -- every round splits the row groups into candidate blocks of up to 64
-  groups (round 0: consecutive groups; later rounds: every ``s``-th group, ``s`` changing each round, so
-  groups meet new partners) and, in every block, scores *all* single-row swaps between its groups with
-  two int8 matmuls (:func:`_block_swap_gains`), pairs the groups by repeated mutual-best matching on
-  their best swap gain, and applies the best swap of every matched pair. Blocks bound the work per round
-  (``O x 256 x K`` at M=4 instead of ``O x O x K``) and the scratch memory: blocks are scored a chunk at a
-  time under :data:`GAIN_CHUNK_BYTES` (64 MiB), so no ``O x O`` tensor is built at any size. A layer with
-  at most 64 groups is one block (every swap between all groups, as before); there, once no swap helps and
-  M <= 5, it tries every re-split of the ``2M`` rows of every pair of groups (35 splits at M=4, scored for
-  all pairs at once from joint histograms of column patterns) and then goes back to swaps. It stops at
-  a local optimum, after ``max_rounds`` rounds, or after a round that gained less than
+* ``"matched"`` (the strongest) -- every round splits the row groups into candidate blocks of up to
+  256 rows (64 groups at M=4; round 0: consecutive groups; later rounds: every ``s``-th group, ``s``
+  changing each round, so groups meet new partners) and, in every block, scores *all* single-row swaps
+  between its groups with two int8 matmuls (:func:`_block_swap_gains`), pairs the groups by repeated
+  mutual-best matching on their best swap gain, and applies the best swap of every matched pair. Blocks
+  bound the work per round (``O x 256 x K`` instead of ``O x O x K``) and the scratch memory: blocks are
+  scored a chunk at a time under :data:`GAIN_CHUNK_BYTES` (64 MiB), so no ``O x O`` tensor is built at
+  any size. A layer with at most 256 rows is one block (every swap between all groups, as before); there,
+  once no swap helps and M <= 5, it tries every re-split of the ``2M`` rows of every pair of groups (35
+  splits at M=4, scored for all pairs at once from joint histograms of column patterns) and then goes
+  back to swaps. It stops at a local optimum, after ``max_rounds`` rounds, or after a round that gained less than
   :data:`DEFAULT_TOLERANCE` of ``|Mf|``. It uses no randomness.
 
 Measured on 1 CPU thread (``benchmarks/permutation_search.py``, figures in ``docs/benchmarks.md``), 2:4
@@ -81,8 +81,9 @@ _CHUNK_BYTES = 256 * 2**20
 #: are scored a chunk at a time (:func:`_block_chunk`), so no ``O x O`` tensor is ever built.
 GAIN_CHUNK_BYTES = 64 * 2**20
 
-#: Row groups per candidate block of ``"matched"`` (every swap inside a block is scored each round).
-_BLOCK_GROUPS = 64
+#: Rows per candidate block of ``"matched"`` (every swap inside a block is scored each round): 64 groups
+#: at M=4, 32 at M=8.
+_BLOCK_ROWS = 256
 
 #: Stride of the block layouts: round ``r`` takes every ``s``-th group with ``s ~ frac(r * _GOLDEN) * G``.
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -260,9 +261,9 @@ def _split_scratch_bytes(groups: int, cols: int, m: int) -> int:
 
 
 def _block_groups(groups: int, cols: int, m: int) -> int:
-    """Groups per candidate block: :data:`_BLOCK_GROUPS`, fewer when one block's scratch would exceed
-    :data:`GAIN_CHUNK_BYTES` (never below 2, nor above ``groups``)."""
-    size = min(groups, _BLOCK_GROUPS)
+    """Groups per candidate block: :data:`_BLOCK_ROWS` rows' worth, fewer when one block's scratch would
+    exceed :data:`GAIN_CHUNK_BYTES` (never below 2, nor above ``groups``)."""
+    size = min(groups, _BLOCK_ROWS // m)
     while size > 2 and _block_scratch_bytes(size * m, cols, m) > GAIN_CHUNK_BYTES:
         size -= 1
     return max(2, size)

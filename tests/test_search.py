@@ -213,7 +213,7 @@ def test_matched_block_and_chunk_sizes_fit_the_bound(rows: int, m: int, cols: in
     groups = rows // m
     block_groups = search._block_groups(groups, cols, m)
     chunk = search._block_chunk(block_groups * m, cols, m)
-    assert 2 <= block_groups <= min(groups, search._BLOCK_GROUPS)
+    assert 2 <= block_groups <= max(2, min(groups, search._BLOCK_ROWS // m))
     assert chunk >= 1
     assert chunk * search._block_scratch_bytes(block_groups * m, cols, m) <= search.GAIN_CHUNK_BYTES
     assert block_groups * m < rows or rows * rows * 16 <= search.GAIN_CHUNK_BYTES
@@ -236,7 +236,7 @@ def test_block_layouts_partition_the_groups(groups: int, block_groups: int) -> N
 
 @pytest.mark.parametrize("rows,n,m", [(72, 2, 4), (64, 4, 8), (96, 1, 4)])
 def test_matched_chunking_does_not_change_the_result(monkeypatch, rows: int, n: int, m: int) -> None:
-    monkeypatch.setattr(search, "_BLOCK_GROUPS", 4)  # several blocks (and padding) on a small mask
+    monkeypatch.setattr(search, "_BLOCK_ROWS", 4 * m)  # blocks of 4 groups (and padding) on a small mask
     mask = _forward_mask(rows, 96, n, m)
     start = torch.arange(rows)
     whole = search._matched_search(mask, start, n, m, rounds=20, chunk_blocks=10_000)
@@ -253,7 +253,7 @@ def test_matched_on_a_tall_layer_keeps_the_all_pairs_quality(monkeypatch) -> Non
     identity = permutation_retention(mask, torch.arange(rows), 2, 4)
     rand = search_permutation(mask, 2, 4, "random", 100, torch.Generator().manual_seed(0))
     blocked = search_permutation(mask, 2, 4, "matched")
-    monkeypatch.setattr(search, "_BLOCK_GROUPS", rows)  # one block: every swap between all groups scored
+    monkeypatch.setattr(search, "_BLOCK_ROWS", rows)  # one block: every swap between all groups scored
     all_pairs = search_permutation(mask, 2, 4, "matched")
     rand_gain, blocked_gain, all_pairs_gain = (
         permutation_retention(mask, p, 2, 4) - identity for p in (rand, blocked, all_pairs)
