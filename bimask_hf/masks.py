@@ -65,22 +65,23 @@ def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    """:func:`_rank_keep` along ``dim`` as one broadcast comparison, for compiled graphs.
+    """:func:`_rank_keep` along ``dim`` for compiled graphs: the same ranks as pure functions.
 
-    Entry ``i`` of a group is beaten by entry ``j`` when ``s_j > s_i``, or ``s_j == s_i`` and ``j < i``;
-    it is kept when fewer than ``n`` entries beat it. A pure function of ``scores`` (no in-place slice
-    updates), so inductor turns it into one vectorised kernel fused with its consumers, where the eager
-    slice loop becomes a chain of masked, scalar, recomputed loads.
+    Entry ``i`` of a group is beaten by entry ``j`` when ``s_j > s_i``, or ``s_j == s_i`` and ``j < i``,
+    and kept when fewer than ``n`` entries beat it; the ``M`` slices along ``dim`` are compared pairwise
+    (``M * (M - 1)`` comparisons counted in uint8, no in-place slice updates), so inductor emits one
+    loop over the groups fused with the consumer of the mask (``W * Mf``, ``W * Mb``, the decay term),
+    where the eager slice loop becomes a chain of masked, recomputed scalar loads.
     """
-    size = scores.shape[dim]
-    dim = dim % scores.dim()
-    trailing = (1,) * (scores.dim() - dim - 1)
-    idx = torch.arange(size, device=scores.device)
-    earlier = (idx.view(1, size) < idx.view(size, 1)).view((size, size) + trailing)  # [i, j] = j < i
-    s_i = scores.unsqueeze(dim + 1)  # entry i along dim, candidates j along dim + 1
-    s_j = scores.unsqueeze(dim)
-    beaten = (s_j > s_i) | ((s_j == s_i) & earlier)
-    return beaten.sum(dim + 1) < n
+    cols = scores.unbind(dim)
+    keeps = []
+    for i, s_i in enumerate(cols):
+        beaten = [(s_j >= s_i) if j < i else (s_j > s_i) for j, s_j in enumerate(cols) if j != i]
+        rank = beaten[0].to(torch.uint8)
+        for b in beaten[1:]:
+            rank = rank + b.to(torch.uint8)
+        keeps.append(rank < n)
+    return torch.stack(keeps, dim)
 
 
 def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
