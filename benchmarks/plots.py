@@ -6,6 +6,7 @@ one PNG. They can also be re-drawn from saved JSON files::
     python benchmarks/plots.py --accuracy docs/accuracy.json --out docs/accuracy.png
     python benchmarks/plots.py --step-time docs/step_time.json --out docs/step_time.png
     python benchmarks/plots.py --mask-quality docs/mask_quality.json --out docs/mask_quality.png
+    python benchmarks/plots.py --compile docs/step_time_compile.json --out docs/step_time_compile.png
 """
 
 from __future__ import annotations
@@ -140,6 +141,53 @@ def plot_mask_quality(rows: Sequence[dict], out: str | Path, title: str = "") ->
     plt.close(fig)
 
 
+def plot_compile(rows: Sequence[dict], out: str | Path, title: str = "") -> None:
+    """Eager and compiled Bi-Mask step time over the dense step of the same kind, per model and thread count.
+
+    Rows come from ``step_time.py --compile`` (modes ``bimask`` and ``bimask+compile``); the targets
+    (1.05x eager, 1.03x compiled) are drawn as dashed lines, the fastest-round ratio as a black tick, and
+    the eager mask work (``Mf`` + ``Mb`` + decay, share of the eager dense step) as a hatched bar.
+    """
+    cases = list(dict.fromkeys((r["model"], r.get("threads", 1)) for r in rows if r["mode"].startswith("bimask")))
+    kinds = (("bimask", "eager / eager dense", "#d62728", 1.05),
+             ("bimask+compile", "compiled / compiled dense", "#1f77b4", 1.03))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cases) + 2), 4.3))
+    width = 0.27
+    for k, (mode, label, color, target) in enumerate(kinds):
+        for i, (model, threads) in enumerate(cases):
+            row = next((r for r in rows if r["model"] == model and r.get("threads", 1) == threads
+                        and r["mode"] == mode), None)
+            if row is None:
+                continue
+            x = i + (k - 1) * width
+            ax.bar(x, row["ratio"], width=width, color=color, label=label if i == 0 else None)
+            ax.hlines(row["ratio_min"], x - width / 2, x + width / 2, color="black", lw=1.5)
+            ax.text(x, row["ratio"] + 0.004, f"{row['ratio']:.3f}", ha="center", fontsize=7)
+            ax.hlines(target, x - width / 2, x + width / 2, color=color, lw=1.2, ls="--")
+    for i, (model, threads) in enumerate(cases):
+        row = next((r for r in rows if r["model"] == model and r.get("threads", 1) == threads
+                    and r["mode"] == "bimask" and r.get("mask_share") is not None), None)
+        if row is not None:
+            x = i + width
+            ax.bar(x, 1.0 + row["mask_share"], width=width, color="white", edgecolor="#7f7f7f", hatch="//",
+                   label="1 + eager mask work / dense step" if i == 0 else None)
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"{m}\nb{next(r['batch'] for r in rows if r['model'] == m)}, {t} thr"
+                        for m, t in cases], fontsize=8)
+    low = min([r["ratio_min"] for r in rows if r["mode"].startswith("bimask")] + [1.0])
+    high = max([r["ratio"] for r in rows if r["mode"].startswith("bimask")] + [1.06])
+    ax.set_ylim(min(0.95, low - 0.01), high + 0.03)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylabel("step time / dense step (median; tick: fastest rounds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Re-draw a plot from a benchmark's JSON file."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,10 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--accuracy", help="docs/accuracy.json from benchmarks/accuracy.py")
     group.add_argument("--step-time", help="JSON from benchmarks/step_time.py --json")
     group.add_argument("--mask-quality", help="JSON from benchmarks/permutation_search.py --json")
+    group.add_argument("--compile", nargs="+", metavar="JSON",
+                       help="one or more JSONs from benchmarks/step_time.py --compile --json (rows concatenated)")
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
     if args.accuracy:
         plot_accuracy(list(json.loads(Path(args.accuracy).read_text())["runs"].values()), args.out)
+    elif args.compile:
+        plot_compile([row for path in args.compile for row in json.loads(Path(path).read_text())], args.out)
     elif args.step_time:
         plot_step_time(json.loads(Path(args.step_time).read_text()), args.out)
     else:

@@ -172,3 +172,14 @@ def test_lora_step_smallest():
     assert set(rows) == {"plain LoRA (peft)", "N:M LoRA (bimask-hf)"}
     assert float(rows["plain LoRA (peft)"][-1]) == 1.0 and float(rows["N:M LoRA (bimask-hf)"][-1]) > 0
 
+
+
+def test_compile_plot_redraws_from_step_time_json(tmp_path):
+    rows = [
+        {"model": "m", "mode": mode, "batch": 2, "threads": 1, "ratio": ratio, "ratio_min": ratio,
+         "mask_share": 0.02 if mode == "bimask" else None}
+        for mode, ratio in (("dense", 1.0), ("bimask", 1.02), ("dense+compile", 1.0), ("bimask+compile", 1.01))
+    ]
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    out = _run("plots.py", "--compile", str(tmp_path / "c.json"), "--out", str(tmp_path / "c.png"))
+    assert "wrote" in out and (tmp_path / "c.png").stat().st_size > 0
