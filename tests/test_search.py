@@ -262,7 +262,7 @@ def test_matched_on_a_tall_layer_keeps_the_all_pairs_quality(monkeypatch) -> Non
     assert blocked_gain >= 0.95 * all_pairs_gain > 0
 
 
-@pytest.mark.parametrize("n,m,groups,block_groups", [(2, 4, 7, 3), (1, 4, 6, 6), (3, 8, 5, 2)])
+@pytest.mark.parametrize("n,m,groups,block_groups", [(2, 4, 7, 3), (1, 4, 6, 6), (3, 8, 5, 2), (5, 16, 3, 3)])
 def test_block_swap_gains_match_brute_force(n: int, m: int, groups: int, block_groups: int) -> None:
     rows, cols = groups * m, 3 * m
     mask = _forward_mask(rows, cols, n, m, seed=4)
@@ -289,3 +289,16 @@ def test_block_swap_gains_match_brute_force(n: int, m: int, groups: int, block_g
                 assert gains[int(best[b, i, j])] == max(gains)
 
 
+
+
+def test_matched_blocked_layers_stop_at_their_own_tolerance(monkeypatch) -> None:
+    tall = _forward_mask(512, 64, 2, 4)  # two blocks
+    small = _forward_mask(64, 576, 2, 4)  # one block
+    before = {
+        "tall": search_permutation(tall, 2, 4, "matched"),
+        "small": search_permutation(small, 2, 4, "matched"),
+    }
+    monkeypatch.setattr(search, "BLOCKED_TOLERANCE", 1.0)  # no round gains |Mf|: stop after the first
+    assert torch.equal(search_permutation(tall, 2, 4, "matched"), search_permutation(tall, 2, 4, "matched", max_rounds=1))
+    assert not torch.equal(before["tall"], search_permutation(tall, 2, 4, "matched", max_rounds=1))
+    assert torch.equal(search_permutation(small, 2, 4, "matched"), before["small"])  # one block: DEFAULT_TOLERANCE
