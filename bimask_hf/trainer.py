@@ -26,6 +26,7 @@ from transformers.trainer_utils import number_of_arguments
 
 from .config import ARGUMENT_FIELDS, BiMaskConfig, BiMaskConfigArguments
 from .distributed import UnsupportedSetupError, describe_setup, enable_cpu_fsdp, is_sharded
+from .errors import CorruptCheckpointError
 from .lora import is_peft_model
 from .metrics import compute_topk_metrics, topk_indices
 from .patching import project_, refresh_permutations, report, sparse_layers, sparsify
@@ -350,6 +351,65 @@ class BiMaskTrainer(Trainer):
         self._check_channels()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    # ---- loading checkpoints -------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """The Trainer's loader, except that a transformers model's weights are matched by name first.
+
+        transformers 5 saves some models (ViT, ...) under their original checkpoint key names
+        (``vit.encoder.layer.0.attention.attention.query``), which differ from the module names
+        (``vit.layers.0.attention.q_proj``); the Trainer's non-strict ``load_state_dict`` would then skip
+        them silently and a resumed run would restart from its initial weights and permutations.
+        """
+        if not self._load_pretrained_weights(resume_from_checkpoint, model if model is not None else self.model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``, with the key matching of :meth:`_load_from_checkpoint`."""
+        best = self.state.best_model_checkpoint
+        if best is None or not self._load_pretrained_weights(best, self.model):
+            super()._load_best_model()
+        else:
+            logger.info("Loaded the best model from %s (score: %s).", best, self.state.best_metric)
+
+    def _load_pretrained_weights(self, folder: str, model: Any) -> bool:
+        """Load a transformers model's ``model.safetensors`` (or its shards) from ``folder`` under the live
+        key names; False when the Trainer's own loader applies (timm, peft, FSDP, DeepSpeed, other files)."""
+        import json
+
+        from safetensors.torch import load_file
+        from transformers import PreTrainedModel
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+        plain = extract_model_from_parallel(model)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not isinstance(plain, PreTrainedModel):
+            return False
+        single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+        if os.path.isfile(single):
+            files = [single]
+        elif os.path.isfile(index):
+            with open(index) as f:
+                files = [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+        else:
+            return False
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            state.update(load_file(path, device="cpu"))
+        live = plain.state_dict()
+        names = _live_key_names(plain, live)
+        state = {names.get(key, key): value for key, value in state.items()}
+        result = plain.load_state_dict(state, strict=False)
+        # A key left out of the file because it is tied to a loaded one (shares its storage) is not missing.
+        loaded = {live[k].untyped_storage().data_ptr() for k in state if k in live}
+        missing = [k for k in result.missing_keys if live[k].untyped_storage().data_ptr() not in loaded]
+        if missing or result.unexpected_keys:
+            raise CorruptCheckpointError(
+                f"{folder} does not hold this model's weights: missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+                f"{' ...' if len(result.unexpected_keys) > 5 else ''}. Resume with the model (and --model_args) "
+                "the checkpoint was trained with."
+            )
+        return True
+
     def get_train_dataloader(self) -> Any:
         """The Trainer's train loader; a map-style train set is read through
         :class:`~bimask_hf.data.seeding.SeededExamples`, so the augmentation of an example depends on the
@@ -616,3 +676,18 @@ class BiMaskTrainer(Trainer):
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """The model card is written by :meth:`save_model` from ``hub_cards/``; nothing else to do."""
         return None
+
+
+def _live_key_names(model: Any, live: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Saved key -> module key of a transformers model, for the keys ``save_pretrained`` renames.
+
+    transformers reverses its load-time renamings when it saves; applying that reversal to the live
+    state dict maps every saved name to the tensor (hence the module key) it came from.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without load-time conversions saves module names
+        return {}
+    by_tensor = {id(tensor): key for key, tensor in live.items()}
+    saved = revert_weight_conversion(model, dict(live))
+    return {name: by_tensor[id(tensor)] for name, tensor in saved.items() if id(tensor) in by_tensor}

@@ -458,3 +458,47 @@ def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path, digits):
     assert all(straight[0, i] != straight[1, i] for i in range(8))  # a new epoch, new draws
     resumed = run(resume=True)  # resumed inside epoch 1: its last batch is read again
     assert len(resumed) == 4 and all(resumed[k] == straight[k] for k in resumed), (resumed, straight)
+
+
+# ---- resuming transformers models ------------------------------------------------------------------
+
+def _tiny_vit(digits, seed: int = 0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    set_seed(seed)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, image_size=16, patch_size=4,
+                                               num_labels=len(digits.labels)))
+
+
+def test_resumed_transformers_vit_continues_from_its_checkpoint(tmp_path, digits):
+    """transformers 5 saves ViT under its original key names (``...attention.attention.query``), not the
+    module names (``...attention.q_proj``): the resumed run must still load every weight and permutation
+    and end exactly where the straight run ends (it used to restart silently from fresh weights)."""
+
+    def run(resume: bool) -> dict[str, torch.Tensor]:
+        trainer = BiMaskTrainer(model=_tiny_vit(digits, seed=1 if resume else 0),  # resume must overwrite all
+                                args=_args(tmp_path, save_strategy="steps", save_steps=2),
+                                train_dataset=digits.train_dataset, data_collator=digits.collate_fn)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2") if resume else None)
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    straight = run(resume=False)
+    saved = load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors")
+    assert not set(saved) <= set(straight), "the checkpoint no longer uses renamed keys: this test checks nothing"
+    perms = [k for k in straight if k.endswith(PERMUTATION_KEY)]
+    assert perms and any(not torch.equal(straight[k], torch.arange(len(straight[k]))) for k in perms)
+    resumed = run(resume=True)
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_resuming_from_another_models_checkpoint_is_an_error(tmp_path, digits):
+    trainer = BiMaskTrainer(model=_tiny_vit(digits), args=_args(tmp_path, max_steps=2, save_strategy="steps",
+                                                                save_steps=2),
+                            train_dataset=digits.train_dataset, data_collator=digits.collate_fn)
+    trainer.train()
+    other = BiMaskTrainer(model=_model(digits), args=_args(tmp_path, max_steps=4),
+                          train_dataset=digits.train_dataset, data_collator=digits.collate_fn)
+    with pytest.raises(Exception, match="checkpoint"):
+        other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
