@@ -23,7 +23,7 @@ model patched with ``BiMaskConfig(mode="bimask")`` (default ``matched`` search) 
 steps (forward, cross-entropy, backward, SGD) at the recipe batch (ResNet-50 b32, DeiT-small b64, 224 px),
 interleaved; the share ``refresh / (permutation_interval * dense step)`` must stay <= 1 %. Examples::
 
-    python benchmarks/permutation_search.py            # full table (about 10 minutes on one core)
+    python benchmarks/permutation_search.py            # full table (about 5 minutes on one core)
     python benchmarks/permutation_search.py --quick    # seconds-long smoke run for CI
     python benchmarks/permutation_search.py --json docs/mask_quality.json --plot docs/mask_quality.png
     python benchmarks/permutation_search.py --no-random --no-real --models resnet50 deit_small --threads 1

@@ -35,7 +35,7 @@ Methods (all vectorised; the only Python loops run over rounds or candidate chun
 Measured on 1 CPU thread (``benchmarks/permutation_search.py``, figures in ``docs/benchmarks.md``), 2:4
 on randn weights, gain in retention over the identity: random best-of-100 gains +0.003 (64x576), +0.0001
 (512x4608), +0.002 (1536x384) and +0.0005 (2048x512); ``"matched"`` gains +0.023, +0.010, +0.040 and
-+0.034, at about 1-3x, 0.4x, 1x and 1.3x random best-of-100's time (64x576: about 10 ms).
++0.034, at about 3x (11 ms), 0.4x, 1.5x and 1x random best-of-100's time.
 """
 
 from __future__ import annotations
