@@ -311,6 +311,8 @@ def _block_swap_gains(rows: torch.Tensor, valid: torch.Tensor, n: int, m: int) -
         _mm01(rows[b], lt_le[b].T, out=proj[b])
         _mm01(weighted[b], rows[b].T, out=s[b])
     if scale > 64:
+        if scale * 2 * (cols + 1) >= 2**31:  # encoded scores would overflow int32 (huge K at large M)
+            s, proj = s.long(), proj.long()
         s *= scale
         proj *= scale
     own = torch.arange(size, device=rows.device) // m
@@ -319,9 +321,9 @@ def _block_swap_gains(rows: torch.Tensor, valid: torch.Tensor, n: int, m: int) -
     s5 += proj[:, :, :g].reshape(blocks, g, m, g, 1)
     s5 -= self_le.view(blocks, g, m, 1, 1)
     # gain[g, h, i, j] = S[g*m+i, h*m+j] + S[h*m+j, g*m+i], written in (group, group, swap) order
-    per_pair = torch.empty(blocks, g, g, m, m, dtype=torch.int32, device=rows.device)
+    per_pair = torch.empty(blocks, g, g, m, m, dtype=s.dtype, device=rows.device)
     torch.add(s5.permute(0, 1, 3, 2, 4), s5.permute(0, 3, 1, 4, 2), out=per_pair)
-    per_pair += torch.arange(m * m - 1, -1, -1, dtype=torch.int32, device=rows.device).view(m, m)
+    per_pair += torch.arange(m * m - 1, -1, -1, dtype=s.dtype, device=rows.device).view(m, m)
     encoded = per_pair.view(blocks, g, g, m * m).amax(dim=3)
     best_gain = encoded >> bits  # floor division: exact for negative gains too
     best = (m * m - 1) - (encoded & (scale - 1))

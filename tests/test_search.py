@@ -302,3 +302,14 @@ def test_matched_blocked_layers_stop_at_their_own_tolerance(monkeypatch) -> None
     assert torch.equal(search_permutation(tall, 2, 4, "matched"), search_permutation(tall, 2, 4, "matched", max_rounds=1))
     assert not torch.equal(before["tall"], search_permutation(tall, 2, 4, "matched", max_rounds=1))
     assert torch.equal(search_permutation(small, 2, 4, "matched"), before["small"])  # one block: DEFAULT_TOLERANCE
+
+
+def test_block_swap_gains_do_not_overflow_at_large_m_and_k() -> None:
+    # M=64 encodes the swap index in 12 bits; a full row moving into an empty group gains K = 2^19 + 64,
+    # so the encoded score K * 2^12 passes 2^31
+    n, m, cols = 32, 64, 2**19 + 64
+    rows = torch.zeros(1, 2 * m, cols, dtype=torch.int8)
+    rows[0, :m] = 1  # group 0 full (it keeps n per column either way), group 1 empty
+    gain, best = search._block_swap_gains(rows, torch.ones(1, 2, dtype=torch.bool), n, m)
+    assert gain[0].tolist() == [[-1, cols], [cols, -1]]  # every swap moves one 1 into every column of group 1
+    assert best[0, 0, 1] == 0 and best[0, 1, 0] == 0  # ties: the first swap
