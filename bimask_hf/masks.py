@@ -109,8 +109,12 @@ def nm_mask_for_weight(weight: torch.Tensor, n: int, m: int, group_layout: str =
     if weight.dim() == 4 and group_layout == "channels_last" and weight.shape[1] % m == 0:
         # groups of m input channels at each kernel position, position-in-group leading (contiguous slices)
         out_ch, in_ch, kh, kw = weight.shape
-        if torch.compiler.is_compiling():  # ranked in place along the group axis: no layout copies
-            return keep_top_n(mags.reshape(out_ch, in_ch // m, m, kh * kw), n, dim=2).reshape(weight.shape)
+        if torch.compiler.is_compiling():
+            # Ranked on a channels-last copy, where a group's M entries are adjacent (as in a Linear):
+            # ranking across the kernel positions in place made inductor's kernel 4-5x slower (3x3 convs).
+            grouped = mags.permute(0, 2, 3, 1).contiguous().view(out_ch * kh * kw, in_ch // m, m)
+            keep = keep_top_n(grouped, n, dim=2).view(out_ch, kh, kw, in_ch)
+            return keep.permute(0, 3, 1, 2).contiguous()
         front = mags.reshape(out_ch, in_ch // m, m, kh * kw).permute(2, 0, 1, 3).contiguous()
         return keep_top_n(front, n, dim=0).permute(1, 2, 0, 3).reshape(weight.shape).contiguous()
     if weight.dim() == 2 or (weight.dim() == 4 and group_layout == "flat"):
