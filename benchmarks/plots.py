@@ -148,15 +148,15 @@ def plot_compile(rows: Sequence[dict], out: str | Path, title: str = "") -> None
     (1.05x eager, 1.03x compiled) are drawn as dashed lines, the fastest-round ratio as a black tick, and
     the eager mask work (``Mf`` + ``Mb`` + decay, share of the eager dense step) as a hatched bar.
     """
-    cases = list(dict.fromkeys((r["model"], r.get("threads", 1)) for r in rows if r["mode"].startswith("bimask")))
+    by_case = {(r["model"], r.get("threads", 1), r["mode"]): r for r in rows}
+    cases = list(dict.fromkeys((model, threads) for model, threads, mode in by_case if mode.startswith("bimask")))
     kinds = (("bimask", "eager / eager dense", "#d62728", 1.05),
              ("bimask+compile", "compiled / compiled dense", "#1f77b4", 1.03))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cases) + 2), 4.3))
     width = 0.27
     for k, (mode, label, color, target) in enumerate(kinds):
         for i, (model, threads) in enumerate(cases):
-            row = next((r for r in rows if r["model"] == model and r.get("threads", 1) == threads
-                        and r["mode"] == mode), None)
+            row = by_case.get((model, threads, mode))
             if row is None:
                 continue
             x = i + (k - 1) * width
@@ -165,9 +165,8 @@ def plot_compile(rows: Sequence[dict], out: str | Path, title: str = "") -> None
             ax.text(x, row["ratio"] + 0.004, f"{row['ratio']:.3f}", ha="center", fontsize=7)
             ax.hlines(target, x - width / 2, x + width / 2, color=color, lw=1.2, ls="--")
     for i, (model, threads) in enumerate(cases):
-        row = next((r for r in rows if r["model"] == model and r.get("threads", 1) == threads
-                    and r["mode"] == "bimask" and r.get("mask_share") is not None), None)
-        if row is not None:
+        row = by_case.get((model, threads, "bimask"))
+        if row is not None and row.get("mask_share") is not None:
             x = i + width
             ax.bar(x, 1.0 + row["mask_share"], width=width, color="white", edgecolor="#7f7f7f", hatch="//",
                    label="1 + eager mask work / dense step" if i == 0 else None)

@@ -374,26 +374,19 @@ class BiMaskTrainer(Trainer):
     def _load_pretrained_weights(self, folder: str, model: Any) -> bool:
         """Load a transformers model's ``model.safetensors`` (or its shards) from ``folder`` under the live
         key names; False when the Trainer's own loader applies (timm, peft, FSDP, DeepSpeed, other files)."""
-        import json
-
         from safetensors.torch import load_file
         from transformers import PreTrainedModel
-        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+        from .hub.files import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, weight_files
 
         plain = extract_model_from_parallel(model)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or not isinstance(plain, PreTrainedModel):
             return False
-        single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
-        if os.path.isfile(single):
-            files = [single]
-        elif os.path.isfile(index):
-            with open(index) as f:
-                files = [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
-        else:
+        if not any(os.path.isfile(os.path.join(folder, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
             return False
         state: dict[str, torch.Tensor] = {}
-        for path in files:
-            state.update(load_file(path, device="cpu"))
+        for name in weight_files(folder):  # the single file or every shard of the index
+            state.update(load_file(os.path.join(folder, name), device="cpu"))
         live = plain.state_dict()
         names = _live_key_names(plain, live)
         state = {names.get(key, key): value for key, value in state.items()}
