@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .masks import backward_mask_for_weight
+from .masks import backward_mask_for_weight, graph_mask_dtype
 
 __all__ = ["masked_linear", "masked_conv2d"]
 
@@ -35,25 +35,31 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return t.to(dtype)
 
 
+def _on(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as a ``where`` condition: masks are bool in eager mode and 0/1 values in compiled graphs
+    (:func:`~bimask_hf.masks.graph_mask_dtype`)."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _weight_grad_extra(grad_w: torch.Tensor, weight: torch.Tensor, fwd_mask: torch.Tensor, decay: float) -> torch.Tensor:
     grad_w = grad_w.to(weight.dtype)
     if decay:
         # ``(1 - Mf) * W`` as one select (no float mask), scaled in place. Not ``torch.add(..., alpha=)``:
         # inductor (torch 2.9, CPU) miscompiles ``add(mm, t, alpha=a)`` fused behind a matmul.
-        grad_w = grad_w + torch.where(fwd_mask, 0.0, weight.detach()).mul_(decay)
+        grad_w = grad_w + torch.where(_on(fwd_mask), 0.0, weight.detach()).mul_(decay)
     return grad_w
 
 
 def _input_grad_weight(
     weight: torch.Tensor, fwd_mask: torch.Tensor, bwd: torch.Tensor | None, n: int, m: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``W * Mb`` in ``dtype``; ``bwd`` is ``Mb`` itself (bool), the row permutation it is built from, or
-    None when ``Mb`` is ``Mf``."""
+    """``W * Mb`` in ``dtype``; ``bwd`` is ``Mb`` itself (a mask), the row permutation it is built from
+    (integers), or None when ``Mb`` is ``Mf``."""
     if bwd is None:
         bwd = fwd_mask
-    elif bwd.dtype != torch.bool:
-        bwd = backward_mask_for_weight(weight, fwd_mask, bwd, n, m)
-    return torch.where(bwd, weight, 0.0).to(dtype)
+    elif bwd.dtype in (torch.int64, torch.int32):
+        bwd = backward_mask_for_weight(weight, fwd_mask, bwd, n, m, dtype=graph_mask_dtype(weight))
+    return torch.where(_on(bwd), weight, 0.0).to(dtype)
 
 
 def _backward_arg(
@@ -71,7 +77,7 @@ class _MaskedLinearFn(torch.autograd.Function):
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
-            out = F.linear(xc, _cast(torch.where(fwd_mask, weight, 0.0), dtype), _cast(bias, dtype))
+            out = F.linear(xc, _cast(torch.where(_on(fwd_mask), weight, 0.0), dtype), _cast(bias, dtype))
         ctx.save_for_backward(xc, weight, fwd_mask, bwd)
         ctx.nm = (n, m)
         ctx.decay = decay
@@ -100,7 +106,7 @@ class _MaskedConv2dFn(torch.autograd.Function):
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
-            w = _cast(torch.where(fwd_mask, weight, 0.0), dtype)
+            w = _cast(torch.where(_on(fwd_mask), weight, 0.0), dtype)
             out = F.conv2d(xc, w, _cast(bias, dtype), stride, padding, dilation, groups)
         ctx.save_for_backward(xc, weight, fwd_mask, bwd)
         ctx.nm = (n, m)

@@ -20,6 +20,7 @@ from .functional import masked_conv2d, masked_linear
 from .masks import (
     backward_mask_for_weight,
     check_nm_pattern,
+    graph_mask_dtype,
     matrix_to_weight,
     nm_mask_for_weight,
     retention,
@@ -93,8 +94,9 @@ class BiMaskLayer:
         """The whole weight, detached; gathered from all ranks when it is an FSDP2 shard (a collective)."""
         return full_tensor(self.weight.detach())
 
-    def forward_mask_for(self, weight: torch.Tensor) -> torch.Tensor:
-        """``Mf`` of ``weight`` (boolean, shaped like ``weight``)."""
+    def forward_mask_for(self, weight: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """``Mf`` of ``weight`` (boolean, shaped like ``weight``; N:M masks as 0/1 values of a float
+        ``dtype`` if one is given, as the training step does under ``torch.compile``)."""
         weight = weight.detach()
         if self.mode == "dense":
             return torch.ones_like(weight, dtype=torch.bool)
@@ -103,7 +105,7 @@ class BiMaskLayer:
         if self.mode == "transposable":
             mf_m = transposable_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
             return matrix_to_weight(mf_m, weight.shape, self.group_layout)
-        return nm_mask_for_weight(weight, self.n, self.m, self.group_layout)
+        return nm_mask_for_weight(weight, self.n, self.m, self.group_layout, dtype=dtype)
 
     def backward_mask_for(self, weight: torch.Tensor, forward_mask: torch.Tensor) -> torch.Tensor:
         """``Mb`` of ``weight`` given its ``Mf`` (``Mf`` itself outside bi-directional ``bimask``)."""
@@ -198,7 +200,7 @@ class BiMaskLayer:
         if self.mode == "pre" and self.training:
             mf = self.project_()  # pruning keeps the N largest of every group: Mf is unchanged
         else:
-            mf = self.forward_mask_for(self.weight)
+            mf = self.forward_mask_for(self.weight, graph_mask_dtype(self.weight))
         decay = self.decay if self.mode in _DECAY_MODES else 0.0
         if self.effective_mode == "bimask" and self.density is None:  # Mb is built in backward, if needed
             return fn(x, self.weight, self.bias, mf, None, decay, permutation=getattr(self, PERMUTATION_KEY),

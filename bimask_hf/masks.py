@@ -65,22 +65,24 @@ def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    """:func:`_rank_keep` along ``dim`` for compiled graphs: the same ranks as pure functions.
+    """:func:`_rank_keep` along ``dim`` for compiled graphs, as 0/1 values (``scores``' float dtype).
 
     Entry ``i`` of a group is beaten by entry ``j`` when ``s_j > s_i``, or ``s_j == s_i`` and ``j < i``,
     and kept when fewer than ``n`` entries beat it; the ``M`` slices along ``dim`` are compared pairwise
-    (``M * (M - 1)`` comparisons counted in uint8, no in-place slice updates), so inductor emits one
-    loop over the groups fused with the consumer of the mask (``W * Mf``, ``W * Mb``, the decay term),
-    where the eager slice loop becomes a chain of masked, recomputed scalar loads.
+    as pure functions (no in-place slice updates), so inductor emits one loop over the groups fused with
+    the consumer of the mask (``W * Mf``, ``W * Mb``, the decay term). Counts and the result are floats,
+    not uint8 or bool: inductor's CPU kernels load, store and convert 1-byte masks 10-40x slower than
+    floats (``where(mask, W, 0)`` on 1M entries: 4-6 ms with a bool mask, 0.2-0.4 ms with a float one).
     """
+    dtype = scores.dtype if scores.is_floating_point() else torch.float32
     cols = scores.unbind(dim)
     keeps = []
     for i, s_i in enumerate(cols):
         beaten = [(s_j >= s_i) if j < i else (s_j > s_i) for j, s_j in enumerate(cols) if j != i]
-        rank = beaten[0].to(torch.uint8)
+        rank = beaten[0].to(dtype)
         for b in beaten[1:]:
-            rank = rank + b.to(torch.uint8)
-        keeps.append(rank < n)
+            rank = rank + b.to(dtype)
+        keeps.append((rank < n).to(dtype))
     return torch.stack(keeps, dim)
 
 
@@ -90,7 +92,7 @@ def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
     if n >= size:
         return torch.ones_like(scores, dtype=torch.bool)
     if size <= 16 and torch.compiler.is_compiling():
-        return _rank_keep_fused(scores, n, dim)
+        return _rank_keep_fused(scores, n, dim) != 0
     if size > 16:
         s = scores.movedim(dim, -1)
         idx = s.topk(n, dim=-1, sorted=False).indices
@@ -98,38 +100,68 @@ def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
     return _rank_keep(scores.movedim(dim, 0).contiguous(), n).movedim(0, dim)
 
 
-def nm_mask_for_weight(weight: torch.Tensor, n: int, m: int, group_layout: str = "channels_last") -> torch.Tensor:
+def graph_mask_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype masks are carried in by the training step: ``bool`` in eager mode; under
+    ``torch.compile`` 0/1 values in the weight's float dtype, which inductor's CPU kernels load and
+    store many times faster than 1-byte masks (see :func:`_rank_keep_fused`)."""
+    if torch.compiler.is_compiling() and weight.is_floating_point():
+        return weight.dtype
+    return torch.bool
+
+
+def _as_dtype(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bool:
+        return keep if keep.dtype == torch.bool else keep != 0
+    return keep.to(dtype)
+
+
+def nm_mask_for_weight(
+    weight: torch.Tensor, n: int, m: int, group_layout: str = "channels_last", *, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
     """:func:`nm_mask` of a Linear/Conv2d weight, returned in the weight's own shape.
 
     Same result as ``matrix_to_weight(nm_mask(weight_to_matrix(w, layout), n, m), w.shape, layout)``
-    but with one layout copy instead of four (this runs at every forward).
+    but with one layout copy instead of four (this runs at every forward). ``dtype``: ``bool`` (default)
+    or a float dtype for 0/1 values (:func:`graph_mask_dtype`).
     """
     check_nm_pattern(n, m)
     mags = weight.detach().abs()
+    compiling = torch.compiler.is_compiling() and m <= 16
     if weight.dim() == 4 and group_layout == "channels_last" and weight.shape[1] % m == 0:
         # groups of m input channels at each kernel position, position-in-group leading (contiguous slices)
         out_ch, in_ch, kh, kw = weight.shape
-        if torch.compiler.is_compiling():
+        if compiling:
             # Ranked on a channels-last copy, where a group's M entries are adjacent (as in a Linear):
             # ranking across the kernel positions in place made inductor's kernel 4-5x slower (3x3 convs).
             grouped = mags.permute(0, 2, 3, 1).contiguous().view(out_ch * kh * kw, in_ch // m, m)
-            keep = keep_top_n(grouped, n, dim=2).view(out_ch, kh, kw, in_ch)
-            return keep.permute(0, 3, 1, 2).contiguous()
+            keep = _rank_keep_fused(grouped, n, 2).view(out_ch, kh, kw, in_ch)
+            return _as_dtype(keep.permute(0, 3, 1, 2), dtype).contiguous()
         front = mags.reshape(out_ch, in_ch // m, m, kh * kw).permute(2, 0, 1, 3).contiguous()
-        return keep_top_n(front, n, dim=0).permute(1, 2, 0, 3).reshape(weight.shape).contiguous()
+        keep = keep_top_n(front, n, dim=0).permute(1, 2, 0, 3).reshape(weight.shape)
+        return _as_dtype(keep, dtype).contiguous()
     if weight.dim() == 2 or (weight.dim() == 4 and group_layout == "flat"):
         matrix = mags.reshape(weight.shape[0], -1)
         rows, cols = matrix.shape
         if cols % m:
             raise ValueError(f"N:M along columns needs K % M == 0, got K={cols}, M={m}.")
-        return keep_top_n(matrix.reshape(rows, cols // m, m), n, dim=-1).reshape(weight.shape).contiguous()
-    return matrix_to_weight(nm_mask(weight_to_matrix(weight, group_layout), n, m), weight.shape, group_layout)
+        groups = matrix.reshape(rows, cols // m, m)
+        keep = _rank_keep_fused(groups, n, -1) if compiling else keep_top_n(groups, n, dim=-1)
+        return _as_dtype(keep.reshape(weight.shape), dtype).contiguous()
+    keep = matrix_to_weight(nm_mask(weight_to_matrix(weight, group_layout), n, m), weight.shape, group_layout)
+    return _as_dtype(keep, dtype)
 
 
 def backward_mask_for_weight(
-    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int
+    weight: torch.Tensor,
+    forward_mask: torch.Tensor,
+    permutation: torch.Tensor,
+    n: int,
+    m: int,
+    *,
+    dtype: torch.dtype = torch.bool,
 ) -> torch.Tensor:
-    """:func:`backward_mask` of a Linear/Conv2d weight in its own shape.
+    """:func:`backward_mask` of a Linear/Conv2d weight in its own shape (``forward_mask`` bool or 0/1
+    values; ``dtype`` as in :func:`nm_mask_for_weight`).
 
     The backward mask groups rows, and each column is handled on its own, so the column order of
     the weight does not matter and no layout copy is needed.
@@ -138,7 +170,8 @@ def backward_mask_for_weight(
     if rows % m:
         raise ValueError(f"N:M along rows needs O % M == 0, got O={rows}, M={m}.")
     if torch.compiler.is_compiling():
-        return _backward_mask_gathered(weight, forward_mask, permutation, n, m)
+        return _as_dtype(_backward_mask_gathered(weight, forward_mask, permutation, n, m), dtype)
+    forward_mask = _as_dtype(forward_mask, torch.bool)
     order = permutation.view(rows // m, m).T.reshape(-1)  # position-in-group major: one contiguous slice each
     # Gather the rows in group order once; |W| of pruned entries becomes -1 so Mf entries always win.
     mf_rows = forward_mask.reshape(rows, -1)[order]
@@ -146,13 +179,13 @@ def backward_mask_for_weight(
     keep_front = keep_top_n(scores.view(m, rows // m, -1), n, dim=0).view(rows, -1).logical_and_(mf_rows)
     keep = torch.empty((rows, keep_front.shape[1]), dtype=torch.bool, device=weight.device)
     keep[order] = keep_front
-    return keep.view(weight.shape)
+    return _as_dtype(keep.view(weight.shape), dtype)
 
 
 def _backward_mask_gathered(
     weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int
 ) -> torch.Tensor:
-    """:func:`backward_mask_for_weight` with gathers only (no scatter, no in-place updates).
+    """:func:`backward_mask_for_weight` with gathers only (no scatter, no in-place updates), as 0/1 values.
 
     Rows are read in permutation order, ranked within their group, and read back through the inverse
     permutation: every step is a gather or a pointwise op, which inductor fuses into the kernel that
@@ -160,9 +193,11 @@ def _backward_mask_gathered(
     """
     rows = weight.shape[0]
     inverse = torch.argsort(permutation)
-    mf_rows = forward_mask.reshape(rows, -1)[permutation]
-    scores = torch.where(mf_rows, weight.detach().reshape(rows, -1)[permutation].abs(), -1.0)
-    keep = keep_top_n(scores.view(rows // m, m, -1), n, dim=1).view(rows, -1) & mf_rows
+    kept = forward_mask.reshape(rows, -1)[permutation] != 0
+    scores = torch.where(kept, weight.detach().reshape(rows, -1)[permutation].abs(), -1.0)
+    grouped = scores.view(rows // m, m, -1)
+    keep = _rank_keep_fused(grouped, n, 1) if m <= 16 else keep_top_n(grouped, n, dim=1).to(scores.dtype)
+    keep = torch.where(kept, keep.view(rows, -1), 0.0)
     return keep[inverse].view(weight.shape)
 
 

@@ -52,9 +52,18 @@ def _shuffle_permutation(layer, groups: int = 1) -> None:
     getattr(layer, PERMUTATION_KEY).copy_(perm)
 
 
+@pytest.fixture(params=[False, True], ids=["eager", "graph-masks"])
+def graph_masks(request, monkeypatch):
+    """Also run the layers on the code path they take inside a torch.compile graph (masks computed by
+    pure functions and carried as 0/1 floats), eagerly so the formulas can be checked exactly."""
+    if request.param:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    return request.param
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pattern", [(2, 4), (1, 4)])
-def test_linear_gradients_match_formulas(mode, pattern):
+def test_linear_gradients_match_formulas(mode, pattern, graph_masks):
     n, m = pattern
     torch.manual_seed(0)
     layer = BiMaskLinear(16, 8, n=n, m=m, mode=mode, decay=DECAY).double()
@@ -109,7 +118,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=["s2p1d2g2", "s1p2", "asym"])
 @pytest.mark.parametrize("layout", ["channels_last", "flat"])
-def test_conv_gradients_match_formulas(mode, case, layout):
+def test_conv_gradients_match_formulas(mode, case, layout, graph_masks):
     n, m = 2, 4
     torch.manual_seed(0)
     layer = BiMaskConv2d(8, 8, 3, **case, n=n, m=m, mode=mode, decay=DECAY, group_layout=layout).double()

@@ -132,18 +132,29 @@ def test_nm_mask_beyond_m_16_keeps_the_n_largest():
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (3, 16)])
 @pytest.mark.parametrize("shape,layout", [((16, 48), "channels_last"), ((16, 16, 3, 3), "channels_last"),
                                           ((16, 16, 3, 3), "flat")])
-def test_compiled_graph_masks_match_the_references(monkeypatch, n, m, shape, layout):
-    """Under torch.compile the masks take a gather-and-compare path (no in-place slices, no scatter);
-    on integer weights full of ties it must keep exactly the reference's entries."""
-    from bimask_hf.masks import backward_mask_for_weight, nm_mask_for_weight
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_compiled_graph_masks_match_the_references(monkeypatch, n, m, shape, layout, dtype):
+    """Under torch.compile the masks take a gather-and-compare path (no in-place slices, no scatter)
+    and are carried as 0/1 floats; on integer weights full of ties they must keep exactly the
+    reference's entries, in the dtype asked for."""
+    from bimask_hf.masks import backward_mask_for_weight, graph_mask_dtype, nm_mask_for_weight
 
     gen = torch.Generator().manual_seed(n * 100 + m)
     w = torch.randint(-3, 4, shape, generator=gen).float()
     perm = torch.randperm(shape[0], generator=gen)
+    assert graph_mask_dtype(w) == torch.bool
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    mf = nm_mask_for_weight(w, n, m, layout)
-    mb = backward_mask_for_weight(w, mf, perm, n, m)
+    assert graph_mask_dtype(w) == torch.float32 and graph_mask_dtype(w.double()) == torch.float64
+    mf = nm_mask_for_weight(w, n, m, layout, dtype=dtype)
+    mb = backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype)
+    assert mf.dtype == mb.dtype == dtype and mf.shape == mb.shape == w.shape
+    if dtype != torch.bool:
+        assert set(mf.unique().tolist()) <= {0.0, 1.0} and set(mb.unique().tolist()) <= {0.0, 1.0}
     matrix = weight_to_matrix(w, layout)
     ref_mf = ref_nm_mask(matrix, n, m)
-    assert torch.equal(weight_to_matrix(mf, layout), ref_mf)
-    assert torch.equal(weight_to_matrix(mb, layout), ref_backward_mask(matrix, ref_mf, perm.tolist(), n, m))
+    assert torch.equal(weight_to_matrix(mf, layout).bool(), ref_mf)
+    assert torch.equal(weight_to_matrix(mb, layout).bool(), ref_backward_mask(matrix, ref_mf, perm.tolist(), n, m))
+    # the eager path gives the same masks in either dtype
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert torch.equal(nm_mask_for_weight(w, n, m, layout, dtype=dtype), mf)
+    assert torch.equal(backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype), mb)
