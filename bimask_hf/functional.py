@@ -35,18 +35,24 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return t.to(dtype)
 
 
-def _on(mask: torch.Tensor) -> torch.Tensor:
-    """A mask as a ``where`` condition: masks are bool in eager mode and 0/1 values in compiled graphs
-    (:func:`~bimask_hf.masks.graph_mask_dtype`)."""
-    return mask if mask.dtype == torch.bool else mask != 0
+def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``W * mask`` with pruned entries exactly zero: a select for bool masks (eager), a product for the
+    0/1 float masks of compiled graphs (:func:`~bimask_hf.masks.graph_mask_dtype`), so the graph holds no
+    bool tensor that AOT autograd could choose to save (inductor's CPU kernels store those slowly)."""
+    return torch.where(mask, weight, 0.0) if mask.dtype == torch.bool else weight * mask
+
+
+def _pruned(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(1 - mask) * W`` (see :func:`_masked`)."""
+    return torch.where(mask, 0.0, weight) if mask.dtype == torch.bool else weight - weight * mask
 
 
 def _weight_grad_extra(grad_w: torch.Tensor, weight: torch.Tensor, fwd_mask: torch.Tensor, decay: float) -> torch.Tensor:
     grad_w = grad_w.to(weight.dtype)
     if decay:
-        # ``(1 - Mf) * W`` as one select (no float mask), scaled in place. Not ``torch.add(..., alpha=)``:
+        # ``(1 - Mf) * W`` (a select, or a product for float masks), scaled in place. Not ``torch.add(..., alpha=)``:
         # inductor (torch 2.9, CPU) miscompiles ``add(mm, t, alpha=a)`` fused behind a matmul.
-        grad_w = grad_w + torch.where(_on(fwd_mask), 0.0, weight.detach()).mul_(decay)
+        grad_w = grad_w + _pruned(weight.detach(), fwd_mask).mul_(decay)
     return grad_w
 
 
@@ -59,7 +65,7 @@ def _input_grad_weight(
         bwd = fwd_mask
     elif bwd.dtype in (torch.int64, torch.int32):
         bwd = backward_mask_for_weight(weight, fwd_mask, bwd, n, m, dtype=graph_mask_dtype(weight))
-    return torch.where(_on(bwd), weight, 0.0).to(dtype)
+    return _masked(weight, bwd).to(dtype)
 
 
 def _backward_arg(
@@ -77,7 +83,7 @@ class _MaskedLinearFn(torch.autograd.Function):
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
-            out = F.linear(xc, _cast(torch.where(_on(fwd_mask), weight, 0.0), dtype), _cast(bias, dtype))
+            out = F.linear(xc, _cast(_masked(weight, fwd_mask), dtype), _cast(bias, dtype))
         ctx.save_for_backward(xc, weight, fwd_mask, bwd)
         ctx.nm = (n, m)
         ctx.decay = decay
@@ -106,7 +112,7 @@ class _MaskedConv2dFn(torch.autograd.Function):
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
-            w = _cast(torch.where(_on(fwd_mask), weight, 0.0), dtype)
+            w = _cast(_masked(weight, fwd_mask), dtype)
             out = F.conv2d(xc, w, _cast(bias, dtype), stride, padding, dilation, groups)
         ctx.save_for_backward(xc, weight, fwd_mask, bwd)
         ctx.nm = (n, m)
