@@ -102,10 +102,12 @@ def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
 
 
 def graph_mask_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype masks are carried in by the training step: ``bool`` in eager mode; under
-    ``torch.compile`` 0/1 values in the weight's float dtype, which inductor's CPU kernels load and
-    store many times faster than 1-byte masks (see :func:`_rank_keep_fused`)."""
-    if torch.compiler.is_compiling() and weight.is_floating_point():
+    """The dtype masks are carried in by the training step: ``bool`` in eager mode and on GPUs; in a
+    ``torch.compile`` graph on CPU, 0/1 values in the weight's float dtype, which inductor's CPU kernels
+    load and store many times faster than 1-byte masks (see :func:`_rank_keep_fused`). Saved for the
+    backward pass they take 4 bytes per weight instead of 1 (ResNet-50: +90 MB, 3.6 % of a b32 step's
+    saved activations); Triton kernels handle bool masks well, so GPUs keep those."""
+    if torch.compiler.is_compiling() and weight.is_floating_point() and weight.device.type == "cpu":
         return weight.dtype
     return torch.bool
 

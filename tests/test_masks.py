@@ -145,6 +145,7 @@ def test_compiled_graph_masks_match_the_references(monkeypatch, n, m, shape, lay
     assert graph_mask_dtype(w) == torch.bool
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert graph_mask_dtype(w) == torch.float32 and graph_mask_dtype(w.double()) == torch.float64
+    assert graph_mask_dtype(w.to("meta")) == torch.bool  # GPUs (Triton) keep bool masks: only CPU graphs use floats
     mf = nm_mask_for_weight(w, n, m, layout, dtype=dtype)
     mb = backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype)
     assert mf.dtype == mb.dtype == dtype and mf.shape == mb.shape == w.shape
