@@ -154,10 +154,12 @@ def test_input_gradient_uses_the_permutation_set_after_compilation():
 @pytest.mark.skipif(os.environ.get("BIMASK_TEST_INDUCTOR") != "1",
                     reason="an inductor C++ build takes ~50 s on 2 cores; set BIMASK_TEST_INDUCTOR=1")
 def test_inductor_gradients_match_the_formulas():
-    """One small inductor build: the decay term fused behind the weight-gradient matmul stays exact
-    (inductor in torch 2.9 miscompiled ``torch.add(mm, t, alpha=decay)`` there)."""
+    """Small inductor builds: the decay term fused behind the weight-gradient matmul stays exact
+    (inductor in torch 2.9 miscompiled ``torch.add(mm, t, alpha=decay)`` there), and the float-mask
+    kernels (in-place conv ranks, gathered ``Mb``) give the formulas' gradients for a conv too."""
     torch.manual_seed(0)
     layer = bh.BiMaskLinear(8, 16, decay=0.05)
+    getattr(layer, PERMUTATION_KEY).copy_(torch.randperm(16))
     x = torch.randn(6, 8, requires_grad=True)
     g = torch.randn(6, 16)
     torch._dynamo.reset()
@@ -167,6 +169,25 @@ def test_inductor_gradients_match_the_formulas():
     mb = layer.backward_mask_for(w, mf)
     torch.testing.assert_close(layer.weight.grad, g.T @ x.detach() + 0.05 * (~mf) * w)
     torch.testing.assert_close(x.grad, g @ (w * mb))
+
+    conv = bh.BiMaskConv2d(8, 16, 3, padding=1, decay=0.05)
+    getattr(conv, PERMUTATION_KEY).copy_(torch.randperm(16))
+    xc = torch.randn(2, 8, 6, 6, requires_grad=True)
+    torch._dynamo.reset()
+    out = torch.compile(conv, backend="inductor")(xc)
+    gc = torch.randn_like(out)
+    out.backward(gc)
+    w = conv.weight.detach()
+    mf = conv.forward_mask_for(w)
+    mb = conv.backward_mask_for(w, mf)
+    assert not torch.equal(mf, mb)  # the permutation makes the two masks differ
+    torch.testing.assert_close(out, F.conv2d(xc.detach(), w * mf, conv.bias.detach(), padding=1))
+    xr = xc.detach().clone().requires_grad_(True)
+    F.conv2d(xr, w * mb, None, padding=1).backward(gc)
+    torch.testing.assert_close(xc.grad, xr.grad)
+    wr = w.clone().requires_grad_(True)
+    F.conv2d(xc.detach(), wr, None, padding=1).backward(gc)
+    torch.testing.assert_close(conv.weight.grad, wr.grad + 0.05 * (~mf) * w)
 
 
 def test_trainer_with_torch_compile_trains_like_eager(tmp_path):
