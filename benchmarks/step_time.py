@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from unfold_baseline import use_unfold_convs  # noqa: E402
 
 import bimask_hf as bh  # noqa: E402
+from bimask_hf.functional import _pruned  # noqa: E402  (the decay term exactly as the layers compute it)
 
 # name -> (timm architecture, kwargs, batch, image size, quick batch, quick size)
 MODELS = {
@@ -126,7 +127,7 @@ def mask_work(model: nn.Module, repeats: int = 3) -> dict[str, float]:
                 layer.backward_mask_for(w, mf)
             t2 = time.perf_counter()
             if layer.decay:
-                torch.where(mf, 0.0, w).mul_(layer.decay)
+                _pruned(w, mf).mul_(layer.decay)
             t3 = time.perf_counter()
             spent["forward"] += t1 - t0
             spent["backward"] += t2 - t1
@@ -155,7 +156,7 @@ def mask_work_compiled(model: nn.Module, backend: str, repeats: int = 3) -> dict
                                          layers[i].m, dtype=graph_mask_dtype(ws[i])) for i in bidir]
 
     def decay(ws: list[torch.Tensor], mfs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.where(mfs[i] != 0, 0.0, ws[i]) * layers[i].decay for i in decaying]
+        return [_pruned(ws[i], mfs[i]).mul_(layers[i].decay) for i in decaying]
 
     parts = {"forward": torch.compile(forward, backend=backend), "backward": torch.compile(backward, backend=backend),
              "decay": torch.compile(decay, backend=backend)}
