@@ -112,22 +112,30 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 
 
 def mask_work(model: nn.Module, repeats: int = 3) -> dict[str, float]:
-    """Seconds per step of the mask work alone (median of ``repeats``), summed over the sparse layers:
-    ``forward`` (``Mf``), ``backward`` (``Mb``, bi-directional layers) and ``decay`` (``(1 - Mf) * W``)."""
+    """Seconds per step of the mask work alone (median of ``repeats``), summed over the sparse layers, as
+    the eager training step runs it (masks in ``step_mask_dtype``, each layer's work through
+    ``functional.mask_work``, which picks its threads): ``forward`` (``Mf``), ``backward`` (``Mb``,
+    bi-directional layers) and ``decay`` (``(1 - Mf) * W``)."""
+    from bimask_hf.functional import mask_work as run_mask_work
+    from bimask_hf.layers import PERMUTATION_KEY
+    from bimask_hf.masks import backward_mask_for_weight, step_mask_dtype
+
     layers = list(bh.sparse_layers(model).values())
     times: dict[str, list[float]] = {"forward": [], "backward": [], "decay": []}
     for _ in range(repeats):
         spent = dict.fromkeys(times, 0.0)
         for layer in layers:
             w = layer.weight.detach()
+            dtype = step_mask_dtype(w)
             t0 = time.perf_counter()
-            mf = layer.forward_mask_for(w)
+            mf = run_mask_work(layer.forward_mask_for, w, w, dtype)
             t1 = time.perf_counter()
             if layer.effective_mode == "bimask":
-                layer.backward_mask_for(w, mf)
+                run_mask_work(backward_mask_for_weight, w, w, mf, getattr(layer, PERMUTATION_KEY), layer.n, layer.m,
+                              dtype=dtype)
             t2 = time.perf_counter()
             if layer.decay:
-                _pruned(w, mf).mul_(layer.decay)
+                run_mask_work(lambda: _pruned(w, mf).mul_(layer.decay), w)  # noqa: B023 (called at once)
             t3 = time.perf_counter()
             spent["forward"] += t1 - t0
             spent["backward"] += t2 - t1
@@ -139,21 +147,21 @@ def mask_work(model: nn.Module, repeats: int = 3) -> dict[str, float]:
 
 def mask_work_compiled(model: nn.Module, backend: str, repeats: int = 3) -> dict[str, float]:
     """:func:`mask_work` as a compiled step runs it: each part is one ``torch.compile``'d function over all
-    sparse layers, with masks carried as 0/1 floats (``graph_mask_dtype``), so the times are those of
+    sparse layers, with masks carried as 0/1 floats (``step_mask_dtype``), so the times are those of
     the generated mask kernels (one warm-up call compiles them)."""
     from bimask_hf.layers import PERMUTATION_KEY
-    from bimask_hf.masks import backward_mask_for_weight, graph_mask_dtype
+    from bimask_hf.masks import backward_mask_for_weight, step_mask_dtype
 
     layers = list(bh.sparse_layers(model).values())
     bidir = [i for i, layer in enumerate(layers) if layer.effective_mode == "bimask"]
     decaying = [i for i, layer in enumerate(layers) if layer.decay]
 
     def forward(ws: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [layer.forward_mask_for(w, graph_mask_dtype(w)) for layer, w in zip(layers, ws)]
+        return [layer.forward_mask_for(w, step_mask_dtype(w)) for layer, w in zip(layers, ws)]
 
     def backward(ws: list[torch.Tensor], mfs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [backward_mask_for_weight(ws[i], mfs[i], getattr(layers[i], PERMUTATION_KEY), layers[i].n,
-                                         layers[i].m, dtype=graph_mask_dtype(ws[i])) for i in bidir]
+                                         layers[i].m, dtype=step_mask_dtype(ws[i])) for i in bidir]
 
     def decay(ws: list[torch.Tensor], mfs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [_pruned(ws[i], mfs[i]).mul_(layers[i].decay) for i in decaying]

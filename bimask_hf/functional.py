@@ -14,12 +14,53 @@ matmuls run in the autocast dtype and the weight gradient is returned in the par
 
 from __future__ import annotations
 
+import functools
+import os
+from typing import Any, Callable, TypeVar
+
 import torch
 import torch.nn.functional as F
 
-from .masks import backward_mask_for_weight, graph_mask_dtype
+from .masks import backward_mask_for_weight, step_mask_dtype
 
 __all__ = ["masked_linear", "masked_conv2d"]
+
+_T = TypeVar("_T")
+
+# Below this many weights a layer's mask kernels run on one thread when idle OpenMP threads sleep.
+SERIAL_MASK_NUMEL = 1 << 18
+
+
+@functools.lru_cache(maxsize=1)
+def _threads_sleep() -> bool:
+    """Whether PyTorch's OpenMP pool puts idle threads to sleep (``OMP_WAIT_POLICY=passive``, read once
+    at start-up by the OpenMP runtime), so that every parallel region pays for waking them."""
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() != "passive":
+        return False
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def mask_work(fn: Callable[..., _T], weight: torch.Tensor, *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)``: a layer's mask work (``Mf``, ``Mb``, ``W * M``, the decay term), on one
+    thread where that is faster.
+
+    ATen splits an elementwise kernel over threads above 32768 entries. With sleeping idle threads
+    (``OMP_WAIT_POLICY=passive``, which ``scripts/main_job.sh`` sets: spinning threads slow a busy
+    2-core machine down) each such kernel first wakes the others, which costs more than the kernel on
+    a small layer: ResNet-32's mask work takes 2.6x as long on 2 threads as on 1. Eager CPU steps with
+    more than one thread therefore run the mask work of layers under :data:`SERIAL_MASK_NUMEL` weights
+    on one thread; the convolutions and matmuls around it keep all threads.
+    """
+    if torch.compiler.is_compiling() or weight.device.type != "cpu" or weight.numel() >= SERIAL_MASK_NUMEL:
+        return fn(*args, **kwargs)
+    threads = torch.get_num_threads()
+    if threads == 1 or not _threads_sleep():
+        return fn(*args, **kwargs)
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -36,9 +77,10 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``W * mask`` with pruned entries exactly zero: a select for bool masks (eager), a product for the
-    0/1 float masks of compiled graphs (:func:`~bimask_hf.masks.graph_mask_dtype`), so the graph holds no
-    bool tensor that AOT autograd could choose to save (inductor's CPU kernels store those slowly)."""
+    """``W * mask`` with pruned entries exactly zero: a select for bool masks (GPUs), a product for the
+    0/1 ``uint8`` or float masks of CPU training steps (:func:`~bimask_hf.masks.step_mask_dtype`): ATen's
+    CPU kernels read bool tensors slowly, and a compiled graph then holds no bool tensor that AOT
+    autograd could choose to save (inductor's CPU kernels store those slowly too)."""
     return torch.where(mask, weight, 0.0) if mask.dtype == torch.bool else weight * mask
 
 
@@ -64,7 +106,7 @@ def _input_grad_weight(
     if bwd is None:
         bwd = fwd_mask
     elif bwd.dtype in (torch.int64, torch.int32):
-        bwd = backward_mask_for_weight(weight, fwd_mask, bwd, n, m, dtype=graph_mask_dtype(weight))
+        bwd = backward_mask_for_weight(weight, fwd_mask, bwd, n, m, dtype=step_mask_dtype(weight))
     return _masked(weight, bwd).to(dtype)
 
 
@@ -83,7 +125,7 @@ class _MaskedLinearFn(torch.autograd.Function):
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
-            out = F.linear(xc, _cast(_masked(weight, fwd_mask), dtype), _cast(bias, dtype))
+            out = F.linear(xc, _cast(mask_work(_masked, weight, weight, fwd_mask), dtype), _cast(bias, dtype))
         ctx.save_for_backward(xc, weight, fwd_mask, bwd)
         ctx.nm = (n, m)
         ctx.decay = decay
@@ -97,10 +139,11 @@ class _MaskedLinearFn(torch.autograd.Function):
         grad_out = grad_out.to(xc.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # Mb is only built when the input gradient is needed
-            grad_x = (grad_out @ _input_grad_weight(weight, fwd_mask, bwd, *ctx.nm, xc.dtype)).to(ctx.x_dtype)
+            grad_x = (grad_out @ mask_work(_input_grad_weight, weight, weight, fwd_mask, bwd, *ctx.nm, xc.dtype)).to(
+                ctx.x_dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad_extra(g2.T @ xc.reshape(-1, xc.shape[-1]), weight, fwd_mask, ctx.decay)
+            grad_w = mask_work(_weight_grad_extra, weight, g2.T @ xc.reshape(-1, xc.shape[-1]), weight, fwd_mask, ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None, None, None, None, None
@@ -112,7 +155,7 @@ class _MaskedConv2dFn(torch.autograd.Function):
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
-            w = _cast(_masked(weight, fwd_mask), dtype)
+            w = _cast(mask_work(_masked, weight, weight, fwd_mask), dtype)
             out = F.conv2d(xc, w, _cast(bias, dtype), stride, padding, dilation, groups)
         ctx.save_for_backward(xc, weight, fwd_mask, bwd)
         ctx.nm = (n, m)
@@ -131,7 +174,10 @@ class _MaskedConv2dFn(torch.autograd.Function):
         need_b = bool(need_b and ctx.has_bias)
         # The weight gradient does not depend on the weight passed here, so without an input gradient
         # the (cheaper) forward-masked weight does, and Mb is never built.
-        w_in = _input_grad_weight(weight, fwd_mask, bwd, *ctx.nm, xc.dtype) if need_x else weight.to(xc.dtype)
+        if need_x:
+            w_in = mask_work(_input_grad_weight, weight, weight, fwd_mask, bwd, *ctx.nm, xc.dtype)
+        else:
+            w_in = weight.to(xc.dtype)
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out,
             xc,
@@ -148,7 +194,7 @@ class _MaskedConv2dFn(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)
         if grad_w is not None:
-            grad_w = _weight_grad_extra(grad_w, weight, fwd_mask, ctx.decay)
+            grad_w = mask_work(_weight_grad_extra, weight, grad_w, weight, fwd_mask, ctx.decay)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 
 from .config import MODES, BiMaskConfig
 from .distributed import full_tensor, shard_like
-from .functional import masked_conv2d, masked_linear
+from .functional import mask_work, masked_conv2d, masked_linear
 from .masks import (
+    _as_dtype,
     backward_mask_for_weight,
     check_nm_pattern,
-    graph_mask_dtype,
+    step_mask_dtype,
     matrix_to_weight,
     nm_mask_for_weight,
     retention,
@@ -95,16 +96,16 @@ class BiMaskLayer:
         return full_tensor(self.weight.detach())
 
     def forward_mask_for(self, weight: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-        """``Mf`` of ``weight`` (boolean, shaped like ``weight``; N:M masks as 0/1 values of a float
-        ``dtype`` if one is given, as the training step does under ``torch.compile``)."""
+        """``Mf`` of ``weight``, shaped like it: boolean, or 0/1 values of another ``dtype`` if one is given
+        (the training step's :func:`~bimask_hf.masks.step_mask_dtype`)."""
         weight = weight.detach()
         if self.mode == "dense":
-            return torch.ones_like(weight, dtype=torch.bool)
+            return torch.ones_like(weight, dtype=dtype)
         if self.density is not None:
-            return unstructured_mask(weight, self.density)
+            return _as_dtype(unstructured_mask(weight, self.density), dtype)
         if self.mode == "transposable":
             mf_m = transposable_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
-            return matrix_to_weight(mf_m, weight.shape, self.group_layout)
+            return _as_dtype(matrix_to_weight(mf_m, weight.shape, self.group_layout), dtype)
         return nm_mask_for_weight(weight, self.n, self.m, self.group_layout, dtype=dtype)
 
     def backward_mask_for(self, weight: torch.Tensor, forward_mask: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,7 @@ class BiMaskLayer:
         if self.mode == "pre" and self.training:
             mf = self.project_()  # pruning keeps the N largest of every group: Mf is unchanged
         else:
-            mf = self.forward_mask_for(self.weight, graph_mask_dtype(self.weight))
+            mf = mask_work(self.forward_mask_for, self.weight, self.weight, step_mask_dtype(self.weight))
         decay = self.decay if self.mode in _DECAY_MODES else 0.0
         if self.effective_mode == "bimask" and self.density is None:  # Mb is built in backward, if needed
             return fn(x, self.weight, self.bias, mf, None, decay, permutation=getattr(self, PERMUTATION_KEY),

@@ -50,18 +50,33 @@ def _check_matrix(weight: torch.Tensor, name: str = "weight") -> None:
         )
 
 
-def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
-    """Keep the ``n`` largest along dim 0 of a contiguous ``(M, ...)`` tensor (ties: lower index wins).
+def _count_dtype(scores: torch.Tensor) -> torch.dtype:
+    return scores.dtype if scores.is_floating_point() else torch.float32
 
-    Each entry's rank is counted with ``M*(M-1)`` comparisons of whole contiguous slices, which is
-    several times faster on CPU than ``topk`` over a tiny last dimension and device-independent.
+
+def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep the ``n`` largest along dim 0 of a contiguous ``(M, ...)`` tensor (ties: lower index wins),
+    as 0/1 values of ``front``'s float dtype (float32 for integer scores).
+
+    Each pair of positions ``j < i`` is compared once over whole contiguous slices (``M*(M-1)/2``
+    comparisons): entry ``i`` is beaten when ``s_j >= s_i`` and entry ``j`` when not. Comparisons write
+    floats and the counts are floats: ATen's CPU kernels run float-to-float ops vectorised, but read and
+    write bool tensors element by element (a comparison into a bool tensor is 3x slower than into a float
+    one, ``where(bool, W, 0)`` 20x slower than ``W * float``). Faster than ``topk`` over a tiny last
+    dimension, and device-independent.
     """
     size = front.shape[0]
-    rank = torch.zeros(front.shape, dtype=torch.uint8, device=front.device)
-    for j in range(size):  # a loop over the M positions of a group, not over groups
-        rank[j + 1 :] += front[j] >= front[j + 1 :]  # later entries lose ties to entry j
-        rank[:j] += front[j] > front[:j]
-    return rank < n
+    dtype = _count_dtype(front)
+    # entry j starts beaten by all M-1-j later entries; each comparison moves one defeat to the loser
+    rank = torch.empty(front.shape, dtype=dtype, device=front.device)
+    rank.copy_(torch.arange(size - 1, -1, -1, dtype=dtype, device=front.device).view((size,) + (1,) * (front.dim() - 1)))
+    beats = torch.empty(front.shape[1:], dtype=dtype, device=front.device)
+    for j in range(size):  # a loop over the pairs of positions of a group, not over groups
+        for i in range(j + 1, size):
+            torch.ge(front[j], front[i], out=beats)  # j beats the later i on ties
+            rank[i] += beats
+            rank[j] -= beats
+    return torch.lt(rank, n, out=rank)
 
 
 def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -98,18 +113,25 @@ def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
         s = scores.movedim(dim, -1)
         idx = s.topk(n, dim=-1, sorted=False).indices
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).movedim(-1, dim)
-    return _rank_keep(scores.movedim(dim, 0).contiguous(), n).movedim(0, dim)
+    return _rank_keep(scores.movedim(dim, 0).contiguous(), n).movedim(0, dim) != 0
 
 
-def graph_mask_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype masks are carried in by the training step: ``bool`` in eager mode and on GPUs; in a
-    ``torch.compile`` graph on CPU, 0/1 values in the weight's float dtype, which inductor's CPU kernels
-    load and store many times faster than 1-byte masks (see :func:`_rank_keep_fused`). Saved for the
-    backward pass they take 4 bytes per weight instead of 1 (ResNet-50: +90 MB, 3.6 % of a b32 step's
-    saved activations); Triton kernels handle bool masks well, so GPUs keep those."""
-    if torch.compiler.is_compiling() and weight.is_floating_point() and weight.device.type == "cpu":
-        return weight.dtype
-    return torch.bool
+def step_mask_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype masks are carried in by the training step (0/1 values; the public mask functions return
+    ``bool``):
+
+    * eager on CPU: ``uint8``. ATen's CPU kernels read bool tensors element by element: on 1M weights
+      ``where(Mf, W, 0)`` takes 3.6 ms and ``W * Mf`` 0.75 ms with a bool ``Mf``, ``W * Mf`` 0.22 ms with
+      a uint8 one (1 thread). Same size as bool, so saving ``Mf`` for the backward pass costs nothing more.
+    * in a ``torch.compile`` graph on CPU: the weight's float dtype, which inductor's CPU kernels load and
+      store many times faster than 1-byte masks (see :func:`_rank_keep_fused`). Saved for the backward
+      pass they take 4 bytes per weight instead of 1 (ResNet-50: +90 MB, 3.6 % of a b32 step's saved
+      activations).
+    * on GPUs: ``bool`` (CUDA and Triton kernels handle bool masks well).
+    """
+    if weight.device.type != "cpu" or not weight.is_floating_point():
+        return torch.bool
+    return weight.dtype if torch.compiler.is_compiling() else torch.uint8
 
 
 def _as_dtype(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -118,40 +140,54 @@ def _as_dtype(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return keep.to(dtype)
 
 
+def _grouped(weight: torch.Tensor, m: int, group_layout: str) -> torch.Tensor | None:
+    """``weight`` viewed as ``(A, B, m, D)`` with the N:M groups along dim 2 (a view, no copy), or None
+    when the groups do not line up with the weight's own layout.
+
+    Linear (and ``flat`` conv) groups are ``m`` adjacent entries of a row (``D = 1``); ``channels_last``
+    conv groups are ``m`` input channels at one kernel position, ``kh*kw`` entries apart.
+    """
+    if weight.dim() == 4 and group_layout == "channels_last" and weight.shape[1] % m == 0:
+        out_ch, in_ch, kh, kw = weight.shape
+        return weight.reshape(out_ch, in_ch // m, m, kh * kw)
+    if weight.dim() == 2 or (weight.dim() == 4 and group_layout == "flat"):
+        rows = weight.shape[0]
+        cols = weight.numel() // rows
+        if cols % m:
+            raise ValueError(f"N:M along columns needs K % M == 0, got K={cols}, M={m}.")
+        return weight.reshape(rows, cols // m, m, 1)
+    return None
+
+
 def nm_mask_for_weight(
     weight: torch.Tensor, n: int, m: int, group_layout: str = "channels_last", *, dtype: torch.dtype = torch.bool
 ) -> torch.Tensor:
     """:func:`nm_mask` of a Linear/Conv2d weight, returned in the weight's own shape.
 
     Same result as ``matrix_to_weight(nm_mask(weight_to_matrix(w, layout), n, m), w.shape, layout)``
-    but with one layout copy instead of four (this runs at every forward). ``dtype``: ``bool`` (default)
-    or a float dtype for 0/1 values (:func:`graph_mask_dtype`).
+    with no layout round trip (this runs at every forward). ``dtype``: ``bool`` (default) or the 0/1
+    ``uint8`` / float masks of the training step (:func:`step_mask_dtype`).
     """
     check_nm_pattern(n, m)
-    mags = weight.detach().abs()
-    compiling = torch.compiler.is_compiling() and m <= 16
-    if weight.dim() == 4 and group_layout == "channels_last" and weight.shape[1] % m == 0:
-        # groups of m input channels at each kernel position, position-in-group leading (contiguous slices)
-        out_ch, in_ch, kh, kw = weight.shape
-        if compiling:
-            # Ranked in place, a group's M entries kh*kw apart: with float masks inductor vectorises this
-            # along the kernel positions (ResNet-50's 3x3 convs, 2 threads: 5.5 ms for Mf + W*Mf; 35 ms
-            # on a channels-last copy, where its loops run scalar).
-            keep = _rank_keep_fused(mags.reshape(out_ch, in_ch // m, m, kh * kw), n, 2)
-            return _as_dtype(keep.view(weight.shape), dtype)
-        front = mags.reshape(out_ch, in_ch // m, m, kh * kw).permute(2, 0, 1, 3).contiguous()
-        keep = keep_top_n(front, n, dim=0).permute(1, 2, 0, 3).reshape(weight.shape)
-        return _as_dtype(keep, dtype).contiguous()
-    if weight.dim() == 2 or (weight.dim() == 4 and group_layout == "flat"):
-        matrix = mags.reshape(weight.shape[0], -1)
-        rows, cols = matrix.shape
-        if cols % m:
-            raise ValueError(f"N:M along columns needs K % M == 0, got K={cols}, M={m}.")
-        groups = matrix.reshape(rows, cols // m, m)
-        keep = _rank_keep_fused(groups, n, -1) if compiling else keep_top_n(groups, n, dim=-1)
-        return _as_dtype(keep.reshape(weight.shape), dtype).contiguous()
-    keep = matrix_to_weight(nm_mask(weight_to_matrix(weight, group_layout), n, m), weight.shape, group_layout)
-    return _as_dtype(keep, dtype)
+    grouped = _grouped(weight.detach(), m, group_layout)
+    if grouped is None:
+        keep = matrix_to_weight(nm_mask(weight_to_matrix(weight, group_layout), n, m), weight.shape, group_layout)
+        return _as_dtype(keep, dtype)
+    if m > 16:
+        return _as_dtype(keep_top_n(grouped.abs(), n, dim=2).reshape(weight.shape), dtype)
+    if torch.compiler.is_compiling():
+        # Ranked in place (for convs a group's M entries kh*kw apart): with float masks inductor vectorises
+        # this along the kernel positions (ResNet-50's 3x3 convs, 2 threads: 5.5 ms for Mf + W*Mf; 35 ms
+        # on a channels-last copy, where its loops run scalar).
+        return _as_dtype(_rank_keep_fused(grouped.abs(), n, 2).view(weight.shape), dtype)
+    a, b, _, d = grouped.shape
+    # |W| with the position in the group leading (contiguous slices to compare), in one pass
+    front = torch.empty((m, a, b, d), dtype=_count_dtype(weight), device=weight.device)
+    torch.abs(grouped.permute(2, 0, 1, 3), out=front)
+    keep = _rank_keep(front, n)
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    out.view(a, b, m, d).copy_(keep.permute(1, 2, 0, 3))  # back to the weight's layout and dtype in one pass
+    return out
 
 
 def backward_mask_for_weight(
@@ -172,17 +208,17 @@ def backward_mask_for_weight(
     rows = weight.shape[0]
     if rows % m:
         raise ValueError(f"N:M along rows needs O % M == 0, got O={rows}, M={m}.")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or m > 16:
         return _as_dtype(_backward_mask_gathered(weight, forward_mask, permutation, n, m), dtype)
-    forward_mask = _as_dtype(forward_mask, torch.bool)
     order = permutation.view(rows // m, m).T.reshape(-1)  # position-in-group major: one contiguous slice each
-    # Gather the rows in group order once; |W| of pruned entries becomes -1 so Mf entries always win.
-    mf_rows = forward_mask.reshape(rows, -1)[order]
-    scores = weight.detach().reshape(rows, -1)[order].abs_().masked_fill_(mf_rows.logical_not(), -1.0)
-    keep_front = keep_top_n(scores.view(m, rows // m, -1), n, dim=0).view(rows, -1).logical_and_(mf_rows)
-    keep = torch.empty((rows, keep_front.shape[1]), dtype=torch.bool, device=weight.device)
-    keep[order] = keep_front
-    return _as_dtype(keep.view(weight.shape), dtype)
+    # Gather the rows in group order once (index_select copies whole rows; advanced indexing is 6x slower).
+    kept = forward_mask.reshape(rows, -1).index_select(0, order).to(_count_dtype(weight))  # 0/1
+    # |W| of kept entries and -1 for pruned ones, so Mf entries always win
+    scores = torch.addcmul(kept - 1, weight.detach().reshape(rows, -1).index_select(0, order).abs_(), kept)
+    keep = _rank_keep(scores.view(m, rows // m, -1), n).view(rows, -1).mul_(kept)
+    out = torch.empty(keep.shape, dtype=dtype, device=weight.device)
+    out.index_copy_(0, order, _as_dtype(keep, dtype))  # rows back to their own places
+    return out.view(weight.shape)
 
 
 def _backward_mask_gathered(

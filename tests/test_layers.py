@@ -52,13 +52,30 @@ def _shuffle_permutation(layer, groups: int = 1) -> None:
     getattr(layer, PERMUTATION_KEY).copy_(perm)
 
 
-@pytest.fixture(params=[False, True], ids=["eager", "graph-masks"])
+@pytest.fixture(params=["eager", "bool-masks", "serial-masks", "graph-masks"])
 def graph_masks(request, monkeypatch):
-    """Also run the layers on the code path they take inside a torch.compile graph (masks computed by
-    pure functions and carried as 0/1 floats), eagerly so the formulas can be checked exactly."""
-    if request.param:
+    """Run the layers on every code path the training step takes: ``eager`` (uint8 masks on CPU),
+    ``bool-masks`` (as on GPUs), ``serial-masks`` (mask work switched to one thread, as with sleeping
+    OpenMP threads) and ``graph-masks`` (inside a torch.compile graph: masks computed by pure functions
+    and carried as 0/1 floats), eagerly so the formulas can be checked exactly."""
+    import bimask_hf.functional as functional
+    import bimask_hf.layers as layers
+
+    if request.param == "bool-masks":
+        for module in (functional, layers):
+            monkeypatch.setattr(module, "step_mask_dtype", lambda weight: torch.bool)
+    if request.param == "serial-masks":
+        monkeypatch.setattr(functional, "_threads_sleep", lambda: True)
+        monkeypatch.setattr(functional, "SERIAL_MASK_NUMEL", 1 << 30)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        yield request.param
+        assert torch.get_num_threads() == 2  # restored after every piece of mask work
+        torch.set_num_threads(threads)
+        return
+    if request.param == "graph-masks":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    return request.param
+    yield request.param
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -248,3 +265,49 @@ def test_masks_follow_fused_optimizer_steps(cls, args, shape):
     assert torch.equal(layer.forward_mask, mf)
     ref = F.linear(x, w * mf, layer.bias) if cls is BiMaskLinear else F.conv2d(x, w * mf, layer.bias)
     torch.testing.assert_close(layer(x), ref)
+
+
+def test_mask_work_runs_small_layers_on_one_thread_when_threads_sleep(monkeypatch):
+    """With sleeping OpenMP threads (OMP_WAIT_POLICY=passive) waking them costs more than the mask
+    kernels of a small layer: those run on one thread, and the thread count is restored afterwards,
+    also when the work raises. Large layers, compiled graphs and spinning threads keep every thread."""
+    import bimask_hf.functional as functional
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small, large = torch.empty(8, 8), torch.empty(functional.SERIAL_MASK_NUMEL)
+        monkeypatch.setattr(functional, "_threads_sleep", lambda: True)
+        assert functional.mask_work(torch.get_num_threads, small) == 1
+        assert torch.get_num_threads() == 2
+        assert functional.mask_work(torch.get_num_threads, large) == 2
+        assert functional.mask_work(torch.get_num_threads, small.to("meta")) == 2  # not CPU work
+
+        def fail():
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            functional.mask_work(fail, small)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert functional.mask_work(torch.get_num_threads, small) == 2
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        monkeypatch.setattr(functional, "_threads_sleep", lambda: False)
+        assert functional.mask_work(torch.get_num_threads, small) == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("policy,sleeps", [("PASSIVE", True), ("passive", True), ("ACTIVE", False), (None, False)])
+def test_threads_sleep_reads_the_openmp_wait_policy(monkeypatch, policy, sleeps):
+    import bimask_hf.functional as functional
+
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    functional._threads_sleep.cache_clear()
+    try:
+        assert functional._threads_sleep() is sleeps
+    finally:
+        functional._threads_sleep.cache_clear()

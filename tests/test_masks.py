@@ -129,33 +129,43 @@ def test_nm_mask_beyond_m_16_keeps_the_n_largest():
         assert (kept.reshape(8, -1) >= dropped).all()
 
 
+def test_step_mask_dtype_per_path(monkeypatch):
+    """Eager CPU steps carry uint8 masks, compiled CPU graphs the weight's float dtype, GPUs bool."""
+    from bimask_hf.masks import step_mask_dtype
+
+    w = torch.randn(8, 8)
+    assert step_mask_dtype(w) == torch.uint8 and step_mask_dtype(w.half()) == torch.uint8
+    assert step_mask_dtype(w.to("meta")) == torch.bool  # not CPU: CUDA/Triton kernels handle bool masks well
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert step_mask_dtype(w) == torch.float32 and step_mask_dtype(w.double()) == torch.float64
+    assert step_mask_dtype(w.to("meta")) == torch.bool
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (3, 16)])
 @pytest.mark.parametrize("shape,layout", [((16, 48), "channels_last"), ((16, 16, 3, 3), "channels_last"),
                                           ((16, 16, 3, 3), "flat")])
-@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
-def test_compiled_graph_masks_match_the_references(monkeypatch, n, m, shape, layout, dtype):
-    """Under torch.compile the masks take a gather-and-compare path (no in-place slices, no scatter)
-    and are carried as 0/1 floats; on integer weights full of ties they must keep exactly the
-    reference's entries, in the dtype asked for."""
-    from bimask_hf.masks import backward_mask_for_weight, graph_mask_dtype, nm_mask_for_weight
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32])
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "graph"])
+def test_step_masks_match_the_references(monkeypatch, n, m, shape, layout, dtype, compiling):
+    """The training step's masks (eager: float counts over contiguous slices, gathers with index_select;
+    under torch.compile: a gather-and-compare path with no in-place slices or scatter) keep exactly the
+    reference's entries on integer weights full of ties, in the dtype asked for, from a forward mask of
+    any dtype."""
+    from bimask_hf.masks import backward_mask_for_weight, nm_mask_for_weight
 
     gen = torch.Generator().manual_seed(n * 100 + m)
     w = torch.randint(-3, 4, shape, generator=gen).float()
     perm = torch.randperm(shape[0], generator=gen)
-    assert graph_mask_dtype(w) == torch.bool
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert graph_mask_dtype(w) == torch.float32 and graph_mask_dtype(w.double()) == torch.float64
-    assert graph_mask_dtype(w.to("meta")) == torch.bool  # GPUs (Triton) keep bool masks: only CPU graphs use floats
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     mf = nm_mask_for_weight(w, n, m, layout, dtype=dtype)
     mb = backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype)
     assert mf.dtype == mb.dtype == dtype and mf.shape == mb.shape == w.shape
     if dtype != torch.bool:
-        assert set(mf.unique().tolist()) <= {0.0, 1.0} and set(mb.unique().tolist()) <= {0.0, 1.0}
+        assert set(mf.unique().tolist()) <= {0, 1} and set(mb.unique().tolist()) <= {0, 1}
     matrix = weight_to_matrix(w, layout)
     ref_mf = ref_nm_mask(matrix, n, m)
+    ref_mb = ref_backward_mask(matrix, ref_mf, perm.tolist(), n, m)
     assert torch.equal(weight_to_matrix(mf, layout).bool(), ref_mf)
-    assert torch.equal(weight_to_matrix(mb, layout).bool(), ref_backward_mask(matrix, ref_mf, perm.tolist(), n, m))
-    # the eager path gives the same masks in either dtype
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    assert torch.equal(nm_mask_for_weight(w, n, m, layout, dtype=dtype), mf)
-    assert torch.equal(backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype), mb)
+    assert torch.equal(weight_to_matrix(mb, layout).bool(), ref_mb)
+    for other in (torch.bool, torch.uint8, torch.float32):  # Mb does not depend on the dtype Mf comes in
+        assert torch.equal(backward_mask_for_weight(w, mf.to(other), perm, n, m), mb.bool())
