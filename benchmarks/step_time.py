@@ -328,7 +328,8 @@ def main() -> None:
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        print(f"torch {torch.__version__}, {threads} threads, {rounds} rounds x {steps} steps, interval "
+        print(f"torch {torch.__version__}, {threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
+              f"{rounds} rounds x {steps} steps, interval "
               f"{args.interval}, bimask search {args.search}, random mode order per round (seed {args.seed})")
         print(f"{'model':<16} {'mode':<15} {'batch':>5} {'img':>4} {'step s':>8} {'x dense':>8} {'x (min)':>8} "
               f"{'search s':>9} {'search %':>8} {'Mf %':>6} {'Mb %':>6} {'decay %':>7} {'saved MB':>9} {'mem x':>6} "
