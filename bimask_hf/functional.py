@@ -50,7 +50,9 @@ def mask_work(fn: Callable[..., _T], weight: torch.Tensor, *args: Any, **kwargs:
     2-core machine down) each such kernel first wakes the others, which costs more than the kernel on
     a small layer: ResNet-32's mask work takes 2.6x as long on 2 threads as on 1. Eager CPU steps with
     more than one thread therefore run the mask work of layers under :data:`SERIAL_MASK_NUMEL` weights
-    on one thread; the convolutions and matmuls around it keep all threads.
+    on one thread; the convolutions and matmuls around it keep all threads. The thread count is set
+    process-wide for that moment: two Python threads running models at once under a passive policy may
+    interleave these changes (each restores the count it saw).
     """
     if torch.compiler.is_compiling() or weight.device.type != "cpu" or weight.numel() >= SERIAL_MASK_NUMEL:
         return fn(*args, **kwargs)
