@@ -51,6 +51,7 @@ def _check_matrix(weight: torch.Tensor, name: str = "weight") -> None:
 
 
 def _count_dtype(scores: torch.Tensor) -> torch.dtype:
+    """The float dtype rank counts and 0/1 keeps are computed in: the scores' own, float32 for integers."""
     return scores.dtype if scores.is_floating_point() else torch.float32
 
 
@@ -90,7 +91,7 @@ def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     inductor's CPU kernels load, store and convert 1-byte masks 10-40x slower than floats
     (``where(mask, W, 0)`` on 1M entries: 4-6 ms with a bool mask, 0.2-0.4 ms with a float one).
     """
-    dtype = scores.dtype if scores.is_floating_point() else torch.float32
+    dtype = _count_dtype(scores)
     cols = scores.unbind(dim)
     keeps = []
     for i, s_i in enumerate(cols):
@@ -231,7 +232,7 @@ def _backward_mask_gathered(
     consumes ``Mb`` (``W * Mb``). Same result as the eager path.
     """
     rows = weight.shape[0]
-    dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    dtype = _count_dtype(weight)
     inverse = torch.argsort(permutation)
     kept = forward_mask.reshape(rows, -1)[permutation].to(dtype)  # 0/1
     # |W| of kept entries, -1 for pruned ones (they always lose), by arithmetic: no bool intermediates

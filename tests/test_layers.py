@@ -53,7 +53,7 @@ def _shuffle_permutation(layer, groups: int = 1) -> None:
 
 
 @pytest.fixture(params=["eager", "bool-masks", "serial-masks", "graph-masks"])
-def graph_masks(request, monkeypatch):
+def step_path(request, monkeypatch):
     """Run the layers on every code path the training step takes: ``eager`` (uint8 masks on CPU),
     ``bool-masks`` (as on GPUs), ``serial-masks`` (mask work switched to one thread, as with sleeping
     OpenMP threads) and ``graph-masks`` (inside a torch.compile graph: masks computed by pure functions
@@ -80,7 +80,7 @@ def graph_masks(request, monkeypatch):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pattern", [(2, 4), (1, 4)])
-def test_linear_gradients_match_formulas(mode, pattern, graph_masks):
+def test_linear_gradients_match_formulas(mode, pattern, step_path):
     n, m = pattern
     torch.manual_seed(0)
     layer = BiMaskLinear(16, 8, n=n, m=m, mode=mode, decay=DECAY).double()
@@ -135,7 +135,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=["s2p1d2g2", "s1p2", "asym"])
 @pytest.mark.parametrize("layout", ["channels_last", "flat"])
-def test_conv_gradients_match_formulas(mode, case, layout, graph_masks):
+def test_conv_gradients_match_formulas(mode, case, layout, step_path):
     n, m = 2, 4
     torch.manual_seed(0)
     layer = BiMaskConv2d(8, 8, 3, **case, n=n, m=m, mode=mode, decay=DECAY, group_layout=layout).double()
