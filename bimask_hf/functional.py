@@ -42,8 +42,8 @@ def _threads_sleep() -> bool:
 
 
 def mask_work(fn: Callable[..., _T], weight: torch.Tensor, *args: Any, **kwargs: Any) -> _T:
-    """``fn(*args, **kwargs)``: a layer's mask work (``Mf``, ``Mb``, ``W * M``, the decay term), on one
-    thread where that is faster.
+    """``fn(*args, **kwargs)``: a layer's mask work (``Mf``, ``Mb``, ``W * M``, the decay term, the
+    permutation search), on one thread where that is faster.
 
     ATen splits an elementwise kernel over threads above 32768 entries. With sleeping idle threads
     (``OMP_WAIT_POLICY=passive``, which ``scripts/main_job.sh`` sets: spinning threads slow a busy

@@ -68,15 +68,18 @@ def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
     """
     size = front.shape[0]
     dtype = _count_dtype(front)
-    # entry j starts beaten by all M-1-j later entries; each comparison moves one defeat to the loser
     rank = torch.empty(front.shape, dtype=dtype, device=front.device)
-    rank.copy_(torch.arange(size - 1, -1, -1, dtype=dtype, device=front.device).view((size,) + (1,) * (front.dim() - 1)))
     beats = torch.empty(front.shape[1:], dtype=dtype, device=front.device)
+    # Views of the M slices, taken once: on small layers the cost is the number of ops, and indexing
+    # ``rank[i] += ...`` would add a select, a select and a copy per update.
+    fronts, ranks = front.unbind(0), rank.unbind(0)
+    for j in range(size):
+        ranks[j].fill_(size - 1 - j)  # entry j starts beaten by all later entries ...
     for j in range(size):  # a loop over the pairs of positions of a group, not over groups
         for i in range(j + 1, size):
-            torch.ge(front[j], front[i], out=beats)  # j beats the later i on ties
-            rank[i] += beats
-            rank[j] -= beats
+            torch.ge(fronts[j], fronts[i], out=beats)  # ... and each comparison moves one defeat to the loser
+            ranks[i].add_(beats)  # j beats the later i on ties
+            ranks[j].sub_(beats)
     return torch.lt(rank, n, out=rank)
 
 

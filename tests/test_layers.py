@@ -311,3 +311,32 @@ def test_threads_sleep_reads_the_openmp_wait_policy(monkeypatch, policy, sleeps)
         assert functional._threads_sleep() is sleeps
     finally:
         functional._threads_sleep.cache_clear()
+
+
+def test_permutation_search_of_a_small_layer_runs_on_one_thread_when_threads_sleep(monkeypatch):
+    """The refresh's search goes through the same one-thread rule as the mask work, and still stores
+    the permutation it found (grouped convs: one search per conv group, offset to its rows)."""
+    import bimask_hf.functional as functional
+    import bimask_hf.layers as layers_mod
+
+    seen = []
+    real = layers_mod.search_permutation
+
+    def recording(mf, n, m, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(mf, n, m, **kwargs).flip(0)  # a permutation the identity is not
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(functional, "_threads_sleep", lambda: True)
+        monkeypatch.setattr(layers_mod, "search_permutation", recording)
+        conv = BiMaskConv2d(16, 16, 3, padding=1, groups=2, n=2, m=4, mode="bimask")
+        conv.refresh_permutation("identity")
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        assert conv.bimask_permutation.tolist() == list(range(7, -1, -1)) + list(range(15, 7, -1))
+        monkeypatch.setattr(functional, "_threads_sleep", lambda: False)
+        conv.refresh_permutation("identity")
+        assert seen[2:] == [2, 2]
+    finally:
+        torch.set_num_threads(threads)
