@@ -12,6 +12,7 @@ import itertools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .search import permutation_retention, search_permutation
 
@@ -106,6 +107,28 @@ def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.stack(keeps, dim)
 
 
+def _rank_keep_adjacent(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """:func:`_rank_keep_fused` for groups of ``m`` adjacent entries along the last dim of a 2-D
+    ``scores`` (Linear and 1x1-conv weights), as 0/1 values of ``scores``' float dtype.
+
+    Written per entry rather than per group member: for each offset ``s`` the partner of entry ``k``
+    (group position ``p = k % m``) is ``k + s`` when ``p + s < m`` (a later entry: it wins only when
+    larger) and ``k + s - m`` otherwise (an earlier one: it also wins ties). Both partners are shifted
+    copies of ``scores``, so inductor's CPU kernels read every operand contiguously and vectorise the
+    whole mask along the row; read as group members (stride ``m``) they ran scalar (2048x512, 1 thread:
+    2.3 ms instead of 8.8 ms; a plain copy takes 0.14 ms).
+    """
+    dtype = _count_dtype(scores)
+    width = scores.shape[-1]
+    pos = torch.arange(width, device=scores.device) % m
+    rank = torch.zeros((), dtype=dtype, device=scores.device)
+    for s in range(1, m):
+        later = F.pad(scores[..., s:], (0, s))  # scores[k + s]
+        earlier = F.pad(scores[..., : width - (m - s)], (m - s, 0))  # scores[k + s - m]
+        rank = rank + torch.where(pos + s < m, (later > scores).to(dtype), (earlier >= scores).to(dtype))
+    return (n - rank).clamp_(0, 1)
+
+
 def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
     """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim`` (ties: lower index wins)."""
     size = scores.shape[dim]
@@ -183,7 +206,11 @@ def nm_mask_for_weight(
         # Ranked in place (for convs a group's M entries kh*kw apart): with float masks inductor vectorises
         # this along the kernel positions (ResNet-50's 3x3 convs, 2 threads: 5.5 ms for Mf + W*Mf; 35 ms
         # on a channels-last copy, where its loops run scalar).
-        return _as_dtype(_rank_keep_fused(grouped.abs(), n, 2).view(weight.shape), dtype)
+        if grouped.shape[3] == 1:  # m adjacent entries: compared as shifted copies of the rows
+            keep = _rank_keep_adjacent(weight.detach().abs().reshape(grouped.shape[0], -1), n, m)
+        else:
+            keep = _rank_keep_fused(grouped.abs(), n, 2)
+        return _as_dtype(keep.view(weight.shape), dtype)
     a, b, _, d = grouped.shape
     # |W| with the position in the group leading (contiguous slices to compare), in one pass
     front = torch.empty((m, a, b, d), dtype=_count_dtype(weight), device=weight.device)

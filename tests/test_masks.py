@@ -143,7 +143,7 @@ def test_step_mask_dtype_per_path(monkeypatch):
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (3, 16)])
 @pytest.mark.parametrize("shape,layout", [((16, 48), "channels_last"), ((16, 16, 3, 3), "channels_last"),
-                                          ((16, 16, 3, 3), "flat")])
+                                          ((16, 16, 3, 3), "flat"), ((16, 32, 1, 1), "channels_last")])
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32])
 @pytest.mark.parametrize("compiling", [False, True], ids=["eager", "graph"])
 def test_step_masks_match_the_references(monkeypatch, n, m, shape, layout, dtype, compiling):
