@@ -168,8 +168,6 @@ class BiMaskLayer:
         if self.effective_mode != "bimask":
             return 0.0
         start = time.perf_counter()
-        # The search only counts Mf's ones per row group and column, so the column order does not
-        # matter: Mf in the weight's own layout (the forward's function, no layout copies) will do.
         weight = self.full_weight() if weight is None else weight
         perm = getattr(self, PERMUTATION_KEY)
         # A small layer's search runs on one thread when waking sleeping threads costs more than it saves
@@ -181,6 +179,8 @@ class BiMaskLayer:
         self, weight: torch.Tensor, perm: torch.Tensor, method: str, num_candidates: int,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
+        # The search only counts Mf's ones per row group and column, so the column order does not
+        # matter: Mf in the weight's own layout (the forward's function, no layout copies) will do.
         mf = self.forward_mask_for(weight).reshape(weight.shape[0], -1)
         groups = self._row_groups()
         rows = weight.shape[0] // groups
