@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .masks import backward_mask_for_weight, step_mask_dtype
 
 __all__ = ["masked_linear", "masked_conv2d"]
@@ -94,7 +95,7 @@ def _pruned(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _weight_grad_extra(grad_w: torch.Tensor, weight: torch.Tensor, fwd_mask: torch.Tensor, decay: float) -> torch.Tensor:
     grad_w = grad_w.to(weight.dtype)
-    if decay:
+    if decay and not kernels.add_decay_(grad_w, weight, fwd_mask, decay):  # in place, one pass in C
         # ``(1 - Mf) * W`` (a select, or a product for float masks), scaled in place. Not ``torch.add(..., alpha=)``:
         # inductor (torch 2.9, CPU) miscompiles ``add(mm, t, alpha=a)`` fused behind a matmul.
         grad_w = grad_w + _pruned(weight.detach(), fwd_mask).mul_(decay)

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .search import permutation_retention, search_permutation
 
 __all__ = [
@@ -212,6 +213,8 @@ def nm_mask_for_weight(
             keep = _rank_keep_fused(grouped.abs(), n, 2)
         return _as_dtype(keep.view(weight.shape), dtype)
     a, b, _, d = grouped.shape
+    if dtype in (torch.uint8, torch.bool) and kernels.applies(weight, m):
+        return kernels.forward_mask(weight, n, m, d, dtype)  # one pass in C (same masks)
     # |W| with the position in the group leading (contiguous slices to compare), in one pass
     front = torch.empty((m, a, b, d), dtype=_count_dtype(weight), device=weight.device)
     torch.abs(grouped.permute(2, 0, 1, 3), out=front)
@@ -241,6 +244,8 @@ def backward_mask_for_weight(
         raise ValueError(f"N:M along rows needs O % M == 0, got O={rows}, M={m}.")
     if torch.compiler.is_compiling() or m > 16:
         return _as_dtype(_backward_mask_gathered(weight, forward_mask, permutation, n, m), dtype)
+    if dtype in (torch.uint8, torch.bool) and kernels.applies(weight, m):
+        return kernels.backward_mask(weight, forward_mask, permutation, n, m, dtype)  # one pass in C
     order = permutation.view(rows // m, m).T.reshape(-1)  # position-in-group major: one contiguous slice each
     # Gather the rows in group order once (index_select copies whole rows; advanced indexing is 6x slower).
     kept = forward_mask.reshape(rows, -1).index_select(0, order).to(_count_dtype(weight))  # 0/1

@@ -145,18 +145,28 @@ def test_step_mask_dtype_per_path(monkeypatch):
 @pytest.mark.parametrize("shape,layout", [((16, 48), "channels_last"), ((16, 16, 3, 3), "channels_last"),
                                           ((16, 16, 3, 3), "flat"), ((16, 32, 1, 1), "channels_last")])
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32])
-@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "graph"])
-def test_step_masks_match_the_references(monkeypatch, n, m, shape, layout, dtype, compiling):
-    """The training step's masks (eager: float counts over contiguous slices, gathers with index_select;
-    under torch.compile: a gather-and-compare path with no in-place slices or scatter) keep exactly the
-    reference's entries on integer weights full of ties, in the dtype asked for, from a forward mask of
-    any dtype."""
+@pytest.mark.parametrize("path", ["kernels", "tensor-ops", "graph"])
+def test_step_masks_match_the_references(monkeypatch, n, m, shape, layout, dtype, path):
+    """The training step's masks (eager: the one-pass C kernels, or without them float counts over
+    contiguous slices and gathers with index_select; under torch.compile: a gather-and-compare path with
+    no in-place slices or scatter) keep exactly the reference's entries on integer weights full of ties,
+    in the dtype asked for, from a forward mask of any dtype."""
+    from bimask_hf import kernels
     from bimask_hf.masks import backward_mask_for_weight, nm_mask_for_weight
 
     gen = torch.Generator().manual_seed(n * 100 + m)
     w = torch.randint(-3, 4, shape, generator=gen).float()
     perm = torch.randperm(shape[0], generator=gen)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    if path == "kernels":
+        if not kernels.available():
+            pytest.skip("no C compiler: the C kernels are not built here")
+        calls = []
+        for name in ("forward_mask", "backward_mask"):
+            real = getattr(kernels, name)
+            monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    if path == "tensor-ops":
+        monkeypatch.setattr(kernels, "applies", lambda weight, m: False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: path == "graph")
     mf = nm_mask_for_weight(w, n, m, layout, dtype=dtype)
     mb = backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype)
     assert mf.dtype == mb.dtype == dtype and mf.shape == mb.shape == w.shape
@@ -169,3 +179,5 @@ def test_step_masks_match_the_references(monkeypatch, n, m, shape, layout, dtype
     assert torch.equal(weight_to_matrix(mb, layout).bool(), ref_mb)
     for other in (torch.bool, torch.uint8, torch.float32):  # Mb does not depend on the dtype Mf comes in
         assert torch.equal(backward_mask_for_weight(w, mf.to(other), perm, n, m), mb.bool())
+    if path == "kernels" and dtype != torch.float32:  # the kernels write 0/1 bytes; float masks are for graphs
+        assert {"forward_mask", "backward_mask"} <= set(calls)

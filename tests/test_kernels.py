@@ -1,0 +1,123 @@
+"""The eager CPU C kernels: built on demand, switched off cleanly, and exactly the tensor-op masks."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bimask_hf import BiMaskConv2d, BiMaskLinear, kernels
+from bimask_hf.masks import backward_mask_for_weight, nm_mask_for_weight
+
+from .reference import ref_nm_mask
+
+pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler here")
+
+
+@pytest.fixture
+def fresh_library():
+    """Forget the loaded library before and after, so a test's environment decides how it is built."""
+    kernels._library.cache_clear()
+    yield
+    kernels._library.cache_clear()
+
+
+def test_kernels_build_into_the_cache_dir_and_switch_off(tmp_path, monkeypatch, fresh_library):
+    monkeypatch.setenv("BIMASK_HF_CACHE", str(tmp_path))
+    assert kernels.available()
+    assert len(list(tmp_path.glob("nm_masks-*.so"))) == 1
+    w = torch.randn(8, 16)
+    assert kernels.applies(w, 4) and not kernels.applies(w.double(), 4) and not kernels.applies(w.T, 4)
+    assert not kernels.applies(w, 32)  # groups of more than 16: tensor ops
+
+    kernels._library.cache_clear()
+    monkeypatch.setenv("BIMASK_HF_KERNELS", "0")
+    assert not kernels.available() and not kernels.applies(w, 4)
+    assert torch.equal(nm_mask_for_weight(w, 2, 4, dtype=torch.uint8).bool(), ref_nm_mask(w, 2, 4))
+
+
+def test_a_failed_build_falls_back_to_tensor_ops(tmp_path, monkeypatch, caplog, fresh_library):
+    monkeypatch.setenv("BIMASK_HF_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false"))  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING, logger="bimask_hf.kernels"):
+        assert not kernels.available()
+    assert "could not build the C mask kernels" in caplog.text
+    assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
+    w = torch.randn(8, 16)
+    assert torch.equal(nm_mask_for_weight(w, 2, 4, dtype=torch.uint8).bool(), ref_nm_mask(w, 2, 4))
+
+
+def _tensor_op_masks(monkeypatch, fn, *args, **kwargs):
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "applies", lambda weight, m: False)
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 4), (4, 8), (5, 16)])
+@pytest.mark.parametrize("shape,layout", [((32, 48), "channels_last"), ((16, 16, 3, 3), "channels_last"),
+                                          ((16, 16, 3, 3), "flat"), ((16, 16, 1, 1), "channels_last")])
+def test_kernels_give_the_tensor_op_masks_on_edge_values(monkeypatch, n, m, shape, layout):
+    """Signed zeros, exact ties, infinities and NaNs: the kernels compare as the tensor ops do."""
+    gen = torch.Generator().manual_seed(n + 10 * m)
+    w = torch.randint(-2, 3, shape, generator=gen).float()
+    flat = w.view(-1)
+    picks = torch.randperm(flat.numel(), generator=gen)
+    flat[picks[:7]] = -0.0
+    flat[picks[7:11]] = float("inf")
+    flat[picks[11:14]] = float("-inf")
+    flat[picks[14:17]] = float("nan")
+    rows = shape[0] if shape[0] % m == 0 else None
+    perm = torch.randperm(shape[0], generator=gen)
+    assert kernels.applies(w, m)
+    for dtype in (torch.uint8, torch.bool):
+        mf = nm_mask_for_weight(w, n, m, layout, dtype=dtype)
+        assert torch.equal(mf, _tensor_op_masks(monkeypatch, nm_mask_for_weight, w, n, m, layout, dtype=dtype))
+        if rows:
+            mb = backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype)
+            ref = _tensor_op_masks(monkeypatch, backward_mask_for_weight, w, mf, perm, n, m, dtype=dtype)
+            finite = torch.isfinite(w)  # the tensor ops give inf * 0 = NaN for a pruned infinity: no rule to share
+            assert torch.equal(mb[finite], ref[finite])
+
+
+def test_backward_kernel_rejects_a_permutation_out_of_range():
+    w = torch.randn(8, 12)
+    mf = nm_mask_for_weight(w, 2, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="permutation"):
+        backward_mask_for_weight(w, mf, torch.tensor([0, 1, 2, 3, 4, 5, 6, 8]), 2, 4, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("cls,args,xshape", [(BiMaskLinear, (24, 16), (5, 24)), (BiMaskConv2d, (8, 16, 3), (2, 8, 7, 7))])
+def test_float32_layers_on_the_kernels_follow_the_formulas(monkeypatch, cls, args, xshape):
+    """A float32 training step runs Mf, Mb and the decay term in the kernels, and its output and
+    gradients are ``x (W*Mf)``, ``g (W*Mb)`` and ``g^T x + decay (1 - Mf) W`` (docs/method.md)."""
+    from .test_layers import _shuffle_permutation, expected_masks
+
+    calls = []
+    for name in ("forward_mask", "backward_mask", "add_decay_"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    torch.manual_seed(0)
+    decay = 0.5
+    layer = cls(*args, mode="bimask", decay=decay)
+    _shuffle_permutation(layer)
+    x = torch.randn(*xshape, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert {"forward_mask", "backward_mask", "add_decay_"} <= set(calls)
+    w = layer.weight.detach()
+    mf, mb, _ = expected_masks(layer, w, "bimask", 2, 4)
+    assert not torch.equal(mf, mb)
+    xd = x.detach()
+    if cls is BiMaskLinear:
+        y_ref, dx_ref, dw_ref = F.linear(xd, w * mf, layer.bias.detach()), g @ (w * mb), g.T @ xd
+    else:
+        y_ref = F.conv2d(xd, w * mf, layer.bias.detach())
+        dx_ref = torch.nn.grad.conv2d_input(xd.shape, w * mb, g)
+        dw_ref = torch.nn.grad.conv2d_weight(xd, w.shape, g)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, dx_ref)
+    torch.testing.assert_close(layer.weight.grad, dw_ref + decay * (~mf) * w)
