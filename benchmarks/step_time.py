@@ -17,8 +17,9 @@ compiled bimask step is reported against the compiled dense step, eager modes ag
 (forward masks ``Mf``, backward masks ``Mb``, the decay term, over all sparse layers) as a share of the
 dense step of the same kind: eagerly for ``bimask``, as compiled kernels for ``bimask+compile``.
 
-``bimask`` uses the library's default permutation search (``--search``, default ``matched``);
-``bimask-random`` the paper's best-of-100 random search; ``bimask-unfold`` (``--unfold``) the research-style
+``bimask`` uses the library's default permutation search (``--search``, default ``matched``) and, eagerly
+on CPU, the C mask kernels of ``bimask_hf.kernels``; ``bimask-tensorops`` the same with those kernels
+switched off (masks by tensor ops); ``bimask-random`` the paper's best-of-100 random search; ``bimask-unfold`` (``--unfold``) the research-style
 ``unfold``/``fold`` convolution of ``unfold_baseline.py`` with the same masks.
 
     python benchmarks/step_time.py                 # ResNet-32/CIFAR b128 and DeiT-small-sized ViT
@@ -49,7 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from unfold_baseline import use_unfold_convs  # noqa: E402
 
 import bimask_hf as bh  # noqa: E402
-from bimask_hf.functional import _pruned  # noqa: E402  (the decay term exactly as the layers compute it)
+from bimask_hf import kernels  # noqa: E402
+from bimask_hf.functional import _pruned, _weight_grad_extra  # noqa: E402  (the decay term as the layers compute it)
 
 # name -> (timm architecture, kwargs, batch, image size, quick batch, quick size)
 MODELS = {
@@ -60,6 +62,22 @@ MODELS = {
 }
 MODES = ["dense", "srste", "bimask", "bimask-random", "transposable", "pre", "post"]
 COMPILED = "+compile"
+TENSOR_OPS = "-tensorops"  # the same mode with the C mask kernels switched off (eager masks by tensor ops)
+
+
+class tensor_op_masks:
+    """Inside: eager masks and the decay term by tensor ops, not the C kernels of ``bimask_hf.kernels``."""
+
+    def __init__(self, active: bool = True) -> None:
+        self.active = active
+
+    def __enter__(self) -> None:
+        self.saved = kernels.applies
+        if self.active:
+            kernels.applies = lambda weight, m: False
+
+    def __exit__(self, *exc: object) -> None:
+        kernels.applies = self.saved
 
 
 def build(
@@ -81,7 +99,7 @@ def build(
     if mode == "dense":
         mode = "dense-plain"
     if mode != "dense-plain":
-        base = mode.removesuffix("-random").removesuffix("-unfold")
+        base = mode.removesuffix(TENSOR_OPS).removesuffix("-random").removesuffix("-unfold")
         search = "random" if mode.endswith("-random") else search_method
         bh.sparsify(model, bh.BiMaskConfig(mode=base, permutation_search=search, permutation_interval=interval))
         if mode.endswith("-unfold"):
@@ -121,6 +139,7 @@ def mask_work(model: nn.Module, repeats: int = 3) -> dict[str, float]:
     from bimask_hf.masks import backward_mask_for_weight, step_mask_dtype
 
     layers = list(bh.sparse_layers(model).values())
+    grads = {layer: torch.zeros_like(layer.weight.detach()) for layer in layers}
     times: dict[str, list[float]] = {"forward": [], "backward": [], "decay": []}
     for _ in range(repeats):
         spent = dict.fromkeys(times, 0.0)
@@ -134,8 +153,8 @@ def mask_work(model: nn.Module, repeats: int = 3) -> dict[str, float]:
                 run_mask_work(backward_mask_for_weight, w, w, mf, getattr(layer, PERMUTATION_KEY), layer.n, layer.m,
                               dtype=dtype)
             t2 = time.perf_counter()
-            if layer.decay:
-                run_mask_work(lambda: _pruned(w, mf).mul_(layer.decay), w)  # noqa: B023 (called at once)
+            if layer.decay:  # on a gradient-like tensor, in place where the kernel runs
+                run_mask_work(_weight_grad_extra, w, grads[layer], w, mf, layer.decay)
             t3 = time.perf_counter()
             spent["forward"] += t1 - t0
             spent["backward"] += t2 - t1
@@ -241,14 +260,15 @@ def run(
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         compiled = mode.endswith(COMPILED)
         work = None
-        if mode.removesuffix(COMPILED) == "bimask":
-            work = mask_work_compiled(model, compile_backend) if compiled else mask_work(model)
-        net = torch.compile(model, backend=compile_backend) if compiled else model
-        mem = saved_bytes(net, x, y)
-        start = time.perf_counter()
-        time_steps(net, opt, x, y, 2 if compiled else 1, mode == "post")  # warm-up (compiles; momentum buffers)
-        warmup = time.perf_counter() - start
-        peak_bytes = peak_step_bytes(net, opt, x, y, mode == "post") if peak and not compiled else None
+        with tensor_op_masks(mode.endswith(TENSOR_OPS)):
+            if mode.removesuffix(COMPILED).removesuffix(TENSOR_OPS) == "bimask":
+                work = mask_work_compiled(model, compile_backend) if compiled else mask_work(model)
+            net = torch.compile(model, backend=compile_backend) if compiled else model
+            mem = saved_bytes(net, x, y)
+            start = time.perf_counter()
+            time_steps(net, opt, x, y, 2 if compiled else 1, mode == "post")  # warm-up (compiles; momentum buffers)
+            warmup = time.perf_counter() - start
+            peak_bytes = peak_step_bytes(net, opt, x, y, mode == "post") if peak and not compiled else None
         runs[mode] = dict(model=net, opt=opt, x=x, y=y, search=search, mem=mem, peak=peak_bytes, times=[],
                           work=work, warmup=warmup)
         print(f"  (warm-up {warmup:.1f} s: {name} {mode})", flush=True)
@@ -258,7 +278,8 @@ def run(
         order.shuffle(shuffled)  # a new order every round: no mode always runs first / after a given one
         for mode in shuffled:
             r = runs[mode]
-            r["times"].append(time_steps(r["model"], r["opt"], r["x"], r["y"], steps, mode == "post"))
+            with tensor_op_masks(mode.endswith(TENSOR_OPS)):
+                r["times"].append(time_steps(r["model"], r["opt"], r["x"], r["y"], steps, mode == "post"))
     out = []
     for mode in modes:
         ref = runs["dense" + (COMPILED if mode.endswith(COMPILED) else "")]

@@ -113,14 +113,16 @@ def test_permutation_search_quick_with_trained_weights(accuracy_smoke, tmp_path)
 
 def test_step_time_quick(tmp_path):
     out = _run(
-        "step_time.py", "--quick", "--models", "resnet32_cifar", "--modes", "bimask", "post", "--unfold",
+        "step_time.py", "--quick", "--models", "resnet32_cifar", "--modes", "bimask", "bimask-tensorops", "post", "--unfold",
         "--threads", "1", "--markdown", "--json", str(tmp_path / "st.json"), "--plot", str(tmp_path / "st.png"),
         "--compile", "--compile-backend", "aot_eager",  # the compiled rows' code paths, without a C++ build
     )
     rows = {r[1]: r for r in _table_rows(out, "resnet32_cifar")}
-    assert set(rows) == {"dense", "bimask", "post", "bimask-unfold", "dense+compile", "bimask+compile"}
-    # the mask-work columns (Mf, Mb, decay as % of the dense step) are filled for bimask only, compiled or not
-    for mode in ("bimask", "bimask+compile"):
+    assert set(rows) == {"dense", "bimask", "bimask-tensorops", "post", "bimask-unfold", "dense+compile",
+                         "bimask+compile"}
+    # the mask-work columns (Mf, Mb, decay as % of the dense step) are filled for bimask only: compiled, eager
+    # (C kernels) and eager by tensor ops
+    for mode in ("bimask", "bimask-tensorops", "bimask+compile"):
         assert all(float(v) > 0 for v in rows[mode][9:12]), mode
     assert rows["post"][9:12] == ["-", "-", "-"] and rows["dense+compile"][9:12] == ["-", "-", "-"]
     assert float(rows["dense+compile"][5]) == 1.0  # compiled modes are measured against the compiled dense step
