@@ -11,6 +11,12 @@ above what was live before it, from the PyTorch profiler's memory timeline.
 
 On a shared machine pass ``--threads 1``: a 2-thread pool stalls whenever the other core is busy.
 
+``faults k`` is the median count of minor page faults per step, in thousands: glibc hands large freed
+blocks back to the kernel and takes fresh zeroed pages for the next ones, and how many a step takes
+changes with the order of allocations, from run to run and between models (ResNet-32 b128, 2 threads:
+16k-70k per step, 2-4 % of a dense step, for dense and Bi-Mask alike). ``--tune-malloc`` keeps freed memory
+in the process (no heap trimming, no ``mmap``), so the steps take none and the ratios measure the work.
+
 ``--compile`` adds ``dense+compile`` and ``bimask+compile`` (``torch.compile``, inductor by default): the
 compiled bimask step is reported against the compiled dense step, eager modes against eager dense. The
 ``Mf %``, ``Mb %`` and ``decay %`` columns time the per-step mask work of the ``bimask`` model on its own
@@ -36,6 +42,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -226,7 +233,16 @@ def peak_step_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
         return None
 
 
-def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int, post: bool) -> float:
+def minor_faults() -> int:
+    """Page faults this process has taken so far that needed no disk (fresh pages from the kernel)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int, post: bool
+) -> tuple[float, float]:
+    """(seconds, minor page faults) per step."""
+    faults = minor_faults()
     start = time.perf_counter()
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)
@@ -235,7 +251,23 @@ def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
         opt.zero_grad(set_to_none=True)
         if post:
             bh.project_(model)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (minor_faults() - faults) / steps
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process (glibc: no trimming of the heap, no ``mmap`` per large block), as
+    ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_MAX_`` or jemalloc would: after warm-up the steps then take no
+    page faults. Returns False where ``mallopt`` is not available (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return bool(mallopt(m_trim_threshold, 2**31 - 1) and mallopt(m_top_pad, 64 << 20) and mallopt(m_mmap_max, 0))
 
 
 def run(
@@ -270,7 +302,7 @@ def run(
             warmup = time.perf_counter() - start
             peak_bytes = peak_step_bytes(net, opt, x, y, mode == "post") if peak and not compiled else None
         runs[mode] = dict(model=net, opt=opt, x=x, y=y, search=search, mem=mem, peak=peak_bytes, times=[],
-                          work=work, warmup=warmup)
+                          faults=[], work=work, warmup=warmup)
         print(f"  (warm-up {warmup:.1f} s: {name} {mode})", flush=True)
     order = random.Random(seed)
     for _ in range(rounds):
@@ -279,7 +311,9 @@ def run(
         for mode in shuffled:
             r = runs[mode]
             with tensor_op_masks(mode.endswith(TENSOR_OPS)):
-                r["times"].append(time_steps(r["model"], r["opt"], r["x"], r["y"], steps, mode == "post"))
+                seconds, faults = time_steps(r["model"], r["opt"], r["x"], r["y"], steps, mode == "post")
+            r["times"].append(seconds)
+            r["faults"].append(faults)
     out = []
     for mode in modes:
         ref = runs["dense" + (COMPILED if mode.endswith(COMPILED) else "")]
@@ -298,7 +332,7 @@ def run(
             mem_ratio=r["mem"] / base_mem, peak_mb=peak_mb, peak_ratio=peak_ratio, warmup_s=r["warmup"],
             mask_forward_s=work.get("forward"), mask_backward_s=work.get("backward"), mask_decay_s=work.get("decay"),
             mask_share=(sum(work.values()) / base) if work else None,
-            search_share=r["search"] / (interval * eager_base),
+            search_share=r["search"] / (interval * eager_base), faults=statistics.median(r["faults"]),
         ))
     return out
 
@@ -337,6 +371,9 @@ def main() -> None:
                         help="permutation search of the 'bimask' mode (default: the library default, matched)")
     parser.add_argument("--no-peak", action="store_true", help="skip the profiler-based peak-memory measurement")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-round random mode order")
+    parser.add_argument("--tune-malloc", action="store_true",
+                        help="keep freed memory in the process (glibc mallopt: no heap trimming, no mmap), so that "
+                             "page faults do not add noise; the faults column shows them")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--plot", help="write a PNG of the time and memory ratios")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
@@ -346,15 +383,18 @@ def main() -> None:
     if args.compile:
         modes += ["dense" + COMPILED, "bimask" + COMPILED]
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
+    malloc = "default malloc"
+    if args.tune_malloc:
+        malloc = "malloc tuned (no trimming, no mmap)" if tune_malloc() else "malloc not tunable here (not glibc)"
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"torch {torch.__version__}, {threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
               f"{rounds} rounds x {steps} steps, interval "
-              f"{args.interval}, bimask search {args.search}, random mode order per round (seed {args.seed})")
+              f"{args.interval}, bimask search {args.search}, random mode order per round (seed {args.seed}), {malloc}")
         print(f"{'model':<16} {'mode':<15} {'batch':>5} {'img':>4} {'step s':>8} {'x dense':>8} {'x (min)':>8} "
               f"{'search s':>9} {'search %':>8} {'Mf %':>6} {'Mb %':>6} {'decay %':>7} {'saved MB':>9} {'mem x':>6} "
-              f"{'peak MB':>8} {'peak x':>6}")
+              f"{'peak MB':>8} {'peak x':>6} {'faults k':>8}")
         for name in args.models:
             for row in run(name, modes, rounds, steps, args.interval, args.quick, batches.get(name), args.search,
                            not args.no_peak, args.seed, args.compile_backend):
@@ -367,7 +407,8 @@ def main() -> None:
                       f"{row['ratio']:>8.3f} {row['ratio_min']:>8.3f} {row['search_s']:>9.3f} "
                       f"{100 * row['search_share']:>8.2f} {_fmt(shares[0], '6.2f'):>6} {_fmt(shares[1], '6.2f'):>6} "
                       f"{_fmt(shares[2], '7.2f'):>7} {row['mem_mb']:>9.1f} {row['mem_ratio']:>6.3f} "
-                      f"{_fmt(row['peak_mb'], '8.1f'):>8} {_fmt(row['peak_ratio'], '6.3f'):>6}", flush=True)
+                      f"{_fmt(row['peak_mb'], '8.1f'):>8} {_fmt(row['peak_ratio'], '6.3f'):>6} "
+                      f"{row['faults'] / 1000:>8.1f}", flush=True)
     if args.markdown:
         print("\n| model | batch | image | mode | step (s, median) | × dense | × dense (min) | search (s, every "
               f"{args.interval} steps) | saved MB | × dense | peak MB | × dense |")

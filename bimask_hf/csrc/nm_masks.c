@@ -19,10 +19,10 @@
 
 typedef struct {
     float s[MAX_M][CHUNK];   /* scores, one plane per group member */
-    int32_t r[MAX_M][CHUNK]; /* how many members beat it */
+    int32_t r[MAX_M][CHUNK]; /* how many members beat it; then 1 if kept, else 0 */
 } planes;
 
-static inline void rank_planes(planes *restrict pl, int64_t m, int64_t len) {
+static inline void rank_planes(planes *restrict pl, int64_t m, int64_t n, int64_t len) {
     for (int64_t i = 0; i < m; ++i)
         for (int64_t g = 0; g < len; ++g) pl->r[i][g] = 0;
     for (int64_t j = 0; j < m; ++j) {
@@ -36,14 +36,17 @@ static inline void rank_planes(planes *restrict pl, int64_t m, int64_t len) {
             }
         }
     }
+    const int32_t keep_below = (int32_t)n; /* 32-bit, like the counts, so that this loop vectorises too */
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t g = 0; g < len; ++g) pl->r[i][g] = pl->r[i][g] < keep_below; /* fewer than n beat it */
 }
 
 /* Split nb blocks of (m, d) weights at p into the score planes, and write the keeps back. Called with a
  * constant m and, for Linear rows, d = 1, so that the compiler specialises the loops. */
 static inline void load_blocks(planes *restrict pl, const float *restrict p, int64_t nb, int64_t m, int64_t d) {
     if (d == 1) {
-        for (int64_t i = 0; i < m; ++i)
-            for (int64_t g = 0; g < nb; ++g) pl->s[i][g] = fabsf(p[g * m + i]);
+        for (int64_t g = 0; g < nb; ++g)
+            for (int64_t i = 0; i < m; ++i) pl->s[i][g] = fabsf(p[g * m + i]);
         return;
     }
     for (int64_t b = 0; b < nb; ++b)
@@ -54,13 +57,13 @@ static inline void load_blocks(planes *restrict pl, const float *restrict p, int
 static inline void store_blocks(const planes *restrict pl, uint8_t *restrict q, int64_t nb, int64_t m, int64_t d,
                                 int64_t n) {
     if (d == 1) {
-        for (int64_t i = 0; i < m; ++i)
-            for (int64_t g = 0; g < nb; ++g) q[g * m + i] = pl->r[i][g] < n;
+        for (int64_t g = 0; g < nb; ++g)
+            for (int64_t i = 0; i < m; ++i) q[g * m + i] = (uint8_t)pl->r[i][g];
         return;
     }
     for (int64_t b = 0; b < nb; ++b)
         for (int64_t i = 0; i < m; ++i)
-            for (int64_t k = 0; k < d; ++k) q[(b * m + i) * d + k] = pl->r[i][b * d + k] < n;
+            for (int64_t k = 0; k < d; ++k) q[(b * m + i) * d + k] = (uint8_t)pl->r[i][b * d + k];
 }
 
 static inline void forward_chunks(const float *restrict w, uint8_t *restrict mask, int64_t blocks, int64_t m,
@@ -69,7 +72,7 @@ static inline void forward_chunks(const float *restrict w, uint8_t *restrict mas
     for (int64_t b0 = 0; b0 < blocks; b0 += per_chunk) {
         int64_t nb = blocks - b0 < per_chunk ? blocks - b0 : per_chunk;
         load_blocks(pl, w + b0 * m * d, nb, m, d);
-        rank_planes(pl, m, nb * d);
+        rank_planes(pl, m, n, nb * d);
         store_blocks(pl, mask + b0 * m * d, nb, m, d, n);
     }
 }
@@ -113,20 +116,24 @@ int bm_backward_mask(const float *restrict w, const uint8_t *restrict fm, const 
                     sk[c] = fabsf(wk[c]) * kept + (kept - 1.0f);
                 }
             }
-            rank_planes(&pl, m, len);
+            rank_planes(&pl, m, n, len);
             for (int64_t k = 0; k < m; ++k) {
                 const uint8_t *restrict fk = fm + row[k] * cols + c0;
                 uint8_t *restrict ok = mask + row[k] * cols + c0;
                 const int32_t *restrict rk = pl.r[k];
-                for (int64_t c = 0; c < len; ++c) ok[c] = (rk[c] < n) & (fk[c] != 0);
+                for (int64_t c = 0; c < len; ++c) ok[c] = (uint8_t)(rk[c] & (fk[c] != 0));
             }
         }
     }
     return 0;
 }
 
-/* grad += decay * (1 - fm) * w, in place: the SR-STE decay term of the weight gradient. */
+/* grad += (w - w * fm) * decay, in place: the SR-STE decay term of the weight gradient, rounded as the
+ * tensor ops round it (fm is 0 or 1). */
 void bm_add_decay(float *restrict grad, const float *restrict w, const uint8_t *restrict fm, int64_t numel,
                   float decay) {
-    for (int64_t i = 0; i < numel; ++i) grad[i] += (fm[i] ? 0.0f : w[i]) * decay;
+    for (int64_t i = 0; i < numel; ++i) {
+        float kept = fm[i];
+        grad[i] += (w[i] - w[i] * kept) * decay;
+    }
 }
