@@ -138,6 +138,21 @@ def test_step_time_quick(tmp_path):
     assert (tmp_path / "st.png").stat().st_size > 0
 
 
+def test_mask_kernels_quick(tmp_path):
+    from bimask_hf import kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler here")
+    out = _run("mask_kernels.py", "--quick", "--patterns", "2:4", "1:4", "--json", str(tmp_path / "mk.json"))
+    rows = _table_rows(out, "16x16x3x3") + _table_rows(out, "32x64")
+    assert len(rows) == 4 and all(r[-1] == "yes" for r in rows)  # same masks and decay term both ways
+    data = json.loads((tmp_path / "mk.json").read_text())
+    assert {r["pattern"] for r in data} == {"2:4", "1:4"}
+    for r in data:
+        for part in ("Mf", "Mb", "decay"):
+            assert r[f"{part}_speedup"] == pytest.approx(r[f"{part}_ops_us"] / r[f"{part}_kernel_us"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_gpu_check_without_gpu_exits_cleanly():
     out = _run("gpu_check.py")
