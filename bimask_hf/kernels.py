@@ -30,6 +30,7 @@ __all__ = ["available", "forward_mask", "backward_mask", "add_decay_"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "nm_masks.c"
 _MAX_M = 16
+MAX_SPREAD = 256  # conv groups whose members lie more than this many entries apart (kh*kw) take tensor ops
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -111,8 +112,8 @@ def applies(weight: torch.Tensor, m: int) -> bool:
 
 
 def forward_mask(weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """``Mf`` of ``weight`` (checked by :func:`applies`) viewed as ``(blocks, m, d)``, in ``dtype``
-    (``torch.uint8`` or ``torch.bool``)."""
+    """``Mf`` of ``weight`` (checked by :func:`applies`, ``d <= MAX_SPREAD``) viewed as ``(blocks, m, d)``,
+    in ``dtype`` (``torch.uint8`` or ``torch.bool``)."""
     weight = weight.detach()
     out = torch.empty(weight.shape, dtype=dtype)
     if _library().bm_forward_mask(weight.data_ptr(), out.data_ptr(), weight.numel() // (m * d), m, d, n):

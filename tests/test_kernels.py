@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bimask_hf import BiMaskConv2d, BiMaskLinear, kernels
 from bimask_hf.masks import backward_mask_for_weight, nm_mask_for_weight
 
-from .reference import ref_nm_mask
+from .reference import from_matrix, ref_nm_mask, to_matrix
 
 pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler here")
 
@@ -80,6 +80,15 @@ def test_kernels_give_the_tensor_op_masks_on_edge_values(monkeypatch, n, m, shap
             ref = _tensor_op_masks(monkeypatch, backward_mask_for_weight, w, mf, perm, n, m, dtype=dtype)
             finite = torch.isfinite(w)  # the tensor ops give inf * 0 = NaN for a pruned infinity: no rule to share
             assert torch.equal(mb[finite], ref[finite])
+
+
+def test_conv_groups_spread_wider_than_the_kernel_plane_take_tensor_ops():
+    """A 17x17 conv's groups are 289 entries apart, more than the kernels' 256-entry planes hold."""
+    w = torch.randn(8, 8, 17, 17, generator=torch.Generator().manual_seed(0))
+    assert 17 * 17 > kernels.MAX_SPREAD
+    mf = nm_mask_for_weight(w, 2, 4, dtype=torch.uint8)
+    ref = from_matrix(ref_nm_mask(to_matrix(w, "channels_last"), 2, 4), w.shape, "channels_last")
+    assert torch.equal(mf.bool(), ref)
 
 
 def test_backward_kernel_rejects_a_permutation_out_of_range():

@@ -54,8 +54,7 @@ static inline void load_blocks(planes *restrict pl, const float *restrict p, int
             for (int64_t k = 0; k < d; ++k) pl->s[i][b * d + k] = fabsf(p[(b * m + i) * d + k]);
 }
 
-static inline void store_blocks(const planes *restrict pl, uint8_t *restrict q, int64_t nb, int64_t m, int64_t d,
-                                int64_t n) {
+static inline void store_blocks(const planes *restrict pl, uint8_t *restrict q, int64_t nb, int64_t m, int64_t d) {
     if (d == 1) {
         for (int64_t g = 0; g < nb; ++g)
             for (int64_t i = 0; i < m; ++i) q[g * m + i] = (uint8_t)pl->r[i][g];
@@ -73,7 +72,7 @@ static inline void forward_chunks(const float *restrict w, uint8_t *restrict mas
         int64_t nb = blocks - b0 < per_chunk ? blocks - b0 : per_chunk;
         load_blocks(pl, w + b0 * m * d, nb, m, d);
         rank_planes(pl, m, n, nb * d);
-        store_blocks(pl, mask + b0 * m * d, nb, m, d, n);
+        store_blocks(pl, mask + b0 * m * d, nb, m, d);
     }
 }
 
