@@ -44,15 +44,6 @@ def _time(fn: Callable[[], object], inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
-class _tensor_ops:
-    def __enter__(self) -> None:
-        self.saved = kernels.applies
-        kernels.applies = lambda weight, m: False
-
-    def __exit__(self, *exc: object) -> None:
-        kernels.applies = self.saved
-
-
 def measure(shape: tuple[int, ...], n: int, m: int, repeats: int, inner: int, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen)
@@ -64,16 +55,18 @@ def measure(shape: tuple[int, ...], n: int, m: int, repeats: int, inner: int, se
         "Mb": lambda: backward_mask_for_weight(w, mf, perm, n, m, dtype=torch.uint8),
         "decay": lambda: _weight_grad_extra(grad, w, mf, 2e-4),  # the kernel adds into grad, as in backward
     }
+    # the same parts on a fresh gradient each call, to compare results
+    checks = {**parts, "decay": lambda: _weight_grad_extra(grad.clone(), w, mf, 2e-4)}
     same = {}
-    for name, fn in parts.items():
-        with _tensor_ops():
-            ref = fn() if name != "decay" else _weight_grad_extra(grad.clone(), w, mf, 2e-4)
-        same[name] = torch.equal(fn() if name != "decay" else _weight_grad_extra(grad.clone(), w, mf, 2e-4), ref)
+    for name, fn in checks.items():
+        with kernels.disabled():
+            ref = fn()
+        same[name] = torch.equal(fn(), ref)
     times: dict[str, list[float]] = {f"{name}_{kind}": [] for name in parts for kind in ("kernel", "ops")}
     for _ in range(repeats):  # interleaved: load changes hit both versions alike
         for name, fn in parts.items():
             times[f"{name}_kernel"].append(_time(fn, inner))
-            with _tensor_ops():
+            with kernels.disabled():
                 times[f"{name}_ops"].append(_time(fn, inner))
     row = {"shape": list(shape), "pattern": f"{n}:{m}", "same": all(same.values())}
     for key, values in times.items():

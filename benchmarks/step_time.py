@@ -39,6 +39,7 @@ switched off (masks by tensor ops); ``bimask-random`` the paper's best-of-100 ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -72,19 +73,9 @@ COMPILED = "+compile"
 TENSOR_OPS = "-tensorops"  # the same mode with the C mask kernels switched off (eager masks by tensor ops)
 
 
-class tensor_op_masks:
-    """Inside: eager masks and the decay term by tensor ops, not the C kernels of ``bimask_hf.kernels``."""
-
-    def __init__(self, active: bool = True) -> None:
-        self.active = active
-
-    def __enter__(self) -> None:
-        self.saved = kernels.applies
-        if self.active:
-            kernels.applies = lambda weight, m: False
-
-    def __exit__(self, *exc: object) -> None:
-        kernels.applies = self.saved
+def tensor_op_masks(active: bool):
+    """Inside, when ``active``: eager masks and the decay term by tensor ops, not the C kernels."""
+    return kernels.disabled() if active else contextlib.nullcontext()
 
 
 def build(

@@ -11,6 +11,7 @@ with ``BIMASK_HF_KERNELS=0``, the tensor-op versions run instead; both give iden
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -20,18 +21,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "forward_mask", "backward_mask", "add_decay_"]
+__all__ = ["available", "applies", "disabled", "forward_mask", "backward_mask", "add_decay_"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "nm_masks.c"
 _MAX_M = 16
 MAX_SPREAD = 256  # conv groups whose members lie more than this many entries apart (kh*kw) take tensor ops
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_switched_off = False  # set inside :func:`disabled`
 
 
 def _cache_dir() -> Path:
@@ -41,8 +44,9 @@ def _cache_dir() -> Path:
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -99,11 +103,25 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.is_contiguous()
 
 
-def applies(weight: torch.Tensor, m: int) -> bool:
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside: masks and the decay term by tensor ops, as without the kernels (for side-by-side timing)."""
+    global _switched_off
+    saved, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = saved
+
+
+def applies(weight: torch.Tensor, m: int, spread: int = 1) -> bool:
     """Whether the kernels can take ``weight``: a plain contiguous float32 CPU tensor outside
-    ``torch.compile``, groups of at most 16."""
+    ``torch.compile`` and :func:`disabled`, groups of at most 16 entries ``spread`` apart (at most
+    :data:`MAX_SPREAD`: a conv's ``kh*kw``)."""
     return (
-        m <= _MAX_M
+        not _switched_off
+        and m <= _MAX_M
+        and spread <= MAX_SPREAD
         and weight.dtype == torch.float32
         and _plain(weight)
         and not torch.compiler.is_compiling()
@@ -112,8 +130,8 @@ def applies(weight: torch.Tensor, m: int) -> bool:
 
 
 def forward_mask(weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """``Mf`` of ``weight`` (checked by :func:`applies`, ``d <= MAX_SPREAD``) viewed as ``(blocks, m, d)``,
-    in ``dtype`` (``torch.uint8`` or ``torch.bool``)."""
+    """``Mf`` of ``weight`` (checked by :func:`applies` with ``spread=d``) viewed as ``(blocks, m, d)``, in
+    ``dtype`` (``torch.uint8`` or ``torch.bool``)."""
     weight = weight.detach()
     out = torch.empty(weight.shape, dtype=dtype)
     if _library().bm_forward_mask(weight.data_ptr(), out.data_ptr(), weight.numel() // (m * d), m, d, n):
@@ -128,9 +146,8 @@ def backward_mask(
     ``permutation``, in ``dtype`` (``torch.uint8`` or ``torch.bool``)."""
     weight = weight.detach()
     rows = weight.shape[0]
-    fm = forward_mask if forward_mask.dtype in (torch.uint8, torch.bool) and _plain(forward_mask) else None
-    if fm is None:
-        fm = (forward_mask != 0).contiguous()
+    bytes_mask = forward_mask.dtype in (torch.uint8, torch.bool) and _plain(forward_mask)
+    fm = forward_mask if bytes_mask else (forward_mask != 0).contiguous()
     perm = permutation.to(torch.int64).contiguous()
     out = torch.empty(weight.shape, dtype=dtype)
     err = _library().bm_backward_mask(weight.data_ptr(), fm.data_ptr(), perm.data_ptr(), out.data_ptr(), rows,

@@ -213,7 +213,7 @@ def nm_mask_for_weight(
             keep = _rank_keep_fused(grouped.abs(), n, 2)
         return _as_dtype(keep.view(weight.shape), dtype)
     a, b, _, d = grouped.shape
-    if dtype in (torch.uint8, torch.bool) and d <= kernels.MAX_SPREAD and kernels.applies(weight, m):
+    if dtype in (torch.uint8, torch.bool) and kernels.applies(weight, m, spread=d):
         return kernels.forward_mask(weight, n, m, d, dtype)  # one pass in C (same masks)
     # |W| with the position in the group leading (contiguous slices to compare), in one pass
     front = torch.empty((m, a, b, d), dtype=_count_dtype(weight), device=weight.device)

@@ -32,6 +32,10 @@ def test_kernels_build_into_the_cache_dir_and_switch_off(tmp_path, monkeypatch, 
     w = torch.randn(8, 16)
     assert kernels.applies(w, 4) and not kernels.applies(w.double(), 4) and not kernels.applies(w.T, 4)
     assert not kernels.applies(w, 32)  # groups of more than 16: tensor ops
+    assert not kernels.applies(w, 4, spread=kernels.MAX_SPREAD + 1)  # conv groups too far apart
+    with kernels.disabled():
+        assert not kernels.applies(w, 4)
+    assert kernels.applies(w, 4)
 
     kernels._library.cache_clear()
     monkeypatch.setenv("BIMASK_HF_KERNELS", "0")
@@ -50,16 +54,15 @@ def test_a_failed_build_falls_back_to_tensor_ops(tmp_path, monkeypatch, caplog, 
     assert torch.equal(nm_mask_for_weight(w, 2, 4, dtype=torch.uint8).bool(), ref_nm_mask(w, 2, 4))
 
 
-def _tensor_op_masks(monkeypatch, fn, *args, **kwargs):
-    with monkeypatch.context() as patch:
-        patch.setattr(kernels, "applies", lambda weight, m: False)
+def _tensor_op_masks(fn, *args, **kwargs):
+    with kernels.disabled():
         return fn(*args, **kwargs)
 
 
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 4), (4, 8), (5, 16)])
 @pytest.mark.parametrize("shape,layout", [((32, 48), "channels_last"), ((16, 16, 3, 3), "channels_last"),
                                           ((16, 16, 3, 3), "flat"), ((16, 16, 1, 1), "channels_last")])
-def test_kernels_give_the_tensor_op_masks_on_edge_values(monkeypatch, n, m, shape, layout):
+def test_kernels_give_the_tensor_op_masks_on_edge_values(n, m, shape, layout):
     """Signed zeros, exact ties, infinities and NaNs: the kernels compare as the tensor ops do."""
     gen = torch.Generator().manual_seed(n + 10 * m)
     w = torch.randint(-2, 3, shape, generator=gen).float()
@@ -74,10 +77,10 @@ def test_kernels_give_the_tensor_op_masks_on_edge_values(monkeypatch, n, m, shap
     assert kernels.applies(w, m)
     for dtype in (torch.uint8, torch.bool):
         mf = nm_mask_for_weight(w, n, m, layout, dtype=dtype)
-        assert torch.equal(mf, _tensor_op_masks(monkeypatch, nm_mask_for_weight, w, n, m, layout, dtype=dtype))
+        assert torch.equal(mf, _tensor_op_masks(nm_mask_for_weight, w, n, m, layout, dtype=dtype))
         if rows:
             mb = backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype)
-            ref = _tensor_op_masks(monkeypatch, backward_mask_for_weight, w, mf, perm, n, m, dtype=dtype)
+            ref = _tensor_op_masks(backward_mask_for_weight, w, mf, perm, n, m, dtype=dtype)
             finite = torch.isfinite(w)  # the tensor ops give inf * 0 = NaN for a pruned infinity: no rule to share
             assert torch.equal(mb[finite], ref[finite])
 
