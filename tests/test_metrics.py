@@ -54,3 +54,18 @@ def test_library_topk_accuracy_takes_1d_predictions_in_percent():
     assert topk_accuracy(np.array([3, 1, 0, 1]), np.array([3, 1, 4, 1])) == {"top1": 75.0}
     # Float one-hot scores are logits by dtype, whatever their values.
     assert topk_accuracy(np.eye(3)[[0, 1, 1]], np.array([0, 1, 2]))["top1"] == pytest.approx(200 / 3)
+
+
+def test_evaluate_module_refuses_logits_on_its_ranked_configuration():
+    """The default configuration's features are integers: logits would be cast to class "indices"."""
+    rng = np.random.default_rng(1)
+    logits, labels = rng.normal(size=(6, 4)).astype(np.float32), rng.integers(0, 4, size=6)
+    metric = evaluate.load(TOPK_METRIC_PATH)
+    for predictions in (logits, logits.tolist(), np.eye(4)[labels]):  # one-hot floats are scores too
+        with pytest.raises(ValueError, match="'logits' configuration"):
+            metric.compute(predictions=predictions, references=labels, topk=(1,))
+    with pytest.raises(ValueError, match="'logits' configuration"):
+        metric.add(prediction=logits[0], reference=labels[0])
+    ranked = np.argsort(-logits, axis=1, kind="stable")
+    assert metric.compute(predictions=ranked.tolist(), references=labels, topk=(1, 4)) == {"top1": pytest.approx(
+        _reference_topk(logits, labels, 1)), "top4": 1.0}

@@ -9,7 +9,8 @@
 Like every `evaluate` accuracy, the results are fractions in [0, 1] (bimask-hf's Trainer metrics and
 ``bimask-eval`` report percent). What the predictions are is chosen by the configuration name, never
 guessed from their values: ``"ranked"`` (default) takes class indices, best first, of shape ``(N, k)``
-or ``(N,)`` (top-1 only); ``"logits"`` takes one score per class, shape ``(N, C)``.
+or ``(N,)`` (top-1 only), and refuses float predictions (it would read logits as indices);
+``"logits"`` takes one score per class, shape ``(N, C)``.
 """
 
 import datasets
@@ -31,6 +32,20 @@ Returns:
     top1, top5 (one key per k): the fraction of examples whose true class is among the k best, in [0, 1].
 """
 CONFIGS = ("ranked", "logits")
+
+
+def _refuse_scores(config_name, predictions):
+    """Raise ValueError when ranked class indices are expected but ``predictions`` hold float values."""
+    if config_name == "logits" or predictions is None:
+        return
+    values = np.asarray(predictions)
+    if values.dtype.kind != "f":  # the dtype decides, never the values (a one-hot float row is not indices)
+        return
+    raise ValueError(
+        f"topk_accuracy's {config_name!r} configuration takes ranked class indices (integers), got "
+        f"{values.dtype} predictions such as {values.reshape(-1)[:3].tolist()}; for logits or scores per class "
+        "load the 'logits' configuration: evaluate.load(TOPK_METRIC_PATH, 'logits')."
+    )
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -55,6 +70,18 @@ class TopkAccuracy(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=features,
         )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add a batch of predictions and references (float predictions need the 'logits' configuration).
+"""
+        # The features of "ranked" are integers: datasets would cast logits to int64 silently.
+        _refuse_scores(self.config_name, predictions)
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one prediction and reference (float predictions need the 'logits' configuration)."""
+        _refuse_scores(self.config_name, None if prediction is None else [prediction])
+        return super().add(prediction=prediction, reference=reference, **kwargs)
 
     def _compute(self, predictions, references, topk=(1, 5)):
         predictions = np.asarray(predictions)
