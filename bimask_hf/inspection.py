@@ -21,7 +21,7 @@ import torch.nn as nn
 from .config import BiMaskConfig
 from .errors import NMPatternError
 from .layers import BiMaskLayer
-from .masks import weight_to_matrix
+from .masks import retention, weight_to_matrix
 
 __all__ = [
     "LayerReport",
@@ -41,8 +41,9 @@ def sparse_layers(model: nn.Module) -> dict[str, BiMaskLayer]:
 
 
 def layer_retention(mf: torch.Tensor, mb: torch.Tensor) -> float:
-    """``|Mb & Mf| / |Mf|``: the share of forward weights that also act in the backward pass."""
-    return float((mb & mf).sum()) / max(1, int(mf.sum()))
+    """``|Mb & Mf| / |Mf|``: the share of forward weights that also act in the backward pass (1.0 for an
+    empty ``Mf``; :func:`bimask_hf.masks.retention`)."""
+    return retention(mf, mb)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .distributed import full_tensor, shard_like
 from .functional import mask_work, masked_conv2d, masked_linear
 from .masks import (
     _as_dtype,
+    _check_permutation,
     backward_mask_for_weight,
     check_nm_pattern,
     matrix_to_weight,
@@ -201,6 +202,12 @@ class BiMaskLayer:
         if key not in state_dict:
             state_dict = dict(state_dict)
             state_dict[key] = getattr(self, PERMUTATION_KEY)
+        elif state_dict[key].shape == (self.weight.shape[0],) and state_dict[key].device.type != "meta":
+            # (a wrong shape is load_state_dict's own error)
+            try:  # a non-permutation would leave rows of the backward mask unset
+                _check_permutation(state_dict[key], self.weight.shape[0], key)
+            except ValueError as err:
+                raise ValueError(f"Cannot load the state dict: {err}") from None
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

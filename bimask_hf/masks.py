@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .search import permutation_retention, search_permutation
+from .search import _check_permutation, permutation_retention, retention_share, search_permutation
 
 __all__ = [
     "check_nm_pattern",
@@ -49,6 +49,16 @@ def _check_matrix(weight: torch.Tensor, name: str = "weight") -> None:
         raise ValueError(
             f"{name} must be a 2-D (rows=outputs, columns=reduction) tensor, got shape {tuple(weight.shape)}; "
             "view conv weights with weight_to_matrix() first."
+        )
+
+
+def _check_finite(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise ``ValueError`` if ``weight`` holds NaN or infinity: magnitudes of those rank nothing."""
+    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(
+            f"{name} has {bad} non-finite entr{'y' if bad == 1 else 'ies'} (NaN or inf) of {weight.numel()}; "
+            "N:M masks rank |weight| and need finite values (a diverged run? check the learning rate)."
         )
 
 
@@ -282,6 +292,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Forward mask ``Mf``: in every row and every run of ``m`` consecutive columns keep the ``n`` largest ``|W|``."""
     check_nm_pattern(n, m)
     _check_matrix(weight)
+    _check_finite(weight)
     rows, cols = weight.shape
     if cols % m:
         raise ValueError(f"N:M along columns needs K % M == 0, got K={cols}, M={m}.")
@@ -305,17 +316,25 @@ def backward_mask(
         raise ValueError(f"N:M along rows needs O % M == 0, got O={rows}, M={m}.")
     if forward_mask.shape != weight.shape:
         raise ValueError(f"forward_mask shape {tuple(forward_mask.shape)} != weight shape {tuple(weight.shape)}.")
-    if permutation.shape != (rows,):
-        raise ValueError(f"permutation must have shape ({rows},), got {tuple(permutation.shape)}.")
+    _check_finite(weight)
+    _check_permutation(permutation, rows)
     return backward_mask_for_weight(weight, forward_mask, permutation, n, m)
 
 
 def retention(forward_mask: torch.Tensor, backward_mask: torch.Tensor) -> float:
-    """``|Mb| / |Mf|``: the share of forward weights that also act in the backward pass."""
-    kept = int(forward_mask.sum())
-    if kept == 0:
-        return 1.0
-    return int((backward_mask & forward_mask).sum()) / kept
+    """``|Mb & Mf| / |Mf|``: the share of forward weights that also act in the backward pass.
+
+    Masks are bool or 0/1 values of the same shape. An empty ``Mf`` gives 1.0 (nothing the forward pass
+    uses is left without a gradient; :func:`~bimask_hf.search.retention_share`, shared with
+    :func:`permutation_retention` and the inspection report).
+    """
+    if forward_mask.shape != backward_mask.shape:
+        raise ValueError(
+            f"backward_mask shape {tuple(backward_mask.shape)} != forward_mask shape {tuple(forward_mask.shape)}."
+        )
+    mf = forward_mask if forward_mask.dtype == torch.bool else forward_mask != 0
+    mb = backward_mask if backward_mask.dtype == torch.bool else backward_mask != 0
+    return retention_share(int((mb & mf).sum()), int(mf.sum()))
 
 
 @functools.lru_cache(maxsize=32)
@@ -380,6 +399,7 @@ def transposable_mask(weight: torch.Tensor, n: int, m: int, max_rounds: int = 64
     """
     check_nm_pattern(n, m)
     _check_matrix(weight)
+    _check_finite(weight)
     rows, cols = weight.shape
     if rows % m or cols % m:
         raise ValueError(f"Transposable N:M needs O % M == 0 and K % M == 0, got O={rows}, K={cols}, M={m}.")
@@ -403,6 +423,7 @@ def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` share (rounded, at least one) of entries with the largest ``|W|``."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}.")
+    _check_finite(weight)
     flat = weight.detach().abs().flatten()
     keep = unstructured_keep_count(density, flat.numel())
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=weight.device)
@@ -416,19 +437,26 @@ def weight_to_matrix(weight: torch.Tensor, group_layout: str = "channels_last") 
     ``channels_last`` orders columns ``(kh, kw, c)``, so an N:M group runs along input channels at one
     kernel position; ``flat`` is PyTorch's ``(c, kh, kw)`` flatten.
     """
+    if group_layout not in ("channels_last", "flat"):
+        raise ValueError(f"group_layout must be 'channels_last' or 'flat', got {group_layout!r}.")
     if weight.dim() == 2:
         return weight
     if weight.dim() != 4:
         raise ValueError(f"Expected a 2-D or 4-D weight, got shape {tuple(weight.shape)}.")
     if group_layout == "channels_last":
         return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-    if group_layout == "flat":
-        return weight.reshape(weight.shape[0], -1)
-    raise ValueError(f"group_layout must be 'channels_last' or 'flat', got {group_layout!r}.")
+    return weight.reshape(weight.shape[0], -1)
 
 
 def matrix_to_weight(matrix: torch.Tensor, shape: torch.Size | tuple[int, ...], group_layout: str = "channels_last") -> torch.Tensor:
     """Inverse of :func:`weight_to_matrix`: back to the layer's weight ``shape`` (contiguous)."""
+    if len(shape) not in (2, 4) or matrix.dim() != 2 or matrix.shape[0] != shape[0] or matrix.numel() != math.prod(shape):
+        raise ValueError(
+            f"matrix of shape {tuple(matrix.shape)} is not a Linear (O, K) or Conv2d (O, C, kh, kw) weight of shape "
+            f"{tuple(shape)} viewed as (O, K)."
+        )
+    if len(shape) == 4 and group_layout not in ("channels_last", "flat"):
+        raise ValueError(f"group_layout must be 'channels_last' or 'flat', got {group_layout!r}.")
     if len(shape) == 2:
         return matrix.reshape(shape)
     out_ch, in_ch, kh, kw = shape

@@ -55,6 +55,7 @@ __all__ = [
     "GAIN_CHUNK_BYTES",
     "search_permutation",
     "permutation_retention",
+    "retention_share",
 ]
 
 #: Names accepted by :func:`search_permutation`.
@@ -113,8 +114,33 @@ def _check_inputs(forward_mask: torch.Tensor, n: int, m: int) -> tuple[int, int]
 
 
 def _check_permutation(permutation: torch.Tensor, rows: int, name: str = "permutation") -> None:
+    """Raise ``ValueError`` unless ``permutation`` holds each of ``0 .. rows-1`` exactly once (O(rows))."""
     if permutation.shape != (rows,):
         raise ValueError(f"{name} must have shape ({rows},), got {tuple(permutation.shape)}.")
+    if permutation.is_floating_point() or permutation.is_complex() or permutation.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer row indices, got dtype {permutation.dtype}.")
+    if rows == 0:
+        return
+    low, high = int(permutation.min()), int(permutation.max())
+    if low < 0 or high >= rows:
+        raise ValueError(f"{name} must be a permutation of 0..{rows - 1}, got entries from {low} to {high}.")
+    counts = torch.bincount(permutation.long(), minlength=rows)
+    if bool((counts != 1).any()):
+        twice = int((counts > 1).nonzero()[0])
+        raise ValueError(
+            f"{name} must be a permutation of 0..{rows - 1} (each row once), but row {twice} appears "
+            f"{int(counts[twice])} times and {int((counts == 0).sum())} row(s) are missing."
+        )
+
+
+def retention_share(retained: float, kept: float) -> float:
+    """The one retention ratio of the library, ``retained / kept`` = ``|Mb & Mf| / |Mf|``.
+
+    An empty forward mask (``kept == 0``) has retention 1.0: no forward weight loses its gradient, so
+    the backward mask drops nothing (the same reading as a dense layer's 1.0). :func:`permutation_retention`,
+    :func:`bimask_hf.masks.retention` and :func:`bimask_hf.inspection.layer_retention` all return this.
+    """
+    return 1.0 if kept == 0 else float(retained) / float(kept)
 
 
 def _group_counts(mask: torch.Tensor, permutation: torch.Tensor, m: int) -> torch.Tensor:
@@ -132,16 +158,17 @@ def permutation_retention(forward_mask: torch.Tensor, permutation: torch.Tensor,
         n, m: the N:M pattern of the backward mask.
 
     Returns:
-        The share of ``Mf`` entries the backward mask keeps (1.0 for an empty mask).
+        The share of ``Mf`` entries the backward mask keeps (1.0 for an empty mask, see
+        :func:`retention_share`).
     """
     rows, _ = _check_inputs(forward_mask, n, m)
     _check_permutation(permutation, rows)
     mask = forward_mask.bool()
     total = int(mask.sum())
     if total == 0:
-        return 1.0
+        return retention_share(0, 0)
     counts = _group_counts(mask, permutation.to(mask.device, torch.long), m)
-    return float(counts.clamp_(max=n).sum()) / total
+    return retention_share(float(counts.clamp_(max=n).sum()), total)
 
 
 def _random_permutations(
