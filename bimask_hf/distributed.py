@@ -150,21 +150,26 @@ def describe_setup(accelerator: Any = None) -> str:
 
 
 def search_permutations_shared(
-    layers: Sequence[Any], generators: Sequence[torch.Generator], method: str, num_candidates: int
+    layers: Sequence[Any], generators: Sequence[torch.Generator], method: str, num_candidates: int,
+    progress: bool | None = False,
 ) -> float:
     """Refresh the backward-mask permutations of ``layers``, each rank searching its share of them.
 
     Layers go to ranks by :func:`assign_layers` (weighted by size); each owner searches with the
     layer's own generator (seeded from the step and the layer's index, not the rank), then broadcasts
     the result, so every rank ends with the permutations a single process would find. A collective:
-    all ranks call it with the same layers. Returns the seconds this rank spent searching.
+    all ranks call it with the same layers. Returns the seconds this rank spent searching. ``progress``:
+    a bar over the layers on the main process (:func:`bimask_hf.progress.progress_bar`'s ``enabled``).
     """
     from .layers import PERMUTATION_KEY
+    from .progress import progress_bar
 
     rank, world = rank_and_world_size()
     owners = assign_layers([float(layer.weight.numel()) for layer in layers], world)
     seconds = 0.0
-    for layer, generator, owner in zip(layers, generators, owners):
+    steps = progress_bar(zip(layers, generators, owners), total=len(layers), desc="bimask-hf permutation search",
+                         unit="layer", enabled=progress)
+    for layer, generator, owner in steps:
         weight = layer.full_weight()  # every rank takes part when the weight is sharded
         if owner == rank:
             seconds += layer.refresh_permutation(method, num_candidates, generator, weight=weight)

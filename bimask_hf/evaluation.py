@@ -68,6 +68,7 @@ def evaluate_model(
     image_size: int | None = None,
     in_chans: int | None = None,
     device: str | None = None,
+    progress: bool | None = None,
     **data_kwargs: Any,
 ) -> dict[str, Any]:
     """``{"top1", "top5", "samples", "split"}`` of ``model`` on ``dataset``'s ``split`` (accuracy in percent).
@@ -75,10 +76,13 @@ def evaluate_model(
     Images are preprocessed as the model was trained: the input size, channels, mean/std, interpolation
     and crop recorded in its folder (``config.json``'s ``pretrained_cfg`` or ``preprocessor_config.json``),
     else what the model itself says; ``image_size`` / ``in_chans`` / ``data_kwargs`` override them.
+    ``progress``: a bar over the batches (``None``: when stderr is a terminal and progress bars are on;
+    see :func:`bimask_hf.progress.progress_bar`).
     """
     from .data import load_image_classification_data
     from .data.loading import _model_data_config
     from .hub.preprocessing import read_preprocessing
+    from .progress import progress_bar
 
     data_config = None
     if isinstance(model, str):
@@ -98,7 +102,7 @@ def evaluate_model(
         raise ValueError(f"Dataset {dataset!r} has no evaluation split {split!r}.")
     loader = torch.utils.data.DataLoader(data.eval_dataset, batch_size=batch_size, collate_fn=data.collate_fn)
     ranked, labels = [], []
-    for batch in loader:
+    for batch in progress_bar(loader, desc="bimask-eval", unit="batch", enabled=progress):
         pixel_values = batch["pixel_values"].to(device)
         out = model(pixel_values=pixel_values) if takes_pixel_values(model) else model(pixel_values)
         logits = out if isinstance(out, torch.Tensor) else out.logits

@@ -260,6 +260,7 @@ def refresh_permutations(
     method: str | None = None,
     num_candidates: int | None = None,
     seed: int | None = None,
+    progress: bool | None = None,
 ) -> dict[str, float]:
     """Search new backward-mask permutations for every bi-directional layer.
 
@@ -268,6 +269,10 @@ def refresh_permutations(
     (:func:`bimask_hf.distributed.search_permutations_shared`), so all ranks end with the permutations
     a single process finds; call it on every rank. Returns ``seconds`` (this rank's search time),
     ``retention_mean`` and ``retention_min`` after the refresh.
+
+    ``progress`` shows a bar over the layers on the main process: ``None`` (default) when stderr is a
+    terminal and progress bars are on (``transformers.utils.logging.disable_progress_bar()`` turns them
+    off), ``True`` always, ``False`` never.
     """
     config: BiMaskConfig = getattr(model, "bimask_config", None) or BiMaskConfig()
     method = method or config.permutation_search
@@ -281,7 +286,7 @@ def refresh_permutations(
         generator.manual_seed(_layer_seed(seed, step, index))
         layers.append(layer)
         generators.append(generator)
-    seconds = search_permutations_shared(layers, generators, method, num_candidates)
+    seconds = search_permutations_shared(layers, generators, method, num_candidates, progress=progress)
     stats: dict[str, float] = {"seconds": seconds}
     after = sparsity_stats(report(model).rows)
     if after.retention_mean is not None:

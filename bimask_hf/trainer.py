@@ -118,8 +118,8 @@ class BiMaskCallback(TrainerCallback):
         self.search_seconds = 0.0
         self.examples: Any = None  # the trainer's SeededExamples: told each epoch which one it is
 
-    def _refresh(self, step: int) -> None:
-        stats = refresh_permutations(self.model, step=step)
+    def _refresh(self, step: int, progress: bool | None = False) -> None:
+        stats = refresh_permutations(self.model, step=step, progress=progress)
         self.search_seconds += stats["seconds"]
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -131,7 +131,9 @@ class BiMaskCallback(TrainerCallback):
                 print(f"bimask-hf: LoRA fine-tuning of a {self.config.pattern} sparse model, N:M masks fixed")
             return
         if state.global_step == 0 and self.config.mode == "bimask":
-            self._refresh(0)  # a resumed run keeps the permutations its checkpoint holds
+            # a resumed run keeps the permutations its checkpoint holds; the first search of a large model
+            # takes minutes: a bar, as the Trainer's own (the later, incremental ones run without)
+            self._refresh(0, progress=False if args.disable_tqdm else None)
         if self.print_report:
             table = report(self.model)  # a collective under FSDP2 (masks of gathered weights): every rank
             if state.is_world_process_zero:
