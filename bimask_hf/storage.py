@@ -197,6 +197,26 @@ def _restore_entries(old: str, folder: str, drop: Collection[str]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _fsync(path: str) -> None:
+    """Flush ``path`` (a file or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: str) -> None:
+    """Flush every file under ``folder``, then the folders themselves: renames are atomic, but without
+    this a power loss after the swap can leave the new names pointing at empty or partial files."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                _fsync(path)
+        _fsync(root)
+
+
 def replace_folder_contents(staging: str, folder: str, drop: Collection[str] = ()) -> None:
     """Make the complete model in ``staging`` (from :func:`make_staging_folder`) the model folder ``folder``.
 
@@ -207,8 +227,19 @@ def replace_folder_contents(staging: str, folder: str, drop: Collection[str] = (
     new one renamed into place (two steps). A save killed between the steps is finished or undone by the
     next save of the folder (:func:`recover_interrupted_save`). A staging folder inside ``folder`` (the
     working directory, or a parent that takes no new folder) moves in file by file: each file is whole,
-    but a kill midway mixes old and new files.
+    but a kill midway mixes old and new files. Every file is flushed to the disk before the swap, and
+    the folders' entries after it, so a power loss cannot leave a swapped-in folder of empty files.
     """
+    _fsync_tree(staging)
+    try:
+        _move_into_place(staging, folder, drop)
+    finally:
+        _fsync(os.path.dirname(os.path.abspath(folder)))
+    if os.path.isdir(folder):
+        _fsync(folder)
+
+
+def _move_into_place(staging: str, folder: str, drop: Collection[str]) -> None:
     if os.path.dirname(os.path.abspath(staging)) == os.path.abspath(folder):  # staged inside: file by file
         for name in os.listdir(staging):
             if name != _STAGING_MARKER:

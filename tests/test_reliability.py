@@ -502,3 +502,47 @@ def test_resuming_from_another_models_checkpoint_is_an_error(tmp_path, digits):
                           train_dataset=digits.train_dataset, data_collator=digits.collate_fn)
     with pytest.raises(Exception, match="checkpoint"):
         other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+# ---- what a re-save keeps, and what reaches the disk before the swap ----------------------------
+
+def test_a_resaved_folder_keeps_its_permissions(tmp_path, digits):
+    folder = tmp_path / "model"
+    model = bh.sparsify(_model(digits), bh.BiMaskConfig())
+    bh.save_sparse_model(model, folder, data_config=digits.data_config)
+    folder.chmod(0o2751)  # a shared group folder (setgid), not what a new folder gets from the umask
+    bh.save_sparse_model(model, folder, data_config=digits.data_config)
+    assert folder.stat().st_mode & 0o7777 == 0o2751
+
+
+def test_every_file_is_flushed_to_disk_before_the_swap(tmp_path, digits, monkeypatch):
+    """A rename is atomic, but a power loss after it can leave empty files under the new names unless
+    the files (and the folders' entries) were fsync'ed: every file first, the parent folder after."""
+    import bimask_hf.storage as storage
+
+    folder = tmp_path / "model"
+    model = bh.sparsify(_model(digits), bh.BiMaskConfig())
+    bh.save_sparse_model(model, folder, data_config=digits.data_config)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_exchange = os.fsync, storage._exchange
+
+    def fsync(fd):  # type: ignore[no-untyped-def]
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def exchange(a, b):  # type: ignore[no-untyped-def]
+        events.append(("swap", a))
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(storage, "_exchange", exchange)
+    bh.save_sparse_model(model, folder, data_config=digits.data_config)
+    swap = [i for i, (kind, _) in enumerate(events) if kind == "swap"]
+    assert len(swap) == 1, events
+    staging = events[swap[0]][1]
+    flushed = {os.path.relpath(path, staging) for kind, path in events[: swap[0]] if kind == "fsync"
+               and path.startswith(staging)}
+    written = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert written and written <= flushed, sorted(written - flushed)
+    assert "." in flushed  # the staging folder's own entries
+    assert ("fsync", str(tmp_path)) in events[swap[0]:]  # the swap itself, in the parent folder
