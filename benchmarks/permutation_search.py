@@ -20,7 +20,7 @@ else the 2:4 one.
 
 ``--models resnet50 deit_small`` adds the whole-model refresh share: one ``refresh_permutations`` of the
 model patched with ``BiMaskConfig(mode="bimask")`` (default ``matched`` search) against dense training
-steps (forward, cross-entropy, backward, SGD) at the recipe batch (ResNet-50 b32, DeiT-small b64, 224 px),
+steps (forward, cross-entropy, backward, SGD) at the recipe batch (ResNet-50 b64, DeiT-small b256, 224 px),
 interleaved; the share ``refresh / (permutation_interval * dense step)`` must stay <= 1 %. Examples::
 
     python benchmarks/permutation_search.py            # full table (about 5 minutes on one core)
@@ -68,13 +68,23 @@ TARGET_RATIO = 5.0
 TARGET_TIME_RATIO = 2.0
 TARGET_MIN_BUDGET_S = 0.050
 TARGET_REFRESH_SHARE = 0.01
-# whole-model refresh share: name -> (timm architecture, recipe batch, image size); test_resnet (timm's
-# tiny test model) is for the CI smoke run only
+RECIPES = BENCH_DIR.parent / "recipes"
+# whole-model refresh share: name -> (timm architecture, batch, image size); the batch is the recipe's
+# per_device_train_batch_size; test_resnet (timm's tiny test model) is for the CI smoke run only
 REFRESH_MODELS = {
-    "resnet50": ("resnet50", 32, 224),
-    "deit_small": ("deit_small_patch16_224", 64, 224),
+    "resnet50": ("resnet50", "imagenet_resnet50.yaml", 224),
+    "deit_small": ("deit_small_patch16_224", "deit_small.yaml", 224),
     "test_resnet": ("test_resnet", 2, 64),
 }
+
+
+def recipe_batch(batch: int | str) -> int:
+    """``batch``, or the ``per_device_train_batch_size`` of the recipe file it names."""
+    if isinstance(batch, int):
+        return batch
+    import yaml
+
+    return int(yaml.safe_load((RECIPES / batch).read_text())["per_device_train_batch_size"])
 LOCAL_METHODS = ("swap", "matched")
 
 
@@ -336,7 +346,8 @@ def bench_refresh(name: str, steps: int, refreshes: int) -> RefreshRow:
 
     import bimask_hf as bh
 
-    arch, batch, size = REFRESH_MODELS[name]
+    arch, recipe, size = REFRESH_MODELS[name]
+    batch = recipe_batch(recipe)
     torch.manual_seed(0)
     dense = timm.create_model(arch, num_classes=1000)
     sparse = bh.sparsify(copy.deepcopy(dense), bh.BiMaskConfig(mode="bimask"))

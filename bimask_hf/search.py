@@ -21,7 +21,7 @@ Methods (all vectorised; the only Python loops run over rounds or candidate chun
 * ``"matched"`` (the strongest) -- every round splits the row groups into candidate blocks of up to
   256 rows (64 groups at M=4; round 0: consecutive groups; later rounds: every ``s``-th group, ``s``
   changing each round, so groups meet new partners) and, in every block, scores *all* single-row swaps
-  between its groups with two int8 matmuls (:func:`_block_swap_gains`), pairs the groups by repeated
+  between its groups with two integer matmuls (:func:`_block_swap_gains`), pairs the groups by repeated
   mutual-best matching on their best swap gain, and applies the best swap of every matched pair. Blocks
   bound the work per round (``O x 256 x K`` instead of ``O x O x K``) and the scratch memory: blocks are
   scored a chunk at a time under :data:`GAIN_CHUNK_BYTES` (64 MiB), so no ``O x O`` tensor is built at
@@ -40,9 +40,12 @@ on randn weights, gain in retention over the identity: random best-of-100 gains 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
+import time
+from collections.abc import Iterator
 
 import torch
 
@@ -56,6 +59,7 @@ __all__ = [
     "search_permutation",
     "permutation_retention",
     "retention_share",
+    "matmul_path",
 ]
 
 #: Names accepted by :func:`search_permutation`.
@@ -245,16 +249,99 @@ def _pair_at_random(
     return order[:half], order[half : 2 * half]
 
 
-def _mm01(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b`` for small non-negative integer matrices, exact, as int32 (into ``out`` when given);
-    int8 VNNI kernels on CPU, float on GPU."""
-    if a.device.type == "cpu" and hasattr(torch, "_int_mm"):
-        try:
-            return torch._int_mm(a.to(torch.int8), b.to(torch.int8), out=out)
-        except (RuntimeError, NotImplementedError):  # pragma: no cover - kernels without int8 CPU GEMM
-            pass
-    result = (a.float() @ b.float()).round_().to(torch.int32)
-    return result if out is None else out.copy_(result)
+#: Largest count a float32 matmul of non-negative integers holds exactly (see :func:`_mm01`).
+_FLOAT32_EXACT = 2**24
+
+#: Operand sizes of the one-time int8-versus-float matmul timing (:func:`_int8_matmul_faster`).
+_PROBE_SHAPE = (64, 1024, 64)
+
+#: ``"int8"`` or ``"float"`` while :func:`matmul_path` forces one; None: the measured choice.
+_forced_path: str | None = None
+
+
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch._int_mm(a.to(torch.int8), b.to(torch.int8), out=out)
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_matmul_faster() -> bool:
+    """Whether ``torch._int_mm`` beats a float32 matmul on this CPU, timed once per process.
+
+    Only CPUs with int8 dot-product instructions (VNNI, AMX) run ``_int_mm`` fast; elsewhere (AVX2
+    without VNNI) it runs tens of times slower than the float matmul of the same 0/1 operands, and
+    ``torch.backends.cpu.get_cpu_capability()`` does not say which (its "AVX512" covers CPUs with and
+    without VNNI). Both are timed side by side, best of three, on one small product.
+    """
+    if not hasattr(torch, "_int_mm"):
+        return False
+    rows, inner, cols = _PROBE_SHAPE
+    a = (torch.arange(rows * inner).reshape(rows, inner) % 3 == 0).to(torch.int8)
+    b = (torch.arange(inner * cols).reshape(inner, cols) % 5 == 0).to(torch.int8)
+    best = {"int8": math.inf, "float": math.inf}
+    try:
+        for warm_up in (True, False, False, False):  # interleaved, so load from elsewhere hits both alike
+            for name, fn in (("int8", _int8_matmul), ("float", _float_matmul)):
+                start = time.perf_counter()
+                fn(a, b)
+                if not warm_up:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    except (RuntimeError, NotImplementedError):  # builds without an int8 CPU GEMM
+        return False
+    return best["int8"] < best["float"]
+
+
+def _float_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, term_max: int = 1) -> torch.Tensor:
+    """``a @ b`` (2-D, or 3-D batched) of non-negative integer matrices by a float matmul, exact, as int32.
+
+    Every entry is a sum of ``K`` products of at most ``term_max``. In float32 each product and each partial
+    sum, in whatever order and blocking the BLAS adds them (fused multiply-adds included), is a non-negative
+    integer no larger than the final sum; while that is at most ``K * term_max <= 2**24`` every such integer
+    is a float32 number, so no step rounds and the result is exact. The operands the search passes are 0, 1
+    and powers of two up to 64, which bfloat16 and TF32 (``torch.set_float32_matmul_precision``) also hold
+    exactly, and both accumulate in float32. Larger bounds take float64 (exact to ``2**53``).
+    """
+    dtype = torch.float32 if a.shape[-1] * term_max <= _FLOAT32_EXACT else torch.float64
+    product = torch.matmul(a.to(dtype), b.to(dtype))
+    return product.to(torch.int32) if out is None else out.copy_(product)
+
+
+def _mm01(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, term_max: int = 1) -> torch.Tensor:
+    """``a @ b`` for small non-negative integer matrices (2-D, or 3-D batched), exact, as int32 (into ``out``
+    when given); ``term_max`` bounds every product ``a[i, k] * b[k, j]`` (and every entry fits int8).
+
+    The int8 GEMM runs where it is the faster one (a CPU with VNNI or AMX, :func:`_int8_matmul_faster`),
+    a float matmul elsewhere and on GPUs; both give the same integers (:func:`matmul_path` forces one).
+    """
+    path = _forced_path
+    if path is None:
+        path = "int8" if a.device.type == "cpu" and _int8_matmul_faster() else "float"
+    if path == "float":
+        return _float_matmul(a, b, out, term_max)
+    if a.dim() == 2:
+        return _int8_matmul(a, b, out)
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.int32, device=a.device) if out is None else out
+    for i in range(a.shape[0]):  # int8 GEMMs are 2-D only
+        _int8_matmul(a[i], b[i], out[i])
+    return out
+
+
+@contextlib.contextmanager
+def matmul_path(path: str) -> Iterator[None]:
+    """Inside: every search scores swaps with the ``"int8"`` (``torch._int_mm``) or the ``"float"`` matmul
+    instead of the one measured faster on this machine (for tests and side-by-side timing; the
+    permutations are the same either way).
+
+    Raises:
+        ValueError: for another name.
+    """
+    global _forced_path
+    if path not in ("int8", "float"):
+        raise ValueError(f"matmul path must be 'int8' or 'float', got {path!r}.")
+    saved, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = saved
 
 
 def _block_layout(groups: int, block_groups: int, round_index: int, device: torch.device) -> torch.Tensor:
@@ -314,7 +401,7 @@ def _block_swap_gains(rows: torch.Tensor, valid: torch.Tensor, n: int, m: int) -
     ``(B, g)`` marks real groups (padding: False). With ``lt = [C < n]``, ``le = [C <= n]`` and
     ``eq = le - lt`` per group and column, the gain of swapping row ``a`` (group ``g(a)``) with row
     ``b`` is ``S[a, b] + S[b, a]`` where ``S[a, b] = r_a.lt_{g(b)} - r_a.le_{g(a)} + r_a.(eq_{g(a)} * r_b)``:
-    two int8 matmuls per block. Index ``i*m + j`` means row ``i`` of the first group with row ``j`` of
+    two exact integer matmuls per block (:func:`_mm01`). Index ``i*m + j`` means row ``i`` of the first group with row ``j`` of
     the second; pairs within a group and padding score -1.
     """
     blocks, size, cols = rows.shape
@@ -332,11 +419,9 @@ def _block_swap_gains(rows: torch.Tensor, valid: torch.Tensor, n: int, m: int) -
     if scale <= 64:  # int8 operands hold 0/scale; larger m: scale the int32 products instead
         lt_le *= scale
         weighted *= scale
-    s = torch.empty(blocks, size, size, dtype=torch.int32, device=rows.device)
-    proj = torch.empty(blocks, size, 2 * g, dtype=torch.int32, device=rows.device)
-    for b in range(blocks):  # int8 GEMMs are 2-D only
-        _mm01(rows[b], lt_le[b].T, out=proj[b])
-        _mm01(weighted[b], rows[b].T, out=s[b])
+    term_max = scale if scale <= 64 else 1
+    proj = _mm01(rows, lt_le.transpose(1, 2), term_max=term_max)  # (B, size, 2g)
+    s = _mm01(weighted, rows.transpose(1, 2), term_max=term_max)  # (B, size, size)
     if scale > 64:
         if scale * 2 * (cols + 1) >= 2**31:  # encoded scores would overflow int32 (huge K at large M)
             s, proj = s.long(), proj.long()
@@ -469,7 +554,7 @@ def _split_gain_table(n: int, m: int) -> torch.Tensor:
 def _all_split_gains(rows01: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best re-split of every group pair: ``(G, G)`` gains and split indices.
 
-    Each group's columns are coded as ``m``-bit patterns; one int8 matmul of the one-hot codes gives,
+    Each group's columns are coded as ``m``-bit patterns; one integer matmul of the one-hot codes gives,
     for every pair, the joint histogram of column patterns, and a matmul with the per-pattern gain
     table scores every split of every pair.
     """

@@ -313,3 +313,49 @@ def test_block_swap_gains_do_not_overflow_at_large_m_and_k() -> None:
     gain, best = search._block_swap_gains(rows, torch.ones(1, 2, dtype=torch.bool), n, m)
     assert gain[0].tolist() == [[-1, cols], [cols, -1]]  # every swap moves one 1 into every column of group 1
     assert best[0, 0, 1] == 0 and best[0, 1, 0] == 0  # ties: the first swap
+
+
+@pytest.mark.parametrize(
+    "rows,cols,n,m,rounds",
+    [(32, 48, 2, 4, None), (128, 32, 2, 4, 4), (32, 32, 3, 8, None), (32, 32, 2, 16, None)],
+    ids=["one-block-splits", "blocks", "3:8-int8-scaling", "2:16-int32-scaling"],
+)
+def test_int8_and_float_matmul_paths_give_identical_permutations(monkeypatch, rows, cols, n, m, rounds) -> None:
+    # (torch._int_mm costs milliseconds per call even on tiny operands where the CPU lacks VNNI: few rounds)
+    monkeypatch.setattr(search, "_BLOCK_ROWS", 32)  # several candidate blocks on the 128-row mask
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(1) or int_mm(*a, **k))
+    mask = _forward_mask(rows, cols, n, m, seed=rows + cols)
+    found = {}
+    for path in ("int8", "float"):
+        calls.clear()
+        with search.matmul_path(path):
+            found[path] = search_permutation(mask, n, m, "matched", max_rounds=rounds)
+        assert bool(calls) == (path == "int8")  # the forced path is the one that ran
+    assert torch.equal(found["int8"], found["float"])
+    assert permutation_retention(mask, found["float"], n, m) > permutation_retention(mask, torch.arange(rows), n, m)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_default_matmul_path_is_the_measured_faster_one(monkeypatch, faster: bool) -> None:
+    assert isinstance(search._int8_matmul_faster(), bool)  # the real one-time timing runs and is cached
+    monkeypatch.setattr(search, "_int8_matmul_faster", lambda: faster)
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(1) or int_mm(*a, **k))
+    search_permutation(_forward_mask(64, 32, 2, 4), 2, 4, "matched", max_rounds=1)
+    assert bool(calls) == faster
+
+
+def test_float_matmul_counts_stay_exact_past_float32_integers() -> None:
+    # 4096 products of up to 127 * 127 sum past 2^24, where float32 stops holding every integer
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 128, (8, 4096), generator=gen, dtype=torch.int8)
+    b = torch.randint(0, 128, (4096, 8), generator=gen, dtype=torch.int8)
+    exact = a.long() @ b.long()
+    assert int(exact.max()) > 2**24
+    with search.matmul_path("float"):
+        assert torch.equal(search._mm01(a, b, term_max=127 * 127).long(), exact)
+    with pytest.raises(ValueError, match="int8"):
+        search.matmul_path("int4").__enter__()
