@@ -227,3 +227,57 @@ def test_check_nm_reads_folders_and_saved_layers(tmp_path):
     save_file(state, str(Path(folder, "model.safetensors")), metadata={"format": "pt"})
     with pytest.raises(bh.NMPatternError, match=checked[0]):
         bh.check_nm(folder)
+
+
+# ---- the crop a folder records is the crop training evaluated with ------------------------------
+
+CROPS = [("center", 1.0), ("center", 0.875), ("center", 0.8), ("squash", 1.0), ("squash", 0.8)]
+
+
+@pytest.mark.parametrize("crop_mode,crop_pct", CROPS)
+def test_transformers_processor_crops_as_training_evaluated(tmp_path, crop_mode, crop_pct):
+    """60x40 images, 32x32 input: "center" resizes the short side and crops even at crop_pct 1.0 (the
+    processor squashed them, 2.98 apart); "squash" below 1.0 resizes both sides and crops. (Sizes whose
+    crop margins are even: transformers' processors put an odd margin's extra pixel on the other side.)"""
+    from transformers import AutoImageProcessor
+
+    from bimask_hf.hub.preprocessing import read_preprocessing
+
+    data_dir = _image_folder(tmp_path / "data", "RGB", size=(60, 40), per_class=1)
+    data = load_image_classification_data(str(data_dir), image_size=32, crop_pct=crop_pct, crop_mode=crop_mode,
+                                          mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    folder = save_sparse_model(bh.sparsify(models.tiny_vit(num_labels=3), CONFIG), str(tmp_path / "vit"),
+                               config=CONFIG, data_config=data.data_config)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    images = _val_images(data_dir)[0]
+    expected = torch.stack([data.eval_transform(image) for image in images])
+    got = processor(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)  # uint8 rounding of the resized image
+    recorded = read_preprocessing(folder)
+    assert (recorded["crop_mode"], recorded["crop_pct"]) == (crop_mode, crop_pct)  # exactly, as written
+
+
+@pytest.mark.parametrize("crop_mode,crop_pct", [*CROPS, ("center", 0.9), ("squash", 0.9)])
+def test_timm_folder_records_crop_exactly(tmp_path, crop_mode, crop_pct):
+    from bimask_hf.hub.preprocessing import read_preprocessing
+
+    data_config = {"input_size": (3, 24, 24), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3),
+                   "interpolation": "bicubic", "crop_pct": crop_pct, "crop_mode": crop_mode}
+    model = bh.sparsify(timm.create_model("resnet8_cifar", num_classes=3, base_width=8), CONFIG)
+    folder = save_sparse_model(model, str(tmp_path / "timm"), config=CONFIG, data_config=data_config)
+    recorded = read_preprocessing(folder)
+    assert {k: recorded[k] for k in ("crop_mode", "crop_pct", "interpolation")} == {
+        "crop_mode": crop_mode, "crop_pct": crop_pct, "interpolation": "bicubic"}
+    assert tuple(recorded["input_size"]) == (3, 24, 24)
+
+
+@pytest.mark.parametrize("family", ["timm", "vit"])
+@pytest.mark.parametrize("key", ["mean", "std"])
+def test_a_mean_or_std_of_the_wrong_length_is_refused_at_save(tmp_path, family, key):
+    model = (timm.create_model("resnet8_cifar", num_classes=3, base_width=8) if family == "timm"
+             else models.tiny_vit(num_labels=3))
+    data_config = {"input_size": (3, 32, 32), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+    data_config[key] = (0.5, 0.5)
+    with pytest.raises(ValueError, match=f"{key} .* does not have 3 values"):
+        save_sparse_model(bh.sparsify(model, CONFIG), str(tmp_path / "m"), config=CONFIG, data_config=data_config)
+    assert not list(tmp_path.rglob("*.*"))  # refused before any file was written

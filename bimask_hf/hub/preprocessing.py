@@ -74,10 +74,20 @@ def _write_image_processor(model: nn.Module, folder: str, data_config: dict[str,
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
     channels, height, width = data_config["input_size"]
-    center = data_config["crop_mode"] == "center" and data_config["crop_pct"] < 1.0
-    # The model type's own processor where it can express the transform; a centre crop needs one that
-    # crops (not every processor does, ViT's does not), CLIP's. The PIL backend resizes as training did.
-    model_type = "clip" if center else getattr(model.config, "model_type", None)
+    crop_pct, crop_mode = data_config["crop_pct"], data_config["crop_mode"]
+    if crop_mode not in ("center", "squash") or (crop_mode == "center" and height != width):
+        raise ValueError(
+            f"crop_mode={crop_mode!r} with input_size {data_config['input_size']} cannot be written as a "
+            "transformers image processor (it resizes the short side or both sides, then centre-crops); use "
+            "crop_mode 'center' with a square image size, or 'squash', for this model."
+        )
+    # timm's evaluation transform (the one training evaluated with): "center" resizes the short side to
+    # size / crop_pct and centre-crops, even at crop_pct 1.0 (an image of another aspect ratio is cropped,
+    # not squashed); "squash" resizes both sides to size / crop_pct and centre-crops (at 1.0: no crop).
+    crop = crop_mode == "center" or crop_pct < 1.0
+    # The model type's own processor where it can express the transform; a crop needs one that crops
+    # (not every processor does, ViT's does not), CLIP's. The PIL backend resizes as training did.
+    model_type = "clip" if crop else getattr(model.config, "model_type", None)
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or IMAGE_PROCESSOR_MAPPING_NAMES["vit"]
     class_name = names.get("pil") or next(iter(names.values()))
     processor: dict[str, Any] = {
@@ -89,12 +99,16 @@ def _write_image_processor(model: nn.Module, folder: str, data_config: dict[str,
         "do_normalize": True,
         "image_mean": data_config["mean"],
         "image_std": data_config["std"],
-        "do_center_crop": center,
+        "do_center_crop": crop,
         "size": {"height": height, "width": width},
     }
-    if center:
-        processor["size"] = {"shortest_edge": math.floor(min(height, width) / data_config["crop_pct"])}
+    if crop:
+        if crop_mode == "center":
+            processor["size"] = {"shortest_edge": math.floor(min(height, width) / crop_pct)}
+        else:
+            processor["size"] = {"height": math.floor(height / crop_pct), "width": math.floor(width / crop_pct)}
         processor["crop_size"] = {"height": height, "width": width}
+        processor["crop_pct"] = crop_pct  # exact (CLIP's processor ignores it; the sizes above apply it)
     if channels != 3:
         logger.warning(
             "%s takes %d-channel images; transformers' image processors hand over RGB, so convert images "
@@ -141,8 +155,15 @@ def read_preprocessing(folder: str) -> dict[str, Any] | None:
         "crop_pct": 1.0,
         "crop_mode": "squash",
     }
-    shortest = (processor.get("size") or {}).get("shortest_edge")
-    if processor.get("do_center_crop") and shortest:
-        config["crop_pct"] = min(size["height"], size["width"]) / shortest
-        config["crop_mode"] = "center"
+    if processor.get("do_center_crop"):
+        resize = processor.get("size") or {}
+        if resize.get("shortest_edge"):
+            config["crop_mode"], scale, target = "center", resize["shortest_edge"], min(size["height"], size["width"])
+        elif resize.get("height"):
+            scale, target = resize["height"], size["height"]
+        else:
+            return config
+        recorded = processor.get("crop_pct")  # the exact value, when it gives the same resize
+        exact = isinstance(recorded, (int, float)) and 0 < recorded <= 1 and math.floor(target / recorded) == scale
+        config["crop_pct"] = float(recorded) if exact else target / scale
     return config
