@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from bimask_hf import BiMaskConv2d, BiMaskLinear, kernels
 from bimask_hf.masks import backward_mask_for_weight, nm_mask_for_weight
 
-from .reference import from_matrix, ref_nm_mask, to_matrix
+from .reference import from_matrix, ref_backward_mask, ref_nm_mask, to_matrix
 
 pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler here")
 
@@ -133,3 +134,93 @@ def test_float32_layers_on_the_kernels_follow_the_formulas(monkeypatch, cls, arg
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(x.grad, dx_ref)
     torch.testing.assert_close(layer.weight.grad, dw_ref + decay * (~mf) * w)
+
+
+# ---- guards from the mutation audit: chunk edges, wide convs, the build cache ------------------
+
+def _count_kernel_calls(monkeypatch, name):
+    calls = []
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(8, 300), (12, 520), (8, 32, 3, 3), (8, 8, 17, 17)],
+                         ids=["linear-300", "linear-520", "conv-288", "conv-17x17"])
+def test_backward_masks_past_the_256_column_chunk_equal_the_tensor_ops(monkeypatch, shape):
+    """The kernel ranks columns 256 at a time: a layer with more columns (and a ragged last chunk),
+    and a 17x17 conv (its groups 289 entries apart: no C forward mask), give the tensor ops' Mb."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(shape, generator=gen)
+    mf = nm_mask_for_weight(w, 2, 4, dtype=torch.uint8)
+    perm = torch.randperm(shape[0], generator=gen)
+    calls = _count_kernel_calls(monkeypatch, "backward_mask")
+    mb = backward_mask_for_weight(w, mf, perm, 2, 4, dtype=torch.uint8)
+    assert calls == ["backward_mask"]
+    assert torch.equal(mb, _tensor_op_masks(backward_mask_for_weight, w, mf, perm, 2, 4, dtype=torch.uint8))
+    matrix, mf_matrix = w.reshape(shape[0], -1), mf.reshape(shape[0], -1).bool()
+    assert torch.equal(mb.reshape(shape[0], -1).bool(), ref_backward_mask(matrix, mf_matrix, perm.tolist(), 2, 4))
+
+
+def test_a_wide_conv_layer_trains_as_on_the_tensor_ops():
+    """A 17x17 BiMaskConv2d: Mf by tensor ops, Mb by the kernel; output and gradients as without kernels."""
+    from .test_layers import _shuffle_permutation
+
+    torch.manual_seed(0)
+    layer = BiMaskConv2d(8, 8, 17, mode="bimask", decay=0.5)
+    _shuffle_permutation(layer)
+    x = torch.randn(2, 8, 18, 18)
+    grads = []
+    for path in (contextlib.nullcontext, kernels.disabled):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with path():
+            y = layer(xi)
+            y.backward(torch.ones_like(y))
+        grads.append((y.detach(), xi.grad, layer.weight.grad.clone()))
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
+def _fake_compiler(tmp_path, body: str) -> str:
+    """A "C compiler" that writes a partial library to its -o target, then runs ``body``."""
+    script = tmp_path / "fake-cc"
+    script.write_text("#!/bin/sh\nwhile [ $# -gt 1 ]; do [ \"$1\" = -o ] && out=$2; shift; done\n"
+                      f"printf 'half a library' > \"$out\"\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def _libraries(cache):
+    return sorted(p.name for p in cache.iterdir() if p.name.startswith("nm_masks"))
+
+
+@pytest.mark.parametrize("body", ["exit 1", "kill -9 $$"], ids=["compiler-fails", "compiler-killed"])
+def test_a_failed_or_killed_build_leaves_no_library_and_the_next_build_works(tmp_path, monkeypatch, fresh_library,
+                                                                             body):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BIMASK_HF_CACHE", str(cache))
+    monkeypatch.setenv("CC", _fake_compiler(tmp_path, body))
+    assert not kernels.available()
+    assert not cache.exists() or not list(cache.iterdir())  # no library, no temporary file
+    kernels._library.cache_clear()
+    monkeypatch.delenv("CC")
+    assert kernels.available() and len(_libraries(cache)) == 1  # the cache was not poisoned
+
+
+def test_a_changed_c_source_is_rebuilt(tmp_path, monkeypatch, fresh_library):
+    """A cached library of an older source is not reused: the edited source (here keeping N+1 of M)
+    builds a new library, and it is what runs."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BIMASK_HF_CACHE", str(cache))
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    assert kernels.available()
+    assert (nm_mask_for_weight(w, 2, 4, dtype=torch.uint8).view(8, 4, 4).sum(-1) == 2).all()
+    edited = tmp_path / "nm_masks.c"
+    source = kernels._SOURCE.read_text()
+    assert "< keep_below;" in source
+    edited.write_text(source.replace("< keep_below;", "< keep_below + 1;"))
+    monkeypatch.setattr(kernels, "_SOURCE", edited)
+    kernels._library.cache_clear()
+    assert kernels.available() and len(_libraries(cache)) == 2
+    assert (nm_mask_for_weight(w, 2, 4, dtype=torch.uint8).view(8, 4, 4).sum(-1) == 3).all()
