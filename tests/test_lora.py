@@ -249,3 +249,68 @@ def test_lora_on_sparse_convolutions_is_refused():
     model = bh.sparsify(models.timm_model("resnet18"), bh.BiMaskConfig())
     with pytest.raises(ValueError, match="sparse Conv2d layers"):
         bh.get_peft_model(model, LoraConfig(r=2, target_modules=["conv1"]))
+
+
+# ---- guards from the mutation audit ---------------------------------------------------------------
+
+def _masked_lora(dropout: float = 0.0):
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    with torch.no_grad():
+        base[0].weight.mul_(bh.nm_mask(base[0].weight, 2, 4))
+    config = LoraConfig(r=2, lora_alpha=6, target_modules=["0"], lora_dropout=dropout, init_lora_weights=False)
+    return bh.get_peft_model(base, config, sparse_layers=["0"])
+
+
+def test_merge_adapter_and_unmerge_adapter_leave_the_output_unchanged():
+    model = _masked_lora()
+    model.eval()
+    layer = model.base_model.model[0]
+    w = layer.get_base_layer().weight.detach().clone()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        before = model(x)
+        model.merge_adapter()
+        merged = layer.get_base_layer().weight.detach().clone()
+        torch.testing.assert_close(model(x), before)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(x), before)
+    assert not torch.equal(merged, w) and not ((merged != 0) & (w == 0)).any()  # merged inside the mask
+    torch.testing.assert_close(layer.get_base_layer().weight.detach(), w)  # unmerged: W again
+
+
+def test_lora_dropout_acts_in_train_mode_on_the_update_only():
+    """Train mode: y = x (W ⊙ M)ᵀ + b + dropout(x) ((s·B@A) ⊙ M)ᵀ, dropout drawn as F.dropout draws it."""
+    model = _masked_lora(dropout=0.5)
+    model.train()
+    layer = model.base_model.model[0]
+    base = layer.get_base_layer()
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    mask = base.nm_mask
+    x = torch.randn(64, 16)
+    torch.manual_seed(5)
+    out = model(x).detach()
+    torch.manual_seed(5)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    assert not torch.equal(dropped, x)
+    expected = x @ base.weight.detach().T + base.bias.detach() + dropped @ ((3.0 * b @ a) * mask).T
+    torch.testing.assert_close(out, expected)
+
+
+def test_lora_on_a_sparse_conv_is_refused_in_a_model_with_sparse_linears_too():
+    class ConvAndLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    def sparse_model():
+        return bh.sparsify(ConvAndLinear(), bh.BiMaskConfig(target_modules=["conv", "fc"]))
+
+    with pytest.raises(ValueError, match=r"sparse Conv2d layers \['conv'\]"):
+        bh.get_peft_model(sparse_model(), LoraConfig(r=2, target_modules=["conv", "fc"]))
+    model = bh.get_peft_model(sparse_model(), LoraConfig(r=2, target_modules=["fc"]))  # the Linear alone: fine
+    assert type(model.base_model.model.fc).__name__ == "MaskedLoraLinear"
