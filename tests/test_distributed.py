@@ -223,3 +223,16 @@ def test_masks_follow_fsdp2_refills():
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, refill * nm_mask_for_weight(refill, 2, 4),
                                                                     layer.bias))
+
+
+# ---- the launcher's mixed precision reaches a CPU FSDP2 run -------------------------------------
+
+@pytest.mark.slow
+def test_cpu_fsdp2_computes_in_the_launchers_bf16():
+    """``--mixed_precision bf16`` becomes the FSDP2 policy: the gathered weights are bf16 in forward (the
+    fp32 case is the FSDP2-vs-DDP test above)."""
+    proc = subprocess.run([*LAUNCH, "--config_file", str(CONFIGS / "cpu_fsdp_2proc.yaml"), "--mixed_precision",
+                           "bf16", str(SCRIPTS / "fsdp_precision.py")], env=ENV, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sharded=True weight_in_forward=torch.bfloat16 output=torch.bfloat16" in proc.stdout
