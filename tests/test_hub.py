@@ -572,3 +572,25 @@ def test_model_family_helpers_tell_timm_from_transformers(timm_model, vit_model)
     assert [takes_pixel_values(m) for m in (timm_model, vit_model, wrapper)] == [False, True, True]
     with pytest.raises(TypeError, match="Wrap a timm model with TimmWrapperForImageClassification"):
         model_family(nn.Linear(2, 2))
+
+
+# ---- guards from the mutation audit ---------------------------------------------------------------
+
+def test_a_merged_layer_that_lost_its_pattern_is_refused_at_save_not_at_load(timm_model, tmp_path):
+    """A model merged earlier and then changed densely: the save says which layer, and writes nothing."""
+    model = bh.merge(copy.deepcopy(timm_model))
+    name = model.bimask_sparse_layers[0]
+    with torch.no_grad():
+        model.get_submodule(name).weight.add_(0.01)  # every pruned weight is nonzero again
+    with pytest.raises(bh.NMPatternError, match=f"'{name}'"):
+        save_sparse_model(model, tmp_path / "saved", config=CONFIG)
+    assert not (tmp_path / "saved").exists() or not any((tmp_path / "saved").iterdir())
+
+
+def test_a_compressed_load_records_the_real_folder(vit_model, timm_model, tmp_path):
+    """The weights are decompressed into a temporary folder; the model must point at the real one
+    (LoRA and the Hub helpers read bimask_config.json from where the model says it came from)."""
+    vit = load_sparse_model(save_sparse_model(vit_model, tmp_path / "vit-nm", compressed=True))
+    assert vit.config._name_or_path == str(tmp_path / "vit-nm")
+    timm_loaded = load_sparse_model(save_sparse_model(timm_model, tmp_path / "timm-nm", compressed=True))
+    assert timm_loaded.pretrained_cfg.get("file") in (None, str(tmp_path / "timm-nm"))
