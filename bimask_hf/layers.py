@@ -172,7 +172,7 @@ class BiMaskLayer:
         weight = self.full_weight() if weight is None else weight
         perm = getattr(self, PERMUTATION_KEY)
         # A small layer's search runs on one thread when waking sleeping threads costs more than it saves
-        # (ResNet-32's whole refresh from the identity, 2 threads: 0.55 s, 0.29 s so).
+        # (measured in docs/benchmarks.md, section 2b, round 4).
         perm.copy_(mask_work(self._search_permutation, weight, weight, perm, method, num_candidates, generator))
         return time.perf_counter() - start
 

@@ -32,10 +32,8 @@ Methods (all vectorised; the only Python loops run over rounds or candidate chun
   less than :data:`DEFAULT_TOLERANCE` of ``|Mf|`` (:data:`BLOCKED_TOLERANCE` on layers of several
   blocks). It uses no randomness.
 
-Measured on 1 CPU thread (``benchmarks/permutation_search.py``, figures in ``docs/benchmarks.md``), 2:4
-on randn weights, gain in retention over the identity: random best-of-100 gains +0.003 (64x576), +0.0001
-(512x4608), +0.002 (1536x384) and +0.0005 (2048x512); ``"matched"`` gains +0.023, +0.010, +0.040 and
-+0.034, at about 3x (11 ms), 0.4x, 1.5x and 1x random best-of-100's time.
+What each method gains and how long it takes, per layer shape: ``docs/benchmarks.md``, section 3
+(``benchmarks/permutation_search.py``).
 """
 
 from __future__ import annotations
@@ -73,7 +71,7 @@ DEFAULT_MAX_ROUNDS: dict[str, int] = {"swap": 64, "matched": 50}
 DEFAULT_TOLERANCE: float = 2e-5
 
 #: The same for ``"matched"`` on layers of several candidate blocks (over 256 rows): the rounds this skips
-#: brought 1-2 % of the gain on the benchmark's layers, for 15-30 % of the time.
+#: bring little of the gain for a large share of the time (``docs/benchmarks.md``, section 3).
 BLOCKED_TOLERANCE: float = 5e-5
 
 #: A local search stops early after this many consecutive rounds without any gain.
