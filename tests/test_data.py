@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import pickle
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -42,12 +41,10 @@ def _raw_idx(name: str, offset: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fashion() -> tuple[ImageClassificationData, float]:
+def fashion() -> ImageClassificationData:
     if not fashion_mnist_available():
         pytest.skip(f"Debian's dataset-fashion-mnist is not installed ({FASHION_MNIST_DIR})")
-    start = time.perf_counter()
-    data = load_image_classification_data("fashion_mnist", in_chans=1, **IDENTITY)
-    return data, time.perf_counter() - start
+    return load_image_classification_data("fashion_mnist", in_chans=1, **IDENTITY)
 
 
 @pytest.fixture
@@ -75,9 +72,13 @@ def _write_image_folder(root: Path, eval_dir: str = "val", per_class: int = 4) -
 
 
 @needs_fashion_mnist
-def test_fashion_mnist_sizes_classes_and_pixels(fashion: tuple[ImageClassificationData, float]) -> None:
-    data, seconds = fashion
-    assert seconds < 15, f"Fashion-MNIST took {seconds:.1f}s to load"
+def test_fashion_mnist_sizes_classes_and_pixels(fashion: ImageClassificationData) -> None:
+    data = fashion
+    # Built in memory from the IDX files with no image encoding (PGM bytes) and no on-disk cache: what
+    # keeps the 70k-image load fast, checked without timing it.
+    for split in (data.train_dataset, data.eval_dataset):
+        assert split.cache_files == []
+        assert split.data.column("pixel_values")[0].as_py()["bytes"].startswith(b"P5\n28 28\n255\n")
     assert isinstance(data.train_dataset, datasets.Dataset)
     assert (len(data.train_dataset), len(data.eval_dataset)) == (60_000, 10_000)
     assert data.labels == list(FASHION_MNIST_CLASSES) and data.num_labels == 10
@@ -330,11 +331,19 @@ def test_unknown_recipe() -> None:
 
 
 @pytest.mark.usefixtures("hub_offline")
-def test_unreachable_hub_is_wrapped() -> None:
-    start = time.perf_counter()
+def test_unreachable_hub_is_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    attempts: list[object] = []  # offline means no connection at all (no retries against a dead network)
+
+    def connect(self, address):  # type: ignore[no-untyped-def]
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
     with pytest.raises(DataError, match="Could not fetch the dataset 'someone/some-images'") as info:
         load_image_classification_data("someone/some-images")
-    assert time.perf_counter() - start < 30
+    assert attempts == []
     assert "HF_DATASETS_OFFLINE" in str(info.value) and "local" in str(info.value)
     assert isinstance(info.value.__cause__, ConnectionError)
     assert isinstance(info.value, ValueError)

@@ -546,3 +546,31 @@ def test_every_file_is_flushed_to_disk_before_the_swap(tmp_path, digits, monkeyp
     assert written and written <= flushed, sorted(written - flushed)
     assert "." in flushed  # the staging folder's own entries
     assert ("fsync", str(tmp_path)) in events[swap[0]:]  # the swap itself, in the parent folder
+
+
+def test_data_seed_decides_the_augmentation(tmp_path, digits):
+    """``--data_seed`` (when set) seeds the augmentation, as it seeds the data order in the Trainer:
+    runs that differ only in ``--seed`` draw the same crops, a new ``--data_seed`` draws new ones."""
+    drawn: dict[int, float] = {}
+
+    def augment(batch):  # a random transform: records what it drew for each example (label = its index)
+        noise = [float(torch.rand(())) for _ in batch["labels"]]
+        drawn.update(zip(batch["labels"], noise))
+        return {"pixel_values": [torch.full((3, 16, 16), n) for n in noise], "labels": batch["labels"]}
+
+    data = datasets.Dataset.from_dict({"pixel_values": [[0.0]] * 8, "labels": list(range(8))}).with_transform(augment)
+
+    def draws(seed: int, data_seed: int) -> dict[int, float]:
+        trainer = BiMaskTrainer(model=_model(digits), args=_args(tmp_path, seed=seed, data_seed=data_seed,
+                                                                 per_device_train_batch_size=4),
+                                train_dataset=data, data_collator=digits.collate_fn)
+        drawn.clear()
+        for _ in trainer.get_train_dataloader():
+            pass
+        return dict(drawn)
+
+    first = draws(seed=0, data_seed=5)
+    assert len(first) == 8
+    assert draws(seed=1, data_seed=5) == first
+    other = draws(seed=0, data_seed=6)
+    assert all(other[i] != first[i] for i in range(8))
