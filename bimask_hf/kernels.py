@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -28,13 +29,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "applies", "disabled", "forward_mask", "backward_mask", "add_decay_"]
+__all__ = ["available", "applies", "disabled", "dispatched", "forward_mask", "backward_mask", "add_decay_"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "nm_masks.c"
 _MAX_M = 16
 MAX_SPREAD = 256  # conv groups whose members lie more than this many entries apart (kh*kw) take tensor ops
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _switched_off = False  # set inside :func:`disabled`
+_via_dispatcher = False  # set inside :func:`dispatched`
 
 
 def _cache_dir() -> Path:
@@ -42,28 +44,72 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+_FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off")
+_FIX = ("install a C compiler (e.g. gcc) or point CC at one; BIMASK_HF_KERNELS=0 uses tensor ops without this "
+        "warning")
+
+
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        path = shutil.which(name) if name else None
+    """The C compiler: ``$CC`` when set (None if it is not an executable), else ``cc``, ``gcc`` or ``clang``."""
+    chosen = os.environ.get("CC")
+    for name in (chosen,) if chosen else ("cc", "gcc", "clang"):
+        path = shutil.which(name)
         if path:
             return path
     return None
 
 
-def _build(path: Path, cc: str) -> None:
+def _compiler_identity(cc: str) -> str:
+    """``cc --version``: the cache key changes with the compiler, not only with its path."""
+    return subprocess.run([cc, "--version"], check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def _checksum(data: bytes, key: str) -> str:
+    # the key is hashed in too: a whole library built for another source, compiler or flags does not match
+    return hashlib.sha256(key.encode() + data).hexdigest()
+
+
+def _build(path: Path, checksum_path: Path, cc: str, key: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # -ffp-contract=off: no fused multiply-adds, so the decay term rounds exactly as the tensor ops do
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        subprocess.run(
-            [cc, "-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", str(_SOURCE), "-o", tmp],
-            check=True, capture_output=True, text=True, timeout=120,
-        )
+        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        checksum = _checksum(Path(tmp).read_bytes(), key)
         os.replace(tmp, path)  # atomic: processes building at once each leave a whole file
+        _write_atomically(checksum_path, checksum)  # after the library: a kill in between means a rebuild
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _damage(path: Path, checksum_path: Path, key: str) -> str | None:
+    """Why the cached library at ``path`` must not be loaded (None: it is the one this key built).
+
+    A library is mapped into the process: a truncated or partly overwritten file kills it with SIGBUS or
+    SIGILL at the first call, so its bytes are checked against the checksum written when it was built.
+    """
+    if not path.exists():
+        return None
+    try:
+        expected = checksum_path.read_text().strip()
+    except OSError:
+        return "it has no checksum file"
+    if _checksum(path.read_bytes(), key) != expected:
+        return "its checksum does not match (truncated, overwritten or replaced)"
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,19 +118,28 @@ def _library() -> ctypes.CDLL | None:
         return None
     cc = _compiler()
     if cc is None:
-        logger.info("bimask-hf: no C compiler found; eager CPU masks use tensor ops (same masks, slower).")
+        named = f"CC={os.environ['CC']} is not an executable" if os.environ.get("CC") else "no C compiler found"
+        logger.warning("bimask-hf: %s; eager CPU masks use tensor ops (same masks, 2-7x slower mask work). To fix: "
+                       "%s.", named, _FIX)
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + cc.encode() + sys.platform.encode() + os.uname().machine.encode()).hexdigest()[:16]
-    path = _cache_dir() / f"nm_masks-{key}.so"
     try:
-        if not path.exists():
-            _build(path, cc)
+        identity = _compiler_identity(cc)
+        key = hashlib.sha256(b"\0".join(
+            [_SOURCE.read_bytes(), cc.encode(), identity.encode(), " ".join(_FLAGS).encode(), sys.platform.encode(),
+             platform.machine().encode()]
+        )).hexdigest()[:16]
+        path = _cache_dir() / f"nm_masks-{key}.so"
+        checksum_path = path.with_suffix(".sha256")
+        damage = _damage(path, checksum_path, key)
+        if damage:
+            logger.warning("bimask-hf: the cached C mask kernels %s are not loaded: %s. Rebuilding them.", path, damage)
+        if damage or not path.exists():
+            _build(path, checksum_path, cc, key)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", "") or err
-        logger.warning("bimask-hf: could not build the C mask kernels (%s); using tensor ops (same masks, slower).",
-                       detail)
+        detail = (getattr(err, "stderr", "") or str(err)).strip()
+        logger.warning("bimask-hf: could not build or load the C mask kernels with %s (%s); eager CPU masks use "
+                       "tensor ops (same masks, 2-7x slower mask work). To fix: %s.", cc, detail, _FIX)
         return None
     lib.bm_forward_mask.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64]
     lib.bm_backward_mask.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
@@ -129,14 +184,34 @@ def applies(weight: torch.Tensor, m: int, spread: int = 1) -> bool:
     )
 
 
+def _profiled() -> bool:
+    return _via_dispatcher or torch.autograd._profiler_enabled()
+
+
+@contextlib.contextmanager
+def dispatched() -> Iterator[None]:
+    """Inside: the kernels run as the ``torch.library`` ops ``bimask_hf::forward_mask``, ``::backward_mask``
+    and ``::add_decay_``, as they do while a ``torch.profiler`` records (for side-by-side timing).
+
+    Outside a profiler the layers call the kernels through ``ctypes`` directly: the dispatcher adds a
+    few microseconds per call (figures in ``docs/benchmarks.md``). The ops have fake implementations, so
+    FakeTensor tracing and ``torch.export`` of code that calls them see the right shapes and dtypes.
+    """
+    global _via_dispatcher
+    saved, _via_dispatcher = _via_dispatcher, True
+    try:
+        yield
+    finally:
+        _via_dispatcher = saved
+
+
 def forward_mask(weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype) -> torch.Tensor:
     """``Mf`` of ``weight`` (checked by :func:`applies` with ``spread=d``) viewed as ``(blocks, m, d)``, in
     ``dtype`` (``torch.uint8`` or ``torch.bool``)."""
     weight = weight.detach()
-    out = torch.empty(weight.shape, dtype=dtype)
-    if _library().bm_forward_mask(weight.data_ptr(), out.data_ptr(), weight.numel() // (m * d), m, d, n):
-        raise ValueError(f"bimask-hf C kernel: groups of {m} entries {d} apart are not supported")
-    return out
+    if _profiled():
+        return torch.ops.bimask_hf.forward_mask(weight, n, m, d, dtype)
+    return _forward_mask(weight, n, m, d, dtype)
 
 
 def backward_mask(
@@ -145,17 +220,9 @@ def backward_mask(
     """``Mb`` of ``weight`` (checked by :func:`applies`) given ``Mf`` (bool or 0/1 uint8) and the row
     ``permutation``, in ``dtype`` (``torch.uint8`` or ``torch.bool``)."""
     weight = weight.detach()
-    rows = weight.shape[0]
-    bytes_mask = forward_mask.dtype in (torch.uint8, torch.bool) and _plain(forward_mask)
-    fm = forward_mask if bytes_mask else (forward_mask != 0).contiguous()
-    perm = permutation.to(torch.int64).contiguous()
-    out = torch.empty(weight.shape, dtype=dtype)
-    err = _library().bm_backward_mask(weight.data_ptr(), fm.data_ptr(), perm.data_ptr(), out.data_ptr(), rows,
-                                      weight.numel() // rows, m, n)
-    if err:
-        raise ValueError(f"bimask-hf C kernel: bad backward-mask arguments (rows={rows}, M={m}, permutation of "
-                         f"{perm.numel()} entries, min {int(perm.min())}, max {int(perm.max())})")
-    return out
+    if _profiled():
+        return torch.ops.bimask_hf.backward_mask(weight, forward_mask, permutation, n, m, dtype)
+    return _backward_mask(weight, forward_mask, permutation, n, m, dtype)
 
 
 def add_decay_(grad: torch.Tensor, weight: torch.Tensor, forward_mask: torch.Tensor, decay: float) -> bool:
@@ -166,6 +233,69 @@ def add_decay_(grad: torch.Tensor, weight: torch.Tensor, forward_mask: torch.Ten
         and forward_mask.dtype in (torch.uint8, torch.bool) and _plain(forward_mask)
     ):
         return False
-    _library().bm_add_decay(grad.data_ptr(), weight.detach().data_ptr(), forward_mask.data_ptr(), grad.numel(),
-                            decay)
+    if _profiled():
+        torch.ops.bimask_hf.add_decay_(grad, weight.detach(), forward_mask, decay)
+    else:
+        _add_decay(grad, weight.detach(), forward_mask, decay)
     return True
+
+
+def _checked(weight: torch.Tensor) -> ctypes.CDLL:
+    """The library, for a float32 CPU ``weight`` (the ops may be called directly, not only by the layers)."""
+    lib = _library()
+    if lib is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        raise RuntimeError("bimask_hf C kernels: need the built kernels (bimask_hf.kernels.available()) and a "
+                           f"float32 CPU weight, got {weight.dtype} on {weight.device}.")
+    return lib
+
+
+def _forward_mask(weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    lib, weight = _checked(weight), weight.contiguous()
+    out = torch.empty(weight.shape, dtype=dtype)
+    if lib.bm_forward_mask(weight.data_ptr(), out.data_ptr(), weight.numel() // (m * d), m, d, n):
+        raise ValueError(f"bimask-hf C kernel: groups of {m} entries {d} apart are not supported")
+    return out
+
+
+def _backward_mask(
+    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int, dtype: torch.dtype
+) -> torch.Tensor:
+    lib, weight = _checked(weight), weight.contiguous()
+    rows = weight.shape[0]
+    bytes_mask = forward_mask.dtype in (torch.uint8, torch.bool) and _plain(forward_mask)
+    fm = forward_mask if bytes_mask else (forward_mask != 0).contiguous()
+    perm = permutation.to(torch.int64).contiguous()
+    out = torch.empty(weight.shape, dtype=dtype)
+    err = lib.bm_backward_mask(weight.data_ptr(), fm.data_ptr(), perm.data_ptr(), out.data_ptr(), rows,
+                               weight.numel() // rows, m, n)
+    if err:
+        raise ValueError(f"bimask-hf C kernel: bad backward-mask arguments (rows={rows}, M={m}, permutation of "
+                         f"{perm.numel()} entries, min {int(perm.min())}, max {int(perm.max())})")
+    return out
+
+
+def _add_decay(grad: torch.Tensor, weight: torch.Tensor, forward_mask: torch.Tensor, decay: float) -> None:
+    _checked(weight).bm_add_decay(grad.data_ptr(), weight.data_ptr(), forward_mask.data_ptr(), grad.numel(), decay)
+
+
+# The ops call the same functions; the layers call those functions directly unless a profiler records.
+_forward_mask_op = torch.library.custom_op("bimask_hf::forward_mask", _forward_mask, mutates_args=())
+_backward_mask_op = torch.library.custom_op("bimask_hf::backward_mask", _backward_mask, mutates_args=())
+_add_decay_op = torch.library.custom_op("bimask_hf::add_decay_", _add_decay, mutates_args=("grad",))
+
+
+@_forward_mask_op.register_fake
+def _(weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+@_backward_mask_op.register_fake
+def _(
+    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int, dtype: torch.dtype
+) -> torch.Tensor:
+    return torch.empty_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+@_add_decay_op.register_fake
+def _(grad: torch.Tensor, weight: torch.Tensor, forward_mask: torch.Tensor, decay: float) -> None:
+    return None

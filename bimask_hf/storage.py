@@ -171,9 +171,9 @@ def make_staging_folder(folder: str | os.PathLike) -> str:
 def _exchange(a: str, b: str) -> bool:
     """Swap two folders in one atomic step (``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: a TypeError on Windows
         renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no renameat2 (macOS, musl before 1.2.3): two renames
         return False
     if renameat2(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE) == 0:  # -100: AT_FDCWD
         return True
