@@ -14,7 +14,7 @@ fi
 python -m pip install -q --upgrade pip
 
 # torch first, pinned: on x86_64 pip takes 2.14.1 + torchvision 0.29.1 from this machine's wheel cache;
-# PyPI's torchvision does not import beside the CPU-only torch 2.13.0 (see README, "Install").
+# PyPI's torchvision does not import beside the CPU-only torch 2.13.0 (see docs/install.md).
 if ! python -c "import torch, torchvision" >/dev/null 2>&1; then
   if [ "$(uname -m)" = "aarch64" ]; then
     python -m pip install -q "torch==2.9.1" "torchvision==0.24.1"

@@ -18,7 +18,8 @@ The rules a block may rely on (and a writer of the docs must keep):
    ... for what is not run), so no block escapes by having none.
 5. Sizes are shrunk here, never in what the reader sees: ``SUBSTITUTIONS`` rewrites a block's source
    before it runs, and ``_BASH_PRELUDE`` appends ``TRAIN_FLAGS`` (a few steps on a few samples) to every
-   ``bimask-train`` and ``accelerate launch`` call and ``EVAL_FLAGS`` to every ``bimask-eval`` call.
+   ``bimask-train`` / ``python -m bimask_hf.train`` and ``accelerate launch`` call and ``EVAL_FLAGS`` to
+   every ``bimask-eval`` / ``python -m bimask_hf.evaluation`` call.
 
 Each block is one test case named ``FILE:LINE`` (the line of its opening fence); a failure shows the
 block's output, with Python tracebacks pointing at the Markdown file's own line numbers. When a block fails,
@@ -64,6 +65,13 @@ _BASH_PRELUDE = f"""
 bimask-train() {{ command bimask-train "$@" {TRAIN_FLAGS}; }}
 bimask-eval() {{ command bimask-eval "$@" {EVAL_FLAGS}; }}
 accelerate() {{ if [ "${{1:-}}" = launch ]; then command accelerate "$@" {TRAIN_FLAGS}; else command accelerate "$@"; fi; }}
+python() {{
+  case "${{1:-}} ${{2:-}}" in
+    "-m bimask_hf.train") command python "$@" {TRAIN_FLAGS} ;;
+    "-m bimask_hf.evaluation") command python "$@" {EVAL_FLAGS} ;;
+    *) command python "$@" ;;
+  esac
+}}
 """
 
 # Model repos the loopback Hub serves: id -> how to build it (a tiny model saved by save_sparse_model).
@@ -287,6 +295,7 @@ def _parse_output(stdout: str, blocks: list[Block]) -> dict[int, tuple[str, str]
     return out
 
 
+@pytest.mark.slow  # starts one process (and the CLIs' processes) per documentation file
 @pytest.mark.parametrize("block", ALL_BLOCKS, ids=[b.id for b in ALL_BLOCKS])
 def test_doc_block_runs(block: Block, run_file):
     if block.skip is not None:
