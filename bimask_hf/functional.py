@@ -49,7 +49,7 @@ def mask_work(fn: Callable[..., _T], weight: torch.Tensor, *args: Any, **kwargs:
     ATen splits an elementwise kernel over threads above 32768 entries. With sleeping idle threads
     (``OMP_WAIT_POLICY=passive``, which ``scripts/main_job.sh`` sets: spinning threads slow a busy
     2-core machine down) each such kernel first wakes the others, which costs more than the kernel on
-    a small layer: ResNet-32's mask work takes 2.6x as long on 2 threads as on 1. Eager CPU steps with
+    a small layer (``docs/benchmarks.md``, section 2b, round 3). Eager CPU steps with
     more than one thread therefore run the mask work of layers under :data:`SERIAL_MASK_NUMEL` weights
     on one thread; the convolutions and matmuls around it keep all threads. The thread count is set
     process-wide for that moment: two Python threads running models at once under a passive policy may

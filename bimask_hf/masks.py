@@ -74,9 +74,8 @@ def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
     Each pair of positions ``j < i`` is compared once over whole contiguous slices (``M*(M-1)/2``
     comparisons): entry ``i`` is beaten when ``s_j >= s_i`` and entry ``j`` when not. Comparisons write
     floats and the counts are floats: ATen's CPU kernels run float-to-float ops vectorised, but read and
-    write bool tensors element by element (a comparison into a bool tensor is 3x slower than into a float
-    one, ``where(bool, W, 0)`` 20x slower than ``W * float``). Faster than ``topk`` over a tiny last
-    dimension, and device-independent.
+    write bool tensors element by element (measured in ``docs/benchmarks.md``, section 2b, round 3). Faster
+    than ``topk`` over a tiny last dimension, and device-independent.
     """
     size = front.shape[0]
     dtype = _count_dtype(front)
@@ -103,8 +102,8 @@ def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     as pure functions (no in-place slice updates), so inductor emits one loop over the groups fused with
     the consumer of the mask (``W * Mf``, ``W * Mb``, the decay term). Counts and the result are floats
     and no bool tensor is left for AOT autograd's partitioner to save between forward and backward:
-    inductor's CPU kernels load, store and convert 1-byte masks 10-40x slower than floats
-    (``where(mask, W, 0)`` on 1M entries: 4-6 ms with a bool mask, 0.2-0.4 ms with a float one).
+    inductor's CPU kernels load, store and convert 1-byte masks much slower than floats
+    (``docs/benchmarks.md``, section 2b, round 2).
     """
     dtype = _count_dtype(scores)
     cols = scores.unbind(dim)
@@ -126,8 +125,8 @@ def _rank_keep_adjacent(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     (group position ``p = k % m``) is ``k + s`` when ``p + s < m`` (a later entry: it wins only when
     larger) and ``k + s - m`` otherwise (an earlier one: it also wins ties). Both partners are shifted
     copies of ``scores``, so inductor's CPU kernels read every operand contiguously and vectorise the
-    whole mask along the row; read as group members (stride ``m``) they ran scalar (2048x512, 1 thread:
-    2.3 ms instead of 8.8 ms; a plain copy takes 0.14 ms).
+    whole mask along the row; read as group members (stride ``m``) they ran scalar (``docs/benchmarks.md``,
+    section 2b, round 4).
     """
     dtype = _count_dtype(scores)
     width = scores.shape[-1]
@@ -158,13 +157,12 @@ def step_mask_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype masks are carried in by the training step (0/1 values; the public mask functions return
     ``bool``):
 
-    * eager on CPU: ``uint8``. ATen's CPU kernels read bool tensors element by element: on 1M weights
-      ``where(Mf, W, 0)`` takes 3.6 ms and ``W * Mf`` 0.75 ms with a bool ``Mf``, ``W * Mf`` 0.22 ms with
-      a uint8 one (1 thread). Same size as bool, so saving ``Mf`` for the backward pass costs nothing more.
+    * eager on CPU: ``uint8``. ATen's CPU kernels read bool tensors element by element, uint8 ones
+      vectorised (``docs/benchmarks.md``, section 2b, round 3). Same size as bool, so saving ``Mf`` for
+      the backward pass costs nothing more.
     * in a ``torch.compile`` graph on CPU: the weight's float dtype, which inductor's CPU kernels load and
       store many times faster than 1-byte masks (see :func:`_rank_keep_fused`). Saved for the backward
-      pass they take 4 bytes per weight instead of 1 (ResNet-50: +90 MB, 3.6 % of a b32 step's saved
-      activations).
+      pass they take 4 bytes per weight instead of 1 (``docs/benchmarks.md``, section 2b, round 2).
     * on GPUs: ``bool`` (CUDA and Triton kernels handle bool masks well).
     """
     if weight.device.type != "cpu" or not weight.is_floating_point():
@@ -218,8 +216,7 @@ def nm_mask_for_weight(
             keep = _rank_keep_adjacent(grouped.abs().view(grouped.shape[0], -1), n, m)
         else:
             # Conv groups ranked in place, a group's M entries kh*kw apart: with float masks inductor
-            # vectorises this along the kernel positions (ResNet-50's 3x3 convs, 2 threads: 5.5 ms for
-            # Mf + W*Mf; 35 ms on a channels-last copy, where its loops run scalar).
+            # vectorises this along the kernel positions; on a channels-last copy its loops run scalar.
             keep = _rank_keep_fused(grouped.abs(), n, 2)
         return _as_dtype(keep.view(weight.shape), dtype)
     a, b, _, d = grouped.shape
@@ -257,7 +254,7 @@ def backward_mask_for_weight(
     if dtype in (torch.uint8, torch.bool) and kernels.applies(weight, m):
         return kernels.backward_mask(weight, forward_mask, permutation, n, m, dtype)  # one pass in C
     order = permutation.view(rows // m, m).T.reshape(-1)  # position-in-group major: one contiguous slice each
-    # Gather the rows in group order once (index_select copies whole rows; advanced indexing is 6x slower).
+    # Gather the rows in group order once (index_select copies whole rows; advanced indexing is slower).
     kept = forward_mask.reshape(rows, -1).index_select(0, order).to(_count_dtype(weight))  # 0/1
     # |W| of kept entries and -1 for pruned ones, so Mf entries always win
     scores = torch.addcmul(kept - 1, weight.detach().reshape(rows, -1).index_select(0, order).abs_(), kept)
