@@ -268,7 +268,7 @@ def _int8_matmul_faster() -> bool:
     Only CPUs with int8 dot-product instructions (VNNI, AMX) run ``_int_mm`` fast; elsewhere (AVX2
     without VNNI) it runs tens of times slower than the float matmul of the same 0/1 operands, and
     ``torch.backends.cpu.get_cpu_capability()`` does not say which (its "AVX512" covers CPUs with and
-    without VNNI). Both are timed side by side, best of three, on one small product.
+    without VNNI). Both are timed side by side, best of three, on one small product, on one thread.
     """
     if not hasattr(torch, "_int_mm"):
         return False
@@ -276,6 +276,10 @@ def _int8_matmul_faster() -> bool:
     a = (torch.arange(rows * inner).reshape(rows, inner) % 3 == 0).to(torch.int8)
     b = (torch.arange(inner * cols).reshape(inner, cols) % 5 == 0).to(torch.int8)
     best = {"int8": math.inf, "float": math.inf}
+    # One thread: the instructions decide, not the thread pool (on a busy machine an OpenMP region of two
+    # threads can wait milliseconds for the second core, which would make either look slow).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for warm_up in (True, False, False, False):  # interleaved, so load from elsewhere hits both alike
             for name, fn in (("int8", _int8_matmul), ("float", _float_matmul)):
@@ -285,6 +289,8 @@ def _int8_matmul_faster() -> bool:
                     best[name] = min(best[name], time.perf_counter() - start)
     except (RuntimeError, NotImplementedError):  # builds without an int8 CPU GEMM
         return False
+    finally:
+        torch.set_num_threads(threads)
     return best["int8"] < best["float"]
 
 

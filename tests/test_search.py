@@ -339,7 +339,9 @@ def test_int8_and_float_matmul_paths_give_identical_permutations(monkeypatch, ro
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_default_matmul_path_is_the_measured_faster_one(monkeypatch, faster: bool) -> None:
-    assert isinstance(search._int8_matmul_faster(), bool)  # the real one-time timing runs and is cached
+    threads = torch.get_num_threads()
+    assert isinstance(search._int8_matmul_faster.__wrapped__(), bool)  # the real timing (on one thread)
+    assert torch.get_num_threads() == threads  # ... gives the caller its thread count back
     monkeypatch.setattr(search, "_int8_matmul_faster", lambda: faster)
     calls = []
     int_mm = torch._int_mm
