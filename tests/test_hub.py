@@ -517,19 +517,29 @@ def test_hub_round_trip_in_a_fresh_process(local_hub, tmp_path):
     assert rn["metadata"]["library_name"] == "timm" and vit["metadata"]["library_name"] == "transformers"
 
 
-def test_hub_endpoint_is_read_at_call_time(local_hub, tmp_path, monkeypatch):
+@pytest.fixture
+def loopback_online(local_hub, monkeypatch):
+    """The loopback Hub, reachable even when the suite runs with ``HF_HUB_OFFLINE=1`` (no network is
+    needed: the server is on this machine; huggingface_hub reads the variable once, at import)."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return local_hub
+
+
+def test_hub_endpoint_is_read_at_call_time(loopback_online, tmp_path):
     model = load_sparse_model("bimask-test/resnet-2-4", cache_dir=str(tmp_path / "cache"))
     assert "layer2.0.conv1" in bh.sparse_layers(model)
     with pytest.raises(FileNotFoundError, match="'bimask-test/no-config' has no bimask_config.json"):
         load_sparse_model("bimask-test/no-config", cache_dir=str(tmp_path / "cache"))
 
 
-def test_is_bimask_folder_answers_for_folders_and_hub_ids(local_hub, timm_folder, tmp_path, monkeypatch):
+def test_is_bimask_folder_answers_for_folders_and_hub_ids(loopback_online, timm_folder, tmp_path):
     # The one "is this a bimask folder?" check (bimask-train's --pretrained_path and bimask-eval use it).
     from bimask_hf.hub.files import is_bimask_folder
 
-    monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
     plain = _copy(timm_folder, tmp_path, "plain")
     os.remove(os.path.join(plain, "bimask_config.json"))
     assert is_bimask_folder(timm_folder) and not is_bimask_folder(plain)
