@@ -574,3 +574,43 @@ def test_data_seed_decides_the_augmentation(tmp_path, digits):
     assert draws(seed=1, data_seed=5) == first
     other = draws(seed=0, data_seed=6)
     assert all(other[i] != first[i] for i in range(8))
+
+
+def test_each_refresh_is_seeded_by_its_own_step(tmp_path, digits):
+    """The refresh after step s draws from (seed, s, layer): it equals refresh_permutations(model, step=s)
+    on the weights and permutations of that moment (and a refresh seeded by another step differs), so
+    runs resumed at any step repeat them."""
+    import copy
+
+    snapshots: dict[int, dict] = {}  # step -> weights and permutations just before its refresh
+    refreshed: dict[int, dict] = {}  # step -> permutations just after it
+
+    def permutations(state):
+        return {k: v.clone() for k, v in state.items() if k.endswith(PERMUTATION_KEY)}
+
+    class Record(TrainerCallback):  # runs before BiMaskCallback, which the trainer adds last
+        def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+            snapshots[state.global_step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step in snapshots:
+                refreshed[state.global_step] = permutations(model.state_dict())
+
+        on_train_end = on_step_begin
+
+    trainer = BiMaskTrainer(model=_model(digits), args=_args(tmp_path, max_steps=3, permutation_interval=1,
+                                                             num_permutations=8),
+                            train_dataset=digits.train_dataset, data_collator=digits.collate_fn, callbacks=[Record()])
+    trainer.train()
+    assert sorted(refreshed) == [1, 2, 3]
+    other_seed_differs = False
+    for step, state in snapshots.items():
+        replay = copy.deepcopy(trainer.model)
+        replay.load_state_dict(state)
+        bh.refresh_permutations(replay, step=step)
+        assert all(torch.equal(v, refreshed[step][k]) for k, v in permutations(replay.state_dict()).items()), step
+        replay.load_state_dict(state)
+        bh.refresh_permutations(replay, step=step + 10)
+        other_seed_differs |= any(not torch.equal(v, refreshed[step][k])
+                                  for k, v in permutations(replay.state_dict()).items())
+    assert other_seed_differs  # the step really decides the draws
