@@ -10,10 +10,13 @@ matches exact names or name suffixes (``"conv1"`` matches ``"layer1.0.conv1"``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -22,7 +25,7 @@ from .config import BiMaskConfig
 from .distributed import search_permutations_shared
 from .errors import NMPatternError
 from .inspection import LayerReport, SparsityReport, check_nm, report, sparse_layers, sparsity_stats
-from .layers import BiMaskConv2d, BiMaskLayer, BiMaskLinear, conv_padding
+from .layers import PERMUTATION_KEY, BiMaskConv2d, BiMaskLayer, BiMaskLinear, conv_padding
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ __all__ = [
     "check_nm",
     "refresh_permutations",
     "project_",
+    "training_state",
     "sparse_layers",
     "NMPatternError",
     "SparsityReport",
@@ -210,7 +214,97 @@ def sparsify(model: nn.Module, config: BiMaskConfig | None = None, **overrides) 
         logger.warning("sparsify patched no layer of %s: %s", type(model).__name__, notes)
     model.bimask_config = config  # type: ignore[assignment]
     model.bimask_notes = notes  # type: ignore[assignment]
+    _install_save_hooks(model)
     return model
+
+
+# ---- the plain libraries' save paths ------------------------------------------------------------
+# ``state_dict()`` of a Bi-Mask model is its training state (dense weights and permutations), as torch
+# defines it: resuming, EMA and ``load_state_dict`` round trips need exactly that. The publishing calls
+# of the plain libraries must instead write what the model computes, exact N:M weights: transformers'
+# ``save_pretrained`` / ``push_to_hub`` are routed to ``save_sparse_model`` on the instance, and timm's
+# ``save_for_hf`` (which ``push_to_hf_hub`` calls) gets the merged weights from a state-dict hook.
+_TRAINING_STATE = "_bimask_training_state"  # on each Bi-Mask layer: > 0 inside training_state()
+_SAVE_OVERRIDES = ("save_pretrained", "push_to_hub")
+_TIMM_EXPORTS = {"save_for_hf"}  # timm's Hub export, which timm.models.push_to_hf_hub calls
+
+
+@contextlib.contextmanager
+def training_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this context ``model.save_pretrained`` writes the training state, for checkpoints.
+
+    Outside it, ``save_pretrained`` / ``push_to_hub`` of a transformers model under Bi-Mask training write
+    what :func:`bimask_hf.save_sparse_model` writes (merged, exact N:M weights, ``bimask_config.json``,
+    model card). A training checkpoint must instead keep the dense weights and the permutations so that
+    a resumed run continues exactly: ``BiMaskTrainer`` saves its checkpoints inside this context, and
+    a custom loop saving with ``save_pretrained`` should too.
+    """
+    layers = list(sparse_layers(model).values())
+    for layer in layers:
+        setattr(layer, _TRAINING_STATE, getattr(layer, _TRAINING_STATE, 0) + 1)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            setattr(layer, _TRAINING_STATE, getattr(layer, _TRAINING_STATE) - 1)
+
+
+def in_training_state(model: nn.Module) -> bool:
+    """Whether ``model`` is inside :func:`training_state` (its saves keep dense weights and permutations)."""
+    return any(getattr(layer, _TRAINING_STATE, 0) > 0 for layer in sparse_layers(model).values())
+
+
+def _install_save_hooks(model: nn.Module) -> None:
+    import functools
+
+    for layer in sparse_layers(model).values():
+        if _timm_export_hook not in layer._state_dict_hooks.values():
+            layer.register_state_dict_post_hook(_timm_export_hook)
+    if all(callable(getattr(type(model), name, None)) for name in _SAVE_OVERRIDES) and hasattr(model, "config"):
+        from .families import model_family
+
+        if model_family(model) == "transformers":
+            from .hub import save as hub_save
+
+            # functools.partial (not a closure) so that deepcopy and pickling of the model keep working.
+            model.save_pretrained = functools.partial(hub_save.sparse_save_pretrained, model)  # type: ignore[method-assign]
+            model.push_to_hub = functools.partial(hub_save.sparse_push_to_hub, model)  # type: ignore[method-assign]
+
+
+def _remove_save_overrides(model: nn.Module) -> None:
+    for name in _SAVE_OVERRIDES:
+        model.__dict__.pop(name, None)
+
+
+def _called_by_timm_export() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name in _TIMM_EXPORTS and str(frame.f_globals.get("__name__", "")).startswith("timm."):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _timm_export_hook(layer: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:  # type: ignore[type-arg]
+    """In a state dict taken by timm's ``save_for_hf``: the layer's merged weight, no permutation.
+
+    timm's export has no hook of its own, so the call is recognised by its function on the stack; every
+    other ``state_dict()`` (checkpoints, ``keep_vars=True`` callers) keeps the training state.
+    """
+    key = prefix + "weight"
+    if (getattr(layer, _TRAINING_STATE, 0) > 0 or isinstance(state_dict.get(key), nn.Parameter)
+            or not _called_by_timm_export()):
+        return
+    weight = layer.sparse_weight().detach()  # type: ignore[operator]
+    state_dict[key] = weight.masked_fill(weight == 0, 0.0)  # W * Mf keeps the sign of pruned weights: -0.0
+    state_dict.pop(prefix + PERMUTATION_KEY, None)
+    warnings.warn(
+        "timm's save_for_hf / push_to_hf_hub wrote the merged, exact N:M weights of this Bi-Mask model; "
+        "bimask_config.json and the model card (which load_sparse_model and the Hub use) are written by "
+        "bimask_hf.save_sparse_model(model, folder, push_to_hub=...).",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -238,6 +332,7 @@ def merge(model: nn.Module) -> nn.Module:
     model.bimask_sparse_layers = sorted(set(getattr(model, "bimask_sparse_layers", [])) | set(merged))  # type: ignore[assignment]
     if hasattr(model, "bimask_notes"):
         del model.bimask_notes
+    _remove_save_overrides(model)  # a merged model is a plain one: its own save_pretrained applies again
     return model
 
 

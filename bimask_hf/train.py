@@ -169,7 +169,7 @@ def card_dataset(name: str) -> str:
 
 def card_dataset_name(name: str, max_samples: int | None = None) -> str:
     """The dataset's name in a card's results: its Hub id, saying so when only a subset was evaluated."""
-    shown = card_dataset(name)
+    shown = f"imagefolder {os.path.abspath(name)}" if os.path.isdir(name) else card_dataset(name)
     return f"{shown} (subset of {max_samples} images)" if max_samples is not None else shown
 
 
@@ -235,6 +235,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
         "model_name": os.path.basename(os.path.normpath(train_args.output_dir)),
         "base_model": model_args.pretrained_path or (f"timm/{model_args.model}" if model_args.pretrained else None),
         "datasets": [hub_dataset] if not os.path.isdir(data_args.dataset) else [],
+        "training_data": card_dataset_name(data_args.dataset, data_args.max_train_samples),
     }
     trainer = BiMaskTrainer(
         model=model, args=train_args, train_dataset=data.train_dataset, eval_dataset=data.eval_dataset,

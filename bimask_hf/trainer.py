@@ -29,7 +29,7 @@ from .distributed import UnsupportedSetupError, describe_setup, enable_cpu_fsdp,
 from .errors import CorruptCheckpointError
 from .lora import is_peft_model
 from .metrics import compute_topk_metrics, topk_indices
-from .patching import project_, refresh_permutations, report, sparse_layers, sparsify
+from .patching import project_, refresh_permutations, report, sparse_layers, sparsify, training_state
 from .storage import check_writable, last_complete_checkpoint, storage_errors
 
 logger = logging.getLogger(__name__)
@@ -429,7 +429,9 @@ class BiMaskTrainer(Trainer):
             self.train_dataset = original
 
     def _save_checkpoint(self, model, trial):  # type: ignore[no-untyped-def]
-        with storage_errors(self.args.output_dir):  # disk full / read-only: one clear message
+        # training_state: the checkpoint keeps the dense weights and permutations that resuming needs
+        # (outside it, the model's save_pretrained writes the merged N:M weights of a published model).
+        with storage_errors(self.args.output_dir), training_state(self.model):  # disk full: one clear message
             return super()._save_checkpoint(model, trial)
 
     def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
@@ -652,8 +654,8 @@ class BiMaskTrainer(Trainer):
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         """The Trainer's ``evaluate``; its top-1 / top-5 also go into the model card that ``save_model`` writes
-        (on the dataset ``card_info["datasets"][0]``, else the eval dataset's own name, else "evaluation set",
-        and its split)."""
+        (on the dataset ``card_info["datasets"][0]``, else the eval dataset's own name, else as an unnamed
+        dataset, and its split)."""
         metrics = super().evaluate(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval")
         top1, top5 = metrics.get(f"{prefix}_top1"), metrics.get(f"{prefix}_top5")
@@ -662,7 +664,7 @@ class BiMaskTrainer(Trainer):
             named = self.card_info.get("datasets") or []
             named = [named] if isinstance(named, str) else list(named)
             info = getattr(eval_dataset, "info", None)
-            dataset = named[0] if named else getattr(info, "dataset_name", None) or "evaluation set"
+            dataset = named[0] if named else getattr(info, "dataset_name", None)  # None: an unnamed dataset
             split = getattr(eval_dataset, "split", None)
             self.card_info["metrics"] = {"top1": top1, "top5": top5, "dataset": dataset,
                                          "split": str(split) if split is not None else prefix}

@@ -4,7 +4,10 @@ olah (PyPI) is a Hugging Face mirror; its ``mirrors-path`` setting (TOML config 
 serves git repositories laid out as ``<mirrors-path>/<repo_type>/<org>/<name>`` (repo_type
 ``models``/``datasets``/``spaces``) through the same endpoints as the Hub (``/api/models/...``,
 ``/<org>/<name>/resolve/<rev>/<file>``). With ``offline = true`` it never contacts huggingface.co.
-It does not accept uploads, so repos are committed with git directly.
+It does not accept uploads, so repos are committed with git directly; the loopback proxy below also
+answers the few write endpoints that ``huggingface_hub``'s ``create_repo`` / ``upload_folder`` use
+(repo creation, YAML validation, pre-upload, commit), committing the uploaded files to the served git
+repo, so that pushes can be tested and read back through olah.
 
 One difference from the Hub matters to clients: olah answers a request for a file that a repo does
 not have with ``401 RepoNotFound``, where the Hub answers ``404 EntryNotFound``. transformers probes
@@ -16,8 +19,10 @@ file missing from the served git repo into the Hub's 404.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import http.server
+import json
 import os
 import re
 import shutil
@@ -34,6 +39,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 _RESOLVE = re.compile(r"^/(?:(?P<kind>datasets|spaces)/)?(?P<org>[^/]+)/(?P<name>[^/]+)/resolve/[^/]+/(?P<file>.+)$")
+_WRITE = re.compile(r"^/api/models/(?P<org>[^/]+)/(?P<name>[^/]+)/(?P<action>preupload|commit)/[^/?]+")
+_PUSH_NAMESPACE = "bimask-user"  # the namespace of a repo created without one (the token's user on the Hub)
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
                "proxy-authenticate"}
 
@@ -62,12 +69,25 @@ class LocalHub:
         org, name = repo_id.split("/")
         repo = os.path.join(self.mirrors, repo_type, org, name)
         shutil.copytree(folder, repo)
-        env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
-               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
-        for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "Add model"]):
-            subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True)
-        return sha.stdout.strip()
+        return _git_commit(repo)
+
+    def repo_files(self, repo_id: str) -> list[str]:
+        """The files committed to model repo ``repo_id`` (pushed or added), sorted."""
+        repo = os.path.join(self.mirrors, "models", *repo_id.split("/"))
+        out = subprocess.run(["git", "ls-files"], cwd=repo, check=True, capture_output=True, text=True)
+        return sorted(out.stdout.split())
+
+
+def _git_commit(repo: str, message: str = "Add model") -> str:
+    """Commit everything in the git work tree ``repo`` (initialised if needed); returns the commit sha."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
+    if not os.path.isdir(os.path.join(repo, ".git")):
+        subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, env=env, check=True, capture_output=True)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "--allow-empty", "-m", message]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True)
+    return sha.stdout.strip()
 
 
 def _missing_file(mirrors: str, path: str) -> bool:
@@ -96,9 +116,61 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet test server
         return
 
+    def _answer(self, status: int, payload: object) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _write(self, body: bytes) -> bool:
+        """Answer a Hub write request (create repo, validate YAML, pre-upload, commit); False for others."""
+        path = urllib.parse.urlsplit(self.path).path
+        endpoint = f"http://{self.headers.get('Host')}"
+        if path == "/api/repos/create":
+            request = json.loads(body)
+            org, name = request.get("organization") or _PUSH_NAMESPACE, request["name"]
+            os.makedirs(os.path.join(self.server.mirrors, "models", org, name), exist_ok=True)
+            self._answer(200, {"url": f"{endpoint}/{org}/{name}", "name": f"{org}/{name}"})
+            return True
+        if path == "/api/validate-yaml":
+            self._answer(200, {"errors": [], "warnings": []})
+            return True
+        match = _WRITE.match(path)
+        if match is None:
+            return False
+        repo = os.path.join(self.server.mirrors, "models", match["org"], match["name"])
+        if match["action"] == "preupload":  # every file goes inline (base64) in the commit, none to LFS
+            files = json.loads(body)["files"]
+            self._answer(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                         for f in files]})
+            return True
+        message = "Upload"
+        for line in body.splitlines():
+            item = json.loads(line)
+            if item["key"] == "header":
+                message = item["value"].get("summary") or message
+            elif item["key"] == "file":
+                target = os.path.join(repo, item["value"]["path"])
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(base64.b64decode(item["value"]["content"]))
+            elif item["key"] in ("deletedFile", "deletedFolder"):
+                shutil.rmtree(os.path.join(repo, item["value"]["path"]), ignore_errors=True)
+            else:
+                self._answer(400, {"error": f"the loopback Hub does not take {item['key']!r} commit items"})
+                return True
+        sha = _git_commit(repo, message)
+        self._answer(200, {"commitOid": sha, "commitUrl": f"{endpoint}/{match['org']}/{match['name']}/commit/{sha}",
+                           "pullRequestUrl": None})
+        return True
+
     def _forward(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        if self.command == "POST" and self._write(body or b""):
+            return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=120)
         try:
@@ -192,3 +264,14 @@ def serve_local_repos(root: str, startup_timeout: float = 60.0) -> Iterator[Loca
             proc.kill()
             proc.wait()
         log.close()
+
+
+def use_endpoint(monkeypatch: object, endpoint: str) -> None:
+    """Point this process's Hub clients at ``endpoint``: ``HF_ENDPOINT`` for code that reads it at call time,
+    and ``huggingface_hub``'s constants, which it read once at import (transformers' and timm's downloads)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)  # type: ignore[attr-defined]
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # type: ignore[attr-defined]
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",  # type: ignore[attr-defined]
+                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")

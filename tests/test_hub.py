@@ -396,13 +396,16 @@ def test_create_model_card_from_report_and_transformers_library(vit_model):
     )
     assert card.data.library_name == "transformers"
     assert [r.metric_name for r in card.data.eval_results] == ["Top-1 accuracy"]
-    assert "hf-hub:" not in card.text and 'AutoModelForImageClassification.from_pretrained("vit")' in card.text
+    # No repo id given: the snippets say where the namespace goes instead of naming a repo that does not exist.
+    assert "hf-hub:" not in card.text and 'from_pretrained("<namespace>/vit")' in card.text
     assert create_model_card(vit_model, CONFIG, model_name="v").data.library_name == "transformers"
     assert create_model_card(vit_model, CONFIG, model_name="v").data.eval_results is None
     with pytest.raises(ValueError, match="library_name"):
         create_model_card(bh.report(vit_model), CONFIG, model_name="vit")
-    with pytest.raises(ValueError, match="need a 'dataset'"):
-        create_model_card(vit_model, CONFIG, model_name="vit", metrics={"top1": 1.0})
+    # Results on data without a name: in the table, not in the model-index (which needs a dataset id).
+    unnamed = create_model_card(vit_model, CONFIG, model_name="vit", metrics={"top1": 1.0, "split": "eval"})
+    assert unnamed.data.eval_results is None and "| unnamed dataset | eval | 1.00 | - |" in unnamed.text
+    assert "evaluation set" not in unnamed.text
 
 
 def test_update_card_results_rewrites_model_index_and_table(timm_folder, tmp_path):

@@ -73,6 +73,9 @@ def card_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return found
 
 
+UNNAMED_DATASET = "unnamed dataset"  # results on data that was given no name: in the table, not the model-index
+
+
 def _eval_results(metrics: Mapping[str, Any], dataset: str, split: str | None, dataset_name: str | None) -> list[EvalResult]:
     return [
         EvalResult(
@@ -163,6 +166,8 @@ def _plain(value: Any) -> str:
 
 
 def _tags(config: BiMaskConfig) -> list[str]:
+    if config.mode == "dense":
+        return ["bimask", "dense-baseline", TASK]
     if config.density is not None:
         return ["bimask", "unstructured-sparsity", TASK]
     return ["bimask", "n:m-sparsity", f"{config.n}:{config.m}-sparsity", TASK]
@@ -192,15 +197,23 @@ def create_model_card(
     training_results: list[dict[str, Any]] | None = None,
     framework_versions: list[tuple[str, str]] | None = None,
     lora_from: str | None = None,
+    pipeline: bool = True,
+    trained_preprocessing: bool = False,
+    training_data: str | None = None,
 ) -> ModelCard:
     """Build the model card of a Bi-Mask sparse model.
 
     ``model_or_report`` is a patched model, a merged one, or its :class:`SparsityReport` (the per-layer
     table). ``metrics`` holds ``top1``/``top5`` (percent) and the ``dataset`` / ``split`` they were
     measured on (``dataset_name`` optional; the dataset defaults to the first of ``datasets``); they
-    become the card's ``model-index`` and results table. ``library_name`` defaults to ``"timm"`` for timm
+    become the card's ``model-index`` and results table (results on a dataset without a name go in the
+    table only, as an "unnamed dataset"). ``library_name`` defaults to ``"timm"`` for timm
     models and TimmWrapper, ``"transformers"`` otherwise (it must be given with a report). ``repo_id``
-    (default ``model_name``) is used in the loading examples. ``custom_architecture`` (default: found in a
+    is used in the loading examples: the Hub repo the folder is pushed to; without one they read
+    ``<namespace>/<model_name>``, a placeholder to replace. ``pipeline`` says whether the folder's image
+    processor lets ``pipeline("image-classification")`` load it (only then is it shown), and
+    ``trained_preprocessing`` whether that processor is the training run's evaluation transform.
+    ``training_data`` names the data the model was trained on (a Hub id or a local folder). ``custom_architecture`` (default: found in a
     model, not in a report) names a timm architecture bimask-hf registers, and ``in_chans`` other than 3 means
     bimask-hf's image processor: either makes the examples ``import bimask_hf``. ``training_results`` are the
     rows of transformers' training-results table (``transformers.modelcard.parse_log_history``);
@@ -214,12 +227,13 @@ def create_model_card(
         library_name = default_library_name(model_or_report)
     datasets = _as_list(datasets)
     eval_results: list[EvalResult] = []
+    table_results: list[EvalResult] = []
     if metrics:
         dataset = metrics.get("dataset") or (datasets[0] if datasets else None)
-        if dataset is None and card_metrics(metrics):
-            raise ValueError("create_model_card: metrics need a 'dataset' (or pass datasets=[...]).")
         if dataset is not None:
             eval_results = _eval_results(metrics, dataset, metrics.get("split"), metrics.get("dataset_name"))
+        else:
+            table_results = _eval_results(metrics, UNNAMED_DATASET, metrics.get("split"), None)
     card_data = ModelCardData(
         model_name=model_name,
         base_model=base_model,
@@ -240,11 +254,15 @@ def create_model_card(
             card_data,
             template_path=os.fspath(template_path),
             model_name=model_name,
-            repo_id=repo_id or model_name,
+            repo_id=repo_id or (model_name if "/" in model_name else f"<namespace>/{model_name}"),
+            pipeline=pipeline and not compressed,
+            trained_preprocessing=trained_preprocessing,
+            training_data=training_data,
+            dense=config.mode == "dense",
             base_model=base_model,
             library=library_name,
             custom_architecture=custom_architecture or bimask_architecture(model_or_report),
-            custom_processor=in_chans != 3,
+            custom_processor=in_chans != 3 and pipeline,
             in_chans=in_chans,
             training_results=training_results or None,
             framework_versions=framework_versions if framework_versions is not None else _framework_versions(),
@@ -263,7 +281,7 @@ def create_model_card(
             retention_mean=_opt(stats.retention_mean),
             retention_min=_opt(stats.retention_min),
             hyperparameters=_hyperparameters(config, training_args),
-            results_table=results_table(eval_results),
+            results_table=results_table(eval_results or table_results),
             results_start=RESULTS_START,
             results_end=RESULTS_END,
             citation=CITATION,

@@ -150,6 +150,10 @@ def load_sparse_model(
     else:
         model = load_plain_model(folder, model_class)
 
+    from .preprocessing import read_preprocessing
+
+    # Saving the model again (save_sparse_model, save_pretrained) keeps the folder's preprocessing.
+    model.bimask_data_config = read_preprocessing(folder)  # type: ignore[assignment]
     saved: list[str] = list(meta.get("sparse_layers") or [])
     if not saved:
         logger.warning("%s records no sparse layers (mode=%s); returning the model unpatched.", source, config.mode)

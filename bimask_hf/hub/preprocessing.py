@@ -23,7 +23,7 @@ from .files import MODEL_CONFIG_NAME, read_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PREPROCESSOR_NAME", "DATA_CONFIG_KEYS", "write_preprocessing", "read_preprocessing"]
+__all__ = ["PREPROCESSOR_NAME", "DATA_CONFIG_KEYS", "write_preprocessing", "read_preprocessing", "pipeline_loads"]
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
@@ -70,10 +70,23 @@ def _update_timm_config(folder: str, data_config: dict[str, Any]) -> None:
 
 
 def _write_image_processor(model: nn.Module, folder: str, data_config: dict[str, Any]) -> None:
-    """``preprocessor_config.json`` with the image processor of the model's type, set to ``data_config``."""
+    """``preprocessor_config.json`` with the image processor of the model's type, set to ``data_config``.
+
+    transformers' image processors hand over RGB images; a model taking other than 3 channels gets
+    bimask-hf's ``BiMaskImageProcessor`` (timm's evaluation transform after converting the image to the
+    model's channels), which ``import bimask_hf`` registers.
+    """
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
     channels, height, width = data_config["input_size"]
+    if channels != 3:  # timm's transform (any crop mode) after converting to the model's channels
+        from ..models.image_processor import IMAGE_PROCESSOR_TYPE
+
+        processor = {"image_processor_type": IMAGE_PROCESSOR_TYPE, "pretrained_cfg": data_config}
+        with open(os.path.join(folder, PREPROCESSOR_NAME), "w", encoding="utf-8") as f:
+            json.dump(processor, f, indent=2)
+            f.write("\n")
+        return
     crop_pct, crop_mode = data_config["crop_pct"], data_config["crop_mode"]
     if crop_mode not in ("center", "squash") or (crop_mode == "center" and height != width):
         raise ValueError(
@@ -109,11 +122,6 @@ def _write_image_processor(model: nn.Module, folder: str, data_config: dict[str,
             processor["size"] = {"height": math.floor(height / crop_pct), "width": math.floor(width / crop_pct)}
         processor["crop_size"] = {"height": height, "width": width}
         processor["crop_pct"] = crop_pct  # exact (CLIP's processor ignores it; the sizes above apply it)
-    if channels != 3:
-        logger.warning(
-            "%s takes %d-channel images; transformers' image processors hand over RGB, so convert images "
-            "yourself before calling the model.", type(model).__name__, channels,
-        )
     with open(os.path.join(folder, PREPROCESSOR_NAME), "w", encoding="utf-8") as f:
         json.dump(processor, f, indent=2)
         f.write("\n")
@@ -141,6 +149,10 @@ def read_preprocessing(folder: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         return None
     processor = read_json(path, "Image processor config")
+    if isinstance(processor.get("pretrained_cfg"), dict):  # BiMaskImageProcessor: timm's data config
+        from timm.data import resolve_data_config
+
+        return dict(resolve_data_config(pretrained_cfg=processor["pretrained_cfg"], verbose=False))
     mean, std = processor.get("image_mean"), processor.get("image_std")
     size = processor.get("crop_size") if processor.get("do_center_crop") else processor.get("size")
     if mean is None or std is None or not isinstance(size, Mapping) or "height" not in size:
@@ -167,3 +179,24 @@ def read_preprocessing(folder: str) -> dict[str, Any] | None:
         exact = isinstance(recorded, (int, float)) and 0 < recorded <= 1 and math.floor(target / recorded) == scale
         config["crop_pct"] = float(recorded) if exact else target / scale
     return config
+
+
+def pipeline_loads(folder: str, channels: int = 3) -> bool:
+    """Whether ``pipeline("image-classification", model=folder)`` gets an image processor that prepares
+    images the way the model takes them: recorded preprocessing, for ``channels``-channel inputs."""
+    from ..models.image_processor import IMAGE_PROCESSOR_TYPE
+
+    config_path = os.path.join(folder, MODEL_CONFIG_NAME)
+    model_config = read_json(config_path, "Model config") if os.path.isfile(config_path) else {}
+    path = os.path.join(folder, PREPROCESSOR_NAME)
+    if os.path.isfile(path):
+        processor = read_json(path, "Image processor config")
+        if isinstance(processor.get("pretrained_cfg"), dict):  # BiMaskImageProcessor converts the channels
+            return int(processor["pretrained_cfg"]["input_size"][0]) == channels
+        return channels == 3 and processor.get("image_mean") is not None
+    cfg = model_config.get("pretrained_cfg")
+    if not isinstance(cfg, dict) or any(cfg.get(k) is None for k in ("input_size", "mean", "std")):
+        return False
+    if int(cfg["input_size"][0]) != channels:
+        return False
+    return channels == 3 or model_config.get("image_processor_type") == IMAGE_PROCESSOR_TYPE

@@ -31,7 +31,7 @@ from .files import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_sparse_model", "model_family"]
+__all__ = ["save_sparse_model", "model_family", "push_folder", "sparse_save_pretrained", "sparse_push_to_hub"]
 
 FORMAT_DENSE = "safetensors"
 FORMAT_COMPRESSED = "nm-compressed"
@@ -142,6 +142,9 @@ def save_sparse_model(
     metrics: dict[str, Any] | None = None,
     safe_serialization: bool = True,
     data_config: dict[str, Any] | None = None,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    **hub_kwargs: Any,
 ) -> str:
     """Save a Bi-Mask model as a folder that plain transformers / timm load; returns the folder path.
 
@@ -164,8 +167,23 @@ def save_sparse_model(
     input size, channels, mean/std, interpolation, crop): timm and TimmWrapper folders record it as the
     ``pretrained_cfg`` of ``config.json``, other transformers models as ``preprocessor_config.json``, so
     ``transformers.pipeline("image-classification", model=folder)`` and ``bimask-eval`` preprocess images
-    the way training evaluated them. Without it a timm model's own ``pretrained_cfg`` is kept.
+    the way training evaluated them. Without it, the preprocessing of the folder the model was loaded
+    from (:func:`load_sparse_model` records it) or a timm model's own ``pretrained_cfg`` is kept.
+
+    With ``push_to_hub=True`` the folder is then uploaded to the Hub repo ``repo_id`` (default: the
+    folder's name under your namespace), created if needed; the card's snippets name the pushed repo.
+    ``hub_kwargs`` (``token``, ``private``, ``revision``, ``commit_message``, ``create_pr``, ``endpoint``)
+    go to ``huggingface_hub``; ``HF_ENDPOINT`` is read at call time.
     """
+    unknown = sorted(set(hub_kwargs) - set(_HUB_KEYWORDS))
+    if unknown:
+        raise TypeError(f"save_sparse_model() got unexpected keyword argument(s) {unknown}; Hub keywords: "
+                        f"{', '.join(_HUB_KEYWORDS)} (with push_to_hub=True).")
+    if (repo_id is not None or hub_kwargs) and not push_to_hub:
+        raise ValueError("repo_id and Hub keywords are used with push_to_hub=True only; pass push_to_hub=True.")
+    if push_to_hub:
+        repo_id = _create_repo(repo_id or os.path.basename(os.path.abspath(os.fspath(save_directory))), **hub_kwargs)
+        card_data = {**(card_data or {}), "repo_id": repo_id}
 
     if not safe_serialization:
         warnings.warn(
@@ -180,6 +198,8 @@ def save_sparse_model(
     if compressed and config.density is not None:
         raise ValueError(f"compressed=True stores N:M layers; this model is {config.pattern} (save it uncompressed).")
     family = model_family(model)
+    if data_config is None:
+        data_config = getattr(model, "bimask_data_config", None)
     # Retention needs the live Bi-Mask layers, so the report is taken before merging the copy.
     layer_report: SparsityReport | None = report(model) if sparse_layers(model) else None
 
@@ -214,7 +234,113 @@ def save_sparse_model(
         # A re-save must not keep the other format's weights: they leave with the previous folder.
         stale = {NM_WEIGHTS_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME} - set(os.listdir(staging))
         replace_folder_contents(staging, folder, drop=stale)
+    if push_to_hub:
+        push_folder(folder, repo_id, **hub_kwargs)  # type: ignore[arg-type]
     return folder
+
+
+_HUB_KEYWORDS = ("token", "private", "revision", "commit_message", "commit_description", "create_pr", "endpoint")
+
+
+def _hub_api(token: Any = None, endpoint: str | None = None) -> Any:
+    from huggingface_hub import HfApi
+
+    endpoint = endpoint or (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None  # read at call time
+    return HfApi(endpoint=endpoint, token=token)
+
+
+def _create_repo(repo_id: str, *, token: Any = None, private: bool | None = None, endpoint: str | None = None,
+                 **_: Any) -> str:
+    """Create (or find) the Hub repo; returns its full id ``namespace/name``."""
+    return _hub_api(token, endpoint).create_repo(repo_id, private=private, exist_ok=True).repo_id
+
+
+def push_folder(folder: str, repo_id: str, *, token: Any = None, private: bool | None = None,
+                revision: str | None = None, commit_message: str | None = None,
+                commit_description: str | None = None, create_pr: bool = False, endpoint: str | None = None) -> Any:
+    """Upload a folder written by :func:`save_sparse_model` to ``repo_id`` (created if needed); returns
+    ``huggingface_hub``'s ``CommitInfo``."""
+    api = _hub_api(token, endpoint)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+        commit_message=commit_message or "Upload N:M sparse model (bimask-hf)", commit_description=commit_description,
+    )
+
+
+# ---- transformers' save_pretrained / push_to_hub on a model under Bi-Mask training -------------------
+# ``sparsify`` puts these on the instance (see ``bimask_hf.patching``), so the plain calls write what
+# save_sparse_model writes; inside ``training_state(model)`` (Trainer checkpoints) the class's own
+# save_pretrained keeps the dense weights and permutations a resumed run needs.
+_IGNORED_SAVE_KEYWORDS = {"safe_serialization", "max_shard_size", "save_peft_format", "save_original_format"}
+
+
+def _plain_call(model: nn.Module, name: str) -> Any:
+    from ..patching import in_training_state
+
+    if not sparse_layers(model) or in_training_state(model):
+        return getattr(type(model), name).__get__(model)
+    return None
+
+
+def sparse_save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args: Any,
+                           is_main_process: bool = True, state_dict: Any = None, push_to_hub: bool = False,
+                           **kwargs: Any) -> Any:
+    """``model.save_pretrained`` of a transformers model under Bi-Mask training: :func:`save_sparse_model`.
+
+    Writes the merged, exact N:M weights (no ``bimask_permutation`` buffers), ``bimask_config.json``, the
+    model card and the preprocessing the model was loaded with. Keywords that only shape transformers'
+    files (``max_shard_size``, ``safe_serialization``) are accepted; ``push_to_hub=True`` with ``repo_id``,
+    ``token``, ``private``, ``commit_message`` uploads the folder as well.
+    """
+    plain = _plain_call(model, "save_pretrained")
+    if plain is not None:
+        return plain(save_directory, *args, is_main_process=is_main_process, state_dict=state_dict,
+                     push_to_hub=push_to_hub, **kwargs)
+    if args or state_dict is not None or kwargs.get("variant") is not None:
+        raise ValueError(
+            "save_pretrained of a model under Bi-Mask training writes its merged N:M weights with "
+            "bimask_hf.save_sparse_model, which takes no positional arguments, state_dict or variant. Call "
+            "bimask_hf.save_sparse_model(model, folder) (the publishable folder), or save inside "
+            "bimask_hf.patching.training_state(model) for a training checkpoint (dense weights and permutations)."
+        )
+    if not is_main_process:
+        return None
+    hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KEYWORDS or k == "repo_id"}
+    ignored = {k: kwargs.pop(k) for k in list(kwargs) if k in _IGNORED_SAVE_KEYWORDS}
+    if kwargs:
+        raise TypeError(f"save_pretrained of a Bi-Mask model got unexpected keyword argument(s) {sorted(kwargs)}.")
+    if ignored.get("safe_serialization") is False:
+        logger.warning("safe_serialization=False is ignored: bimask-hf writes safetensors only.")
+    return save_sparse_model(model, save_directory, push_to_hub=push_to_hub, **hub)
+
+
+def sparse_push_to_hub(model: nn.Module, repo_id: str, *, commit_message: str | None = None,
+                       commit_description: str | None = None, private: bool | None = None, token: Any = None,
+                       revision: str | None = None, create_pr: bool = False, max_shard_size: Any = None,
+                       tags: list[str] | None = None) -> Any:
+    """``model.push_to_hub`` of a transformers model under Bi-Mask training: the folder of
+    :func:`save_sparse_model` (bimask-hf's model card included, with ``tags`` added) is uploaded."""
+    import tempfile
+
+    plain = _plain_call(model, "push_to_hub")
+    if plain is not None:
+        return plain(repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
+                     token=token, revision=revision, create_pr=create_pr, tags=tags,
+                     **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}))
+    full_id = _create_repo(repo_id, token=token, private=private)
+    with tempfile.TemporaryDirectory(prefix="bimask-push-") as tmp:
+        folder = save_sparse_model(model, os.path.join(tmp, full_id.split("/")[-1]), card_data={"repo_id": full_id})
+        if tags:
+            from huggingface_hub import ModelCard
+
+            card = ModelCard.load(os.path.join(folder, CARD_NAME))
+            card.data.tags = list(card.data.tags or []) + [t for t in tags if t not in (card.data.tags or [])]
+            card.save(os.path.join(folder, CARD_NAME))
+        return push_folder(folder, full_id, token=token, private=private, revision=revision,
+                           commit_message=commit_message, commit_description=commit_description, create_pr=create_pr)
 
 
 def _write_folder(export: nn.Module, model: nn.Module, folder: str, target: str, *, family: str,
@@ -262,7 +388,14 @@ def _write_folder(export: nn.Module, model: nn.Module, folder: str, target: str,
     card_kwargs.setdefault("library_name", "bimask-hf" if compressed else default_library_name(model))
     # From the merged copy: a patched model's card is built from its report, which knows no architecture.
     card_kwargs.setdefault("custom_architecture", bimask_architecture(export))
+    from .preprocessing import pipeline_loads
+
+    first_conv = next((m for m in export.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first_conv.in_channels if first_conv is not None else 3
     if data_config is not None and data_config.get("input_size"):
-        card_kwargs.setdefault("in_chans", int(data_config["input_size"][0]))
+        channels = int(data_config["input_size"][0])
+    card_kwargs.setdefault("in_chans", channels)
+    card_kwargs.setdefault("pipeline", pipeline_loads(folder, channels))
+    card_kwargs.setdefault("trained_preprocessing", data_config is not None)
     card = create_model_card(layer_report if layer_report is not None else export, config, metrics=metrics, **card_kwargs)
     card.save(os.path.join(folder, CARD_NAME))
