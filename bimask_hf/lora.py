@@ -16,8 +16,11 @@ config flags (``use_dora``, ...) that peft owns, while the custom mapping is the
 layer types.
 
 peft does not save the custom mapping with the adapter, so load saved adapters with
-:func:`load_peft_model` (``PeftModel.from_pretrained`` with the mapping registered), not with plain
-``PeftModel.from_pretrained``, which would give the sparse layers plain (dense-merging) LoRA.
+:func:`load_peft_model` (``PeftModel.from_pretrained`` with the mapping registered). Plain
+``PeftModel.from_pretrained`` would give the sparse layers plain LoRA, whose merge is dense, so adapters
+saved from :func:`get_peft_model` cannot be loaded by it: their ``adapter_config.json`` keeps the real
+``target_modules`` under ``"bimask_hf"`` and gives peft a ``target_modules`` pattern that matches no layer
+and names :func:`load_peft_model` (peft's error quotes it); the adapter's README says how to load it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ __all__ = ["NMSparseLinear", "get_peft_model", "is_peft_model", "load_peft_model
            "prepare_sparse_base"]
 
 MASK_BUFFER = "nm_mask"
+LOADER = "bimask_hf.lora.load_peft_model"
+ADAPTER_KEY = "bimask_hf"  # in adapter_config.json: how to load the adapter and its real target_modules
+# A regex that matches no module name ("(?!)" always fails) and reads as the fix in peft's error message.
+GUARD_TARGET = f"(?!)N:M sparse adapter: load it with {LOADER}(base_model, adapter), not PeftModel.from_pretrained"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
 def _peft():  # noqa: ANN202 - imported lazily: peft is an optional dependency
@@ -128,12 +136,71 @@ def _masked_lora_class() -> type:
     return MaskedLoraLinear
 
 
+def _sparse_lora_config_class() -> type:
+    from peft import LoraConfig
+
+    class SparseLoraConfig(LoraConfig):
+        """peft's ``LoraConfig`` of an adapter on an N:M sparse base; saved so that only
+        :func:`load_peft_model` loads it (see the module docstring)."""
+
+        def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+            super().save_pretrained(save_directory, **kwargs)
+            _mark_adapter_folder(save_directory)
+
+    SparseLoraConfig.__module__ = __name__  # pickled by name: the module's __getattr__ builds it
+    return SparseLoraConfig
+
+
+_LAZY = {"MaskedLoraLinear": _masked_lora_class, "SparseLoraConfig": _sparse_lora_config_class}
+
+
 def __getattr__(name: str) -> Any:
-    if name == "MaskedLoraLinear":  # built on first use so that importing bimask_hf never needs peft
-        cls = _masked_lora_class()
+    if name in _LAZY:  # built on first use so that importing bimask_hf never needs peft
+        cls = _LAZY[name]()
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_README_SECTION = """
+## Loading this adapter (N:M sparse base)
+
+This LoRA adapter was trained with `bimask_hf.get_peft_model` on an N:M sparse model: each sparse
+layer's update is masked by the layer's N:M mask, so the merged model stays exactly N:M. Load it with
+bimask-hf; plain `PeftModel.from_pretrained` refuses it (it would merge a dense update):
+
+```python
+from transformers import AutoModelForImageClassification
+from bimask_hf.lora import load_peft_model
+
+base = AutoModelForImageClassification.from_pretrained("{base}")
+model = load_peft_model(base, "<this adapter's folder or repo id>")
+merged = model.merge_and_unload()  # exactly N:M
+```
+"""
+
+
+def _mark_adapter_folder(folder: str) -> None:
+    """Move the real ``target_modules`` under ``"bimask_hf"`` and explain the loading in the README."""
+    import json
+
+    path = os.path.join(folder, ADAPTER_CONFIG_NAME)
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("target_modules") != GUARD_TARGET:
+        from . import __version__
+
+        config[ADAPTER_KEY] = {"loader": LOADER, "target_modules": config.get("target_modules"),
+                               "library_version": __version__}
+        config["target_modules"] = GUARD_TARGET
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True))
+    readme = os.path.join(folder, "README.md")
+    text = open(readme, encoding="utf-8").read() if os.path.isfile(readme) else ""
+    if LOADER.rpartition(".")[2] not in text:
+        base = config.get("base_model_name_or_path") or "<the sparse base model>"
+        with open(readme, "a", encoding="utf-8") as f:
+            f.write(_README_SECTION.replace("{base}", str(base)))
 
 
 def _resolve(model: nn.Module, name: str) -> str | None:
@@ -146,36 +213,84 @@ def _resolve(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def _source_folder(model: nn.Module) -> str | None:
-    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    return str(source) if source and os.path.isdir(str(source)) else None
+def _sources(model: nn.Module) -> list[tuple[str, str | None]]:
+    """``(folder or Hub id, revision)`` the model was loaded from, as the plain libraries record it.
+
+    transformers keeps ``config._name_or_path`` and the commit it read (``config._commit_hash``); timm
+    keeps ``pretrained_cfg["hf_hub_id"]`` (``hf-hub:``) or ``["file"]`` (``local-dir:``), also inside a
+    TimmWrapper.
+    """
+    config = getattr(model, "config", None)
+    found: list[tuple[str, str | None]] = []
+    for name in (getattr(model, "name_or_path", None), getattr(config, "_name_or_path", None)):
+        if name:
+            found.append((str(name), getattr(config, "_commit_hash", None)))
+    for module in (model, getattr(model, "timm_model", None)):
+        cfg = getattr(module, "pretrained_cfg", None)
+        if isinstance(cfg, dict):
+            found += [(str(cfg[key]), None) for key in ("hf_hub_id", "file") if cfg.get(key)]
+    unique: list[tuple[str, str | None]] = []
+    for item in found:
+        if item[0] not in [u[0] for u in unique]:
+            unique.append(item)
+    return unique
+
+
+def _source_meta(model: nn.Module) -> dict[str, Any] | None:
+    """The ``bimask_config.json`` of the folder or Hub repo ``model`` was loaded from, if it has one.
+
+    A Hub id is read through the Hub cache (``hf_hub_download`` at the revision the model was loaded
+    at), so offline mode (``HF_HUB_OFFLINE=1``) and ``HF_ENDPOINT`` apply as for the model itself.
+    """
+    from .config import CONFIG_NAME, BiMaskConfig
+    from .hub.files import _looks_like_path, read_json
+
+    for source, revision in _sources(model):
+        if os.path.isdir(source):
+            if os.path.isfile(os.path.join(source, CONFIG_NAME)):
+                return BiMaskConfig.load_json(source)
+            continue
+        if _looks_like_path(source) or os.path.exists(source):
+            continue
+        path = _hub_file(source, CONFIG_NAME, revision)
+        if path is not None:
+            return read_json(path, "Bi-Mask config")
+    return None
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None, **kwargs: Any) -> str | None:
+    """Local path of ``filename`` of Hub repo ``repo_id`` (downloaded or cached), None if it has none;
+    ``kwargs`` (``token``, ``cache_dir``) go to ``hf_hub_download``."""
+    import httpx
+    from huggingface_hub import hf_hub_download
+
+    kwargs["revision"] = revision
+    if os.environ.get("HF_ENDPOINT"):
+        kwargs["endpoint"] = os.environ["HF_ENDPOINT"].rstrip("/")  # read at call time
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename, **kwargs)
+    # A repo without the file, a missing repo, an invalid id, offline without a cached copy, no network.
+    except (OSError, ValueError, httpx.HTTPError) as error:
+        logger.debug("No %s for %s: %s", filename, repo_id, error)
+        return None
 
 
 def _source_config(model: nn.Module) -> Any:
-    """The ``BiMaskConfig`` saved in the folder the model was loaded from, if any."""
-    from .config import CONFIG_NAME, BiMaskConfig
+    """The ``BiMaskConfig`` saved with the model the base was loaded from, if any."""
+    from .config import BiMaskConfig
 
-    folder = _source_folder(model)
-    if folder is None or not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
-        return None
-    return BiMaskConfig.from_pretrained(folder)
+    meta = _source_meta(model)
+    return None if meta is None else BiMaskConfig.from_dict(meta)
 
 
 def _saved_sparse_layers(model: nn.Module) -> list[str] | None:
-    """Sparse layer names recorded on the model, or in the ``bimask_config.json`` of the folder it came from."""
+    """Sparse layer names recorded on the model, or in the ``bimask_config.json`` of the folder or Hub repo
+    it was loaded from."""
     recorded = getattr(model, "bimask_sparse_layers", None)
     if recorded:
         return list(recorded)
-    from .config import BiMaskConfig
-
-    source = _source_folder(model)
-    if source is None:
-        return None
-    try:
-        meta = BiMaskConfig.load_json(source)
-    except FileNotFoundError:
-        return None
-    return list(meta.get("sparse_layers") or [])
+    meta = _source_meta(model)
+    return None if meta is None else list(meta.get("sparse_layers") or [])
 
 
 def prepare_sparse_base(model: nn.Module, sparse_layers: list[str] | None = None, *,
@@ -184,8 +299,8 @@ def prepare_sparse_base(model: nn.Module, sparse_layers: list[str] | None = None
 
     Bi-Mask layers (a model under training or from ``load_sparse_model``) are merged and keep their
     current forward mask. Plain ``Linear`` layers named in ``sparse_layers`` -- by default those recorded
-    by :func:`bimask_hf.merge` or in the ``bimask_config.json`` of the folder the model was loaded from --
-    keep their stored zero pattern. Sparse ``Conv2d`` layers stay as they are (LoRA on them is not masked:
+    by :func:`bimask_hf.merge` or in the ``bimask_config.json`` of the folder or Hub repo the model was
+    loaded from by plain transformers or timm -- keep their stored zero pattern. Sparse ``Conv2d`` layers stay as they are (LoRA on them is not masked:
     do not target them).
     """
     from .inspection import sparse_layers as bimask_layers
@@ -219,14 +334,15 @@ def prepare_sparse_base(model: nn.Module, sparse_layers: list[str] | None = None
     if not fixed and require_linear:
         raise ValueError(
             f"{type(model).__name__} has no sparse Linear layers to fine-tune: pass a model from "
-            "load_sparse_model, one loaded from a folder saved by bimask-hf, one under Bi-Mask training, "
-            "or name them with sparse_layers=[...]."
+            "load_sparse_model, one loaded from a folder or Hub repo saved by bimask-hf (its "
+            "bimask_config.json names them), one under Bi-Mask training, or name them with sparse_layers=[...]."
         )
     return sorted(fixed)
 
 
 def _with_sparse_mapping(peft_config: Any) -> Any:
     config = copy.copy(peft_config)
+    config.__class__ = __getattr__("SparseLoraConfig")  # same fields; only its save differs
     config._register_custom_module({NMSparseLinear: __getattr__("MaskedLoraLinear")})
     return config
 
@@ -266,8 +382,40 @@ def _is_target(peft_config: Any, name: str) -> bool:
 
 def load_peft_model(model: nn.Module, model_id: str | os.PathLike, *, sparse_layers: list[str] | None = None,
                     **kwargs: Any) -> Any:
-    """``PeftModel.from_pretrained`` for adapters trained with :func:`get_peft_model` on a sparse base."""
+    """``PeftModel.from_pretrained`` for adapters trained with :func:`get_peft_model` on a sparse base.
+
+    ``model`` is the sparse base as :func:`get_peft_model` takes it (from :func:`load_sparse_model`, or
+    loaded by plain transformers/timm from a folder or Hub repo saved by bimask-hf). ``model_id`` is the
+    adapter's folder or Hub repo; ``kwargs`` go to ``PeftModel.from_pretrained`` (``revision``,
+    ``subfolder``, ``is_trainable``, ...). The adapters keep the N:M masks fixed, as in training.
+    """
+    import warnings
+
     peft = _peft()
-    config = peft.PeftConfig.from_pretrained(os.fspath(model_id))
-    prepare_sparse_base(model, sparse_layers)
-    return peft.PeftModel.from_pretrained(model, model_id, config=_with_sparse_mapping(config), **kwargs)
+    source = os.fspath(model_id)
+    hub = {k: kwargs[k] for k in ("revision", "subfolder", "token", "cache_dir") if kwargs.get(k) is not None}
+    with warnings.catch_warnings():  # the "bimask_hf" entry is ours: peft warns about keys it does not know
+        warnings.filterwarnings("ignore", message=r"Unexpected keyword arguments \['bimask_hf'\]")
+        config = peft.PeftConfig.from_pretrained(source, **hub)
+        saved = _adapter_entry(source, hub)
+        if saved is not None:
+            targets = saved.get("target_modules")
+            config.target_modules = set(targets) if isinstance(targets, list) else targets
+        prepare_sparse_base(model, sparse_layers)
+        return peft.PeftModel.from_pretrained(model, model_id, config=_with_sparse_mapping(config), **kwargs)
+
+
+def _adapter_entry(source: str, hub: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``"bimask_hf"`` entry of an adapter's ``adapter_config.json`` (folder or Hub repo), if any."""
+    import json
+
+    folder = os.path.join(source, hub.get("subfolder") or "")
+    path = os.path.join(folder, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        name = f"{hub['subfolder']}/{ADAPTER_CONFIG_NAME}" if hub.get("subfolder") else ADAPTER_CONFIG_NAME
+        path = _hub_file(source, name, hub.get("revision"),  # type: ignore[assignment]
+                         **{k: hub[k] for k in ("token", "cache_dir") if k in hub})
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get(ADAPTER_KEY)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from bimask_hf.hub import save_sparse_model  # noqa: E402
 from bimask_hf.lora import load_peft_model  # noqa: E402
 
 from . import models  # noqa: E402
+from .olah_server import serve_local_repos, use_endpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "v_proj", "fc1", "fc2", "classifier"]  # classifier: a dense target gets plain LoRA
@@ -106,6 +108,39 @@ def test_adapters_round_trip_on_the_sparse_base(sparse_folder, tmp_path):
     torch.testing.assert_close(_logits(reloaded, x), _logits(peft_model, x), atol=1e-6, rtol=0)
     merged = reloaded.merge_and_unload()
     bh.check_nm(merged, 2, 4, layers=_sparse_names(sparse_folder))
+
+
+@pytest.fixture(scope="module")
+def lora_hub(tmp_path_factory, sparse_folder):
+    with serve_local_repos(str(tmp_path_factory.mktemp("olah"))) as hub:
+        hub.add_model_repo("bimask-test/vit-2-4", sparse_folder)
+        yield hub
+
+
+def test_hub_base_lora_and_adapters_that_plain_peft_refuses(lora_hub, sparse_folder, tmp_path, monkeypatch):
+    """A base loaded by plain transformers from a Hub id (bimask_config.json read through the Hub cache);
+    its adapters say how to load them, and plain PeftModel.from_pretrained refuses them (dense merge)."""
+    use_endpoint(monkeypatch, lora_hub.endpoint)
+    cache = str(tmp_path / "cache")
+
+    def base():
+        return AutoModelForImageClassification.from_pretrained("bimask-test/vit-2-4", cache_dir=cache)
+
+    peft_model = bh.get_peft_model(base(), _lora_config())
+    assert len([m for m in peft_model.modules() if type(m).__name__ == "MaskedLoraLinear"]) == 8
+    _train_steps(peft_model, steps=1)
+    peft_model.save_pretrained(tmp_path / "adapters")
+    with open(tmp_path / "adapters" / "adapter_config.json") as f:
+        saved = json.load(f)
+    assert saved["bimask_hf"]["loader"] == "bimask_hf.lora.load_peft_model"
+    assert sorted(saved["bimask_hf"]["target_modules"]) == sorted(TARGETS)
+    assert "load_peft_model(base" in (tmp_path / "adapters" / "README.md").read_text()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    reloaded = load_peft_model(base(), tmp_path / "adapters")
+    torch.testing.assert_close(_logits(reloaded, x), _logits(peft_model, x), atol=1e-6, rtol=0)
+    bh.check_nm(reloaded.merge_and_unload(), 2, 4, layers=_sparse_names(sparse_folder))
+    with pytest.raises(ValueError, match=r"bimask_hf\.lora\.load_peft_model"):
+        peft.PeftModel.from_pretrained(base(), tmp_path / "adapters")
 
 
 def _image_dataset(n: int = 24) -> Dataset:
