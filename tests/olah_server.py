@@ -10,11 +10,12 @@ answers the few write endpoints that ``huggingface_hub``'s ``create_repo`` / ``u
 repo, so that pushes can be tested and read back through olah.
 
 One difference from the Hub matters to clients: olah answers a request for a file that a repo does
-not have with ``401 RepoNotFound``, where the Hub answers ``404 EntryNotFound``. transformers probes
+not have with ``401 RepoNotFound`` (``500`` when asked at a commit sha), where the Hub answers
+``404 EntryNotFound``. transformers probes
 for optional files (``adapter_config.json`` whenever peft is installed, processor configs), treats a
 404 as "not there" and a 401 as a fatal error. So the tests talk to olah through a small loopback proxy
-(:class:`_HubSemanticsProxy`) that forwards everything unchanged except that it turns olah's 401 for a
-file missing from the served git repo into the Hub's 404.
+(:class:`_HubSemanticsProxy`) that forwards everything unchanged except that it turns olah's 401 / 500
+for a file missing from the served git repo into the Hub's 404.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _missing_file(mirrors: str, path: str) -> bool:
 
 
 class _HubSemanticsProxy(http.server.ThreadingHTTPServer):
-    """Forwards requests to olah; a 401 for a file missing from the served repo becomes the Hub's 404."""
+    """Forwards requests to olah; a 401 or 500 for a file missing from the served repo becomes the Hub's 404."""
 
     daemon_threads = True
 
@@ -180,7 +181,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             status, reason, out_headers = response.status, response.reason, response.getheaders()
         finally:
             upstream.close()
-        if status == 401 and _missing_file(self.server.mirrors, self.path):
+        # olah answers 401 for a missing file at a branch, 500 at a commit sha (transformers asks at the sha
+        # of the files it already read); the Hub answers 404 for both.
+        if status in (401, 500) and _missing_file(self.server.mirrors, self.path):
             data = b'{"error": "Entry not found"}'
             status, reason = 404, "Not Found"
             out_headers = [("Content-Type", "application/json"), ("X-Error-Code", "EntryNotFound"),
