@@ -271,10 +271,15 @@ def serve_local_repos(root: str, startup_timeout: float = 60.0) -> Iterator[Loca
 
 def use_endpoint(monkeypatch: object, endpoint: str) -> None:
     """Point this process's Hub clients at ``endpoint``: ``HF_ENDPOINT`` for code that reads it at call time,
-    and ``huggingface_hub``'s constants, which it read once at import (transformers' and timm's downloads)."""
+    and ``huggingface_hub``'s constants, which it read once at import (transformers' and timm's downloads).
+
+    Offline mode (``HF_HUB_OFFLINE=1``) is switched off too: the loopback server needs no network.
+    """
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_ENDPOINT", endpoint)  # type: ignore[attr-defined]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # type: ignore[attr-defined]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # type: ignore[attr-defined]
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # type: ignore[attr-defined]
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",  # type: ignore[attr-defined]
                         endpoint + "/{repo_id}/resolve/{revision}/{filename}")
