@@ -162,3 +162,26 @@ def test_push_to_hub_uploads_the_sparse_folder(hub, tmp_path, monkeypatch, x):
         torch.testing.assert_close(_eval_logits(plain, x), _eval_logits(model, x), rtol=0, atol=1e-6)
         assert bh.sparse_layers(load_sparse_model(repo, cache_dir=cache))
     assert "my-tag" in ModelCard.load(os.path.join(hub.mirrors, "models/bimask-user/vit-pushed/README.md")).data.tags
+
+
+def test_plain_trainer_checkpoints_keep_the_training_state(tmp_path):
+    """A plain transformers Trainer with BiMaskCallback: its checkpoints (save_pretrained) hold the dense
+    weights and permutations that resuming needs; its final save_model writes the sparse folder."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from bimask_hf.trainer import BiMaskCallback
+
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"pixel_values": torch.randn(8, 3, 32, 32, generator=gen).numpy(),
+                              "labels": torch.randint(0, 5, (8,), generator=gen).tolist()}).with_format("torch")
+    model = bh.sparsify(models.tiny_vit(num_labels=5), CONFIG)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             save_strategy="steps", save_steps=2, use_cpu=True, report_to="none", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[BiMaskCallback(model, CONFIG)])
+    trainer.train()
+    checkpoint = load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors")
+    assert [k for k in checkpoint if k.endswith(PERMUTATION_KEY)]
+    trainer.save_model(str(tmp_path / "final"))
+    assert not [k for k in load_file(tmp_path / "final" / "model.safetensors") if k.endswith(PERMUTATION_KEY)]
+    assert os.path.isfile(tmp_path / "final" / "bimask_config.json")
