@@ -9,6 +9,7 @@ sparsity metrics in the Trainer's logs for every ``report_to`` tracker.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -126,6 +127,10 @@ class BiMaskCallback(TrainerCallback):
         if kwargs.get("model") is not None:
             # The model the Trainer trains: with ``model_init`` it is built anew in ``train()``.
             self.model = kwargs["model"]
+        # Checkpoints written while training (any Trainer's save_pretrained) keep the dense weights and
+        # permutations a resumed run needs; after training, save_pretrained publishes the N:M folder.
+        self._training_state = contextlib.ExitStack()
+        self._training_state.enter_context(training_state(self.model))
         if self.fixed_masks:
             if state.is_world_process_zero:
                 print(f"bimask-hf: LoRA fine-tuning of a {self.config.pattern} sparse model, N:M masks fixed")
@@ -158,6 +163,11 @@ class BiMaskCallback(TrainerCallback):
         if (self.config.mode == "bimask" and not self.fixed_masks
                 and state.global_step % self.config.permutation_interval == 0):
             self._refresh(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        stack = getattr(self, "_training_state", None)
+        if stack is not None:
+            stack.close()
 
     def sparsity_logs(self) -> dict[str, float]:
         """``sparsity/*`` metrics of the current masks; resets the accumulated search time."""
