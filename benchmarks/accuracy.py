@@ -13,6 +13,8 @@ Methods (each at 2:4 and 1:4, except the pattern-free ``dense`` and ``unstructur
 * ``srste``            -- uni-directional N:M (SR-STE): forward and input gradient through ``W*Mf``;
 * ``bimask-random``    -- Bi-Mask with the paper's row-permutation search (best of 100 random, every 100 steps);
 * ``bimask-matched``   -- Bi-Mask with the library's default search (``permutation_search="matched"``);
+* ``bimask-paper``     -- Bi-Mask with ``preset="paper"``: the paper's released algorithm (flat groups, its tie
+                          order, best of 10 fresh random permutations as its CIFAR default, sparse 3x3 stem);
 * ``transposable``     -- the paper's T-mask baseline (N:M along rows and columns of every MxM block);
 * ``pre`` / ``post``   -- the seed's m3 / m4: weights projected in place before every forward / after every step;
 * ``unstructured-50%`` -- ``density=0.5``, mode ``srste`` (the seed's ``--use_random_mask --random_mask_ratio 0.5``).
@@ -61,7 +63,7 @@ FILES = {
 # Per-pixel statistics of the Fashion-MNIST training images, in [0, 1] units.
 MEAN, STD = 0.2860, 0.3530
 
-NM_METHODS = ("srste", "bimask-random", "bimask-matched", "transposable", "pre", "post")
+NM_METHODS = ("srste", "bimask-random", "bimask-matched", "bimask-paper", "transposable", "pre", "post")
 FREE_METHODS = ("dense", "unstructured-50%")
 METHODS = ("dense", *NM_METHODS, "unstructured-50%")
 PATTERN_FREE = "-"
@@ -151,6 +153,8 @@ def method_config(method: str, pattern: str, settings: Settings, seed: int) -> b
             n=n, m=m, mode="bimask", permutation_search="random", num_permutations=settings.num_permutations,
             **common,
         )
+    if method == "bimask-paper":
+        return bh.BiMaskConfig(n=n, m=m, mode="bimask", preset="paper", **common)
     if method == "bimask-matched":
         return bh.BiMaskConfig(n=n, m=m, mode="bimask", permutation_search="matched", **common)
     if method in ("srste", "transposable", "pre", "post"):

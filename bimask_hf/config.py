@@ -13,7 +13,7 @@ from typing import Any
 CONFIG_NAME = "bimask_config.json"
 
 MODES = ("dense", "srste", "bimask", "transposable", "pre", "post")
-from .masks import check_nm_pattern  # noqa: E402
+from .masks import TIE_BREAKS, check_nm_pattern  # noqa: E402
 from .search import METHODS as PERMUTATION_SEARCHES  # noqa: E402
 
 GROUP_LAYOUTS = ("channels_last", "flat")
@@ -25,6 +25,34 @@ METADATA_KEYS = frozenset(
 
 # The seed scripts' `--mask_mode` names.
 SEED_MODE_NAMES = {"m1": "dense", "m2": "bimask", "m3": "pre", "m4": "post"}
+
+#: Fields a preset decides, with the library's own defaults (used without a preset). Their dataclass
+#: default is None ("not set"), so that a value set together with a preset can be told apart and refused.
+PRESET_FIELD_DEFAULTS: dict[str, Any] = {
+    "group_layout": "channels_last",
+    "tie_break": "low",
+    "permutation_search": "matched",
+    "num_permutations": 100,
+    "decay_per_sample": False,
+    "sparse_stem": False,
+}
+
+#: ``preset="paper"``: the algorithm of the paper's released code (docs/method.md, "The paper preset").
+#: ``num_permutations`` is the paper's own flag (``--greedy_num``, 10 by default, 100 in its ImageNet and
+#: DeiT commands), so it may be set with the preset; ``sparse_stem`` is None: the preset sparsifies the
+#: stem where the paper's models did (3x3 stems, i.e. its CIFAR models), see :func:`BiMaskConfig.stem_is_sparse`.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "group_layout": "flat",
+        "tie_break": "high",
+        "permutation_search": "random_fresh",
+        "num_permutations": 10,
+        "decay_per_sample": True,
+        "sparse_stem": None,
+    },
+}
+# Fields a user may still set with a preset (hyperparameters the paper's scripts take as flags).
+_PRESET_TUNABLE = frozenset({"num_permutations"})
 
 
 @dataclass
@@ -51,22 +79,56 @@ class BiMaskConfig:
         default=100,
         metadata={"help": "Optimizer steps between backward-mask permutation refreshes (the seed's --iter)."},
     )
-    num_permutations: int = field(
-        default=100,
-        metadata={"help": "Candidates of the random permutation search (the seed's --greedy_num)."},
-    )
-    permutation_search: str = field(
-        default="matched",
+    num_permutations: int | None = field(
+        default=None,
         metadata={
-            "help": "Row-permutation search for the backward mask: 'matched' (vectorised local search with "
-            "matched group pairs, default), 'swap' (random pairs), 'random' (the paper's best-of-K) or 'identity'."
+            "help": "Candidates of the random permutation searches (the paper's --greedy_num); default 100, "
+            "10 with preset 'paper' (its CIFAR default; its ImageNet and DeiT commands pass 100)."
         },
     )
-    group_layout: str = field(
-        default="channels_last",
+    permutation_search: str | None = field(
+        default=None,
+        metadata={
+            "help": "Row-permutation search for the backward mask: 'matched' (vectorised local search with "
+            "matched group pairs, default), 'swap' (random pairs), 'random' (best of the current and K-1 random "
+            "ones), 'random_fresh' (the paper's: best of K fresh random ones) or 'identity'."
+        },
+    )
+    group_layout: str | None = field(
+        default=None,
         metadata={
             "help": "Column order of conv weights for N:M groups: 'channels_last' ((kh, kw, c): groups run "
-            "along input channels, as sparse tensor cores expect) or 'flat' (PyTorch's (c, kh, kw))."
+            "along input channels, as sparse tensor cores expect; default) or 'flat' (PyTorch's (c, kh, kw), "
+            "the paper's)."
+        },
+    )
+    tie_break: str | None = field(
+        default=None,
+        metadata={
+            "help": "Which of equal |W| a mask keeps: 'low' (the lower index, default) or 'high' (the higher "
+            "one, and in Mb pruned entries tie with kept exact zeros: the paper's released code)."
+        },
+    )
+    decay_per_sample: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Add the SR-STE decay once per sample of a Linear layer's batched input (x of shape "
+            "(B, T, C): B times), as the paper's DeiT code does; default False (once per backward pass)."
+        },
+    )
+    sparse_stem: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Sparsify the stem (first conv) too; default False. Preset 'paper' decides it per model "
+            "(sparse 3x3 stems, as its CIFAR models; dense ImageNet stems and patch embeddings)."
+        },
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "'paper': the paper's released algorithm (flat groups, its tie order, best of "
+            "num_permutations fresh random permutations, per-sample decay, its stems). Setting a field the "
+            "preset decides to another value is an error."
         },
     )
     density: float | None = field(
@@ -87,6 +149,7 @@ class BiMaskConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the permutation search (identical on every rank)."})
 
     def __post_init__(self) -> None:
+        self._apply_preset()
         self.mode = SEED_MODE_NAMES.get(self.mode, self.mode)
         for name in ("n", "m", "permutation_interval", "num_permutations", "seed"):
             value = getattr(self, name)
@@ -104,6 +167,12 @@ class BiMaskConfig:
             raise ValueError(
                 f"BiMaskConfig.group_layout must be one of {GROUP_LAYOUTS}, got {self.group_layout!r}."
             )
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"BiMaskConfig.tie_break must be one of {TIE_BREAKS}, got {self.tie_break!r}.")
+        for name in ("decay_per_sample", "sparse_stem"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and self.preset is not None)):
+                raise ValueError(f"BiMaskConfig.{name} must be True or False, got {value!r}.")
         if self.permutation_interval < 1:
             raise ValueError(
                 f"BiMaskConfig.permutation_interval must be >= 1, got {self.permutation_interval}."
@@ -135,6 +204,36 @@ class BiMaskConfig:
                         "names match exact names or name suffixes."
                     ) from None
             setattr(self, name, value)
+
+    def _apply_preset(self) -> None:
+        """Fill the fields a preset decides (None = not set) with the preset's values, or the defaults;
+        a field set to a value other than the preset's is an error naming both."""
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"BiMaskConfig.preset must be one of {tuple(PRESETS)} or None, got {self.preset!r}.")
+        chosen = PRESETS.get(self.preset or "", {})
+        for name, default in PRESET_FIELD_DEFAULTS.items():
+            value = getattr(self, name)
+            if name not in chosen:
+                setattr(self, name, default if value is None else value)
+                continue
+            wanted = chosen[name]
+            if value is None or value == wanted or name in _PRESET_TUNABLE:
+                setattr(self, name, wanted if value is None else value)
+                continue
+            raise ValueError(
+                f"BiMaskConfig: preset={self.preset!r} sets {name}={wanted!r}"
+                + (" (decided per model)" if wanted is None else "")
+                + f", but {name}={value!r} was given. Drop one of the two: the preset reproduces the paper's "
+                "algorithm as a whole (docs/method.md lists what it sets)."
+            )
+
+    def stem_is_sparse(self, stem: Any) -> bool:
+        """Whether the stem module ``stem`` (a Linear/Conv2d) is sparsified: ``sparse_stem``, or under
+        ``preset="paper"`` the paper's choice: its CIFAR models build their 3x3 stem conv with its N:M conv,
+        its ImageNet ResNets (7x7 stem) and DeiT (patch embedding) keep the stem dense."""
+        if self.sparse_stem is not None:
+            return self.sparse_stem
+        return tuple(getattr(stem, "kernel_size", ())) == (3, 3)
 
     @property
     def pattern(self) -> str:

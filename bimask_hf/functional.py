@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .masks import backward_mask_for_weight, step_mask_dtype
+from .masks import backward_mask_for_weight, step_mask_dtype, ties_high
 
 __all__ = ["masked_linear", "masked_conv2d"]
 
@@ -103,14 +103,16 @@ def _weight_grad_extra(grad_w: torch.Tensor, weight: torch.Tensor, fwd_mask: tor
 
 
 def _input_grad_weight(
-    weight: torch.Tensor, fwd_mask: torch.Tensor, bwd: torch.Tensor | None, n: int, m: int, dtype: torch.dtype
+    weight: torch.Tensor, fwd_mask: torch.Tensor, bwd: torch.Tensor | None, n: int, m: int, high: bool,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """``W * Mb`` in ``dtype``; ``bwd`` is ``Mb`` itself (a mask), the row permutation it is built from
-    (integers), or None when ``Mb`` is ``Mf``."""
+    (integers; ``high``: with the paper's tie order), or None when ``Mb`` is ``Mf``."""
     if bwd is None:
         bwd = fwd_mask
     elif bwd.dtype in (torch.int64, torch.int32):
-        bwd = backward_mask_for_weight(weight, fwd_mask, bwd, n, m, dtype=step_mask_dtype(weight))
+        bwd = backward_mask_for_weight(weight, fwd_mask, bwd, n, m, dtype=step_mask_dtype(weight),
+                                       tie_break="high" if high else "low")
     return _masked(weight, bwd).to(dtype)
 
 
@@ -125,13 +127,13 @@ def _backward_arg(
 
 class _MaskedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, fwd_mask, bwd, n, m, decay):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, fwd_mask, bwd, n, m, high, decay):  # type: ignore[override]
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
             out = F.linear(xc, _cast(mask_work(_masked, weight, weight, fwd_mask), dtype), _cast(bias, dtype))
         ctx.save_for_backward(xc, weight, fwd_mask, bwd)
-        ctx.nm = (n, m)
+        ctx.nm = (n, m, high)
         ctx.decay = decay
         ctx.x_dtype = x.dtype
         ctx.has_bias = bias is not None
@@ -150,19 +152,19 @@ class _MaskedLinearFn(torch.autograd.Function):
             grad_w = mask_work(_weight_grad_extra, weight, g2.T @ xc.reshape(-1, xc.shape[-1]), weight, fwd_mask, ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 class _MaskedConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, fwd_mask, bwd, n, m, decay, stride, padding, dilation, groups):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, fwd_mask, bwd, n, m, high, decay, stride, padding, dilation, groups):  # type: ignore[override]
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
             w = _cast(mask_work(_masked, weight, weight, fwd_mask), dtype)
             out = F.conv2d(xc, w, _cast(bias, dtype), stride, padding, dilation, groups)
         ctx.save_for_backward(xc, weight, fwd_mask, bwd)
-        ctx.nm = (n, m)
+        ctx.nm = (n, m, high)
         ctx.decay = decay
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.x_dtype = x.dtype
@@ -199,7 +201,7 @@ class _MaskedConv2dFn(torch.autograd.Function):
             grad_x = grad_x.to(ctx.x_dtype)
         if grad_w is not None:
             grad_w = mask_work(_weight_grad_extra, weight, grad_w, weight, fwd_mask, ctx.decay)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 def masked_linear(
@@ -213,16 +215,17 @@ def masked_linear(
     permutation: torch.Tensor | None = None,
     n: int = 2,
     m: int = 4,
+    tie_break: str = "low",
 ) -> torch.Tensor:
     """``F.linear(x, W*Mf, b)`` whose input gradient goes through ``W*Mb`` and whose weight gradient is
     the dense straight-through ``g^T x`` plus ``decay * (1 - Mf) * W``.
 
-    Pass ``bwd_mask=None`` with the backward mask's row ``permutation`` and ``n``, ``m`` to build ``Mb``
-    in the backward pass, only when the input gradient is needed (``bwd_mask=None`` without a
-    permutation uses ``Mf``).
+    Pass ``bwd_mask=None`` with the backward mask's row ``permutation`` and ``n``, ``m`` (and
+    ``tie_break``, see :func:`bimask_hf.masks.backward_mask`) to build ``Mb`` in the backward pass, only
+    when the input gradient is needed (``bwd_mask=None`` without a permutation uses ``Mf``).
     """
     return _MaskedLinearFn.apply(x, weight, bias, fwd_mask, _backward_arg(bwd_mask, permutation, fwd_mask), n, m,
-                                 float(decay))
+                                 ties_high(tie_break), float(decay))
 
 
 def masked_conv2d(
@@ -240,9 +243,11 @@ def masked_conv2d(
     permutation: torch.Tensor | None = None,
     n: int = 2,
     m: int = 4,
+    tie_break: str = "low",
 ) -> torch.Tensor:
     """``F.conv2d`` with the masks of :func:`masked_linear`; ``padding`` must be explicit integers."""
     return _MaskedConv2dFn.apply(
-        x, weight, bias, fwd_mask, _backward_arg(bwd_mask, permutation, fwd_mask), n, m, float(decay),
+        x, weight, bias, fwd_mask, _backward_arg(bwd_mask, permutation, fwd_mask), n, m, ties_high(tie_break),
+        float(decay),
         tuple(stride), tuple(padding), tuple(dilation), groups,
     )

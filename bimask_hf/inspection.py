@@ -203,6 +203,9 @@ def _state_dict_layer(state_dict: Mapping[str, torch.Tensor], name: str) -> str:
 def _first_violation(weight: torch.Tensor, n: int, m: int, group_layout: str) -> str | None:
     matrix = weight_to_matrix(weight.detach(), group_layout)
     rows, cols = matrix.shape
+    if cols % m and group_layout == "flat" and weight.dim() == 4 and matrix.numel() % m == 0:
+        rows, cols = 1, matrix.numel()  # a sparse stem's groups run across rows (masks._grouped)
+        matrix = matrix.reshape(rows, cols)
     if cols % m:
         return f"K={cols} is not divisible by M={m}"
     counts = (matrix != 0).reshape(rows, cols // m, m).sum(-1)

@@ -141,8 +141,8 @@ def _library() -> ctypes.CDLL | None:
         logger.warning("bimask-hf: could not build or load the C mask kernels with %s (%s); eager CPU masks use "
                        "tensor ops (same masks, 2-7x slower mask work). To fix: %s.", cc, detail, _FIX)
         return None
-    lib.bm_forward_mask.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64]
-    lib.bm_backward_mask.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
+    lib.bm_forward_mask.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64]
+    lib.bm_backward_mask.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64]
     lib.bm_add_decay.argtypes = [_ptr, _ptr, _ptr, _i64, ctypes.c_float]
     lib.bm_add_decay.restype = None
     return lib
@@ -205,24 +205,34 @@ def dispatched() -> Iterator[None]:
         _via_dispatcher = saved
 
 
-def forward_mask(weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+def forward_mask(
+    weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype, *, high: bool = False
+) -> torch.Tensor:
     """``Mf`` of ``weight`` (checked by :func:`applies` with ``spread=d``) viewed as ``(blocks, m, d)``, in
-    ``dtype`` (``torch.uint8`` or ``torch.bool``)."""
+    ``dtype`` (``torch.uint8`` or ``torch.bool``); ``high``: ties go to the higher index (the paper's order)."""
     weight = weight.detach()
     if _profiled():
-        return torch.ops.bimask_hf.forward_mask(weight, n, m, d, dtype)
-    return _forward_mask(weight, n, m, d, dtype)
+        return torch.ops.bimask_hf.forward_mask(weight, n, m, d, dtype, high)
+    return _forward_mask(weight, n, m, d, dtype, high)
 
 
 def backward_mask(
-    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int, dtype: torch.dtype
+    weight: torch.Tensor,
+    forward_mask: torch.Tensor,
+    permutation: torch.Tensor,
+    n: int,
+    m: int,
+    dtype: torch.dtype,
+    *,
+    high: bool = False,
 ) -> torch.Tensor:
     """``Mb`` of ``weight`` (checked by :func:`applies`) given ``Mf`` (bool or 0/1 uint8) and the row
-    ``permutation``, in ``dtype`` (``torch.uint8`` or ``torch.bool``)."""
+    ``permutation``, in ``dtype`` (``torch.uint8`` or ``torch.bool``); ``high``: the paper's ranking (ties to
+    the higher group member, pruned entries scored 0)."""
     weight = weight.detach()
     if _profiled():
-        return torch.ops.bimask_hf.backward_mask(weight, forward_mask, permutation, n, m, dtype)
-    return _backward_mask(weight, forward_mask, permutation, n, m, dtype)
+        return torch.ops.bimask_hf.backward_mask(weight, forward_mask, permutation, n, m, dtype, high)
+    return _backward_mask(weight, forward_mask, permutation, n, m, dtype, high)
 
 
 def add_decay_(grad: torch.Tensor, weight: torch.Tensor, forward_mask: torch.Tensor, decay: float) -> bool:
@@ -249,16 +259,19 @@ def _checked(weight: torch.Tensor) -> ctypes.CDLL:
     return lib
 
 
-def _forward_mask(weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+def _forward_mask(
+    weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype, high: bool = False
+) -> torch.Tensor:
     lib, weight = _checked(weight), weight.contiguous()
     out = torch.empty(weight.shape, dtype=dtype)
-    if lib.bm_forward_mask(weight.data_ptr(), out.data_ptr(), weight.numel() // (m * d), m, d, n):
+    if lib.bm_forward_mask(weight.data_ptr(), out.data_ptr(), weight.numel() // (m * d), m, d, n, int(high)):
         raise ValueError(f"bimask-hf C kernel: groups of {m} entries {d} apart are not supported")
     return out
 
 
 def _backward_mask(
-    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int, dtype: torch.dtype
+    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int, dtype: torch.dtype,
+    high: bool = False,
 ) -> torch.Tensor:
     lib, weight = _checked(weight), weight.contiguous()
     rows = weight.shape[0]
@@ -267,7 +280,7 @@ def _backward_mask(
     perm = permutation.to(torch.int64).contiguous()
     out = torch.empty(weight.shape, dtype=dtype)
     err = lib.bm_backward_mask(weight.data_ptr(), fm.data_ptr(), perm.data_ptr(), out.data_ptr(), rows,
-                               weight.numel() // rows, m, n)
+                               weight.numel() // rows, m, n, int(high))
     if err:
         raise ValueError(f"bimask-hf C kernel: bad backward-mask arguments (rows={rows}, M={m}, permutation of "
                          f"{perm.numel()} entries, min {int(perm.min())}, max {int(perm.max())})")
@@ -285,13 +298,14 @@ _add_decay_op = torch.library.custom_op("bimask_hf::add_decay_", _add_decay, mut
 
 
 @_forward_mask_op.register_fake
-def _(weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+def _(weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype, high: bool = False) -> torch.Tensor:
     return torch.empty_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 @_backward_mask_op.register_fake
 def _(
-    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int, dtype: torch.dtype
+    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int, dtype: torch.dtype,
+    high: bool = False,
 ) -> torch.Tensor:
     return torch.empty_like(weight, dtype=dtype, memory_format=torch.contiguous_format)
 

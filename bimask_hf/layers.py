@@ -7,6 +7,7 @@ patched model's state dict has the plain model's keys plus one buffer per layer,
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from .masks import (
     retention,
     search_permutation,
     step_mask_dtype,
+    ties_high,
     transposable_mask,
     unstructured_mask,
     weight_to_matrix,
@@ -53,13 +55,18 @@ class BiMaskLayer:
         decay: float = 2e-4,
         density: float | None = None,
         group_layout: str = "channels_last",
+        tie_break: str = "low",
+        decay_per_sample: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         check_nm_pattern(n, m)
+        ties_high(tie_break)  # a valid name
         self.n, self.m, self.mode, self.decay = n, m, mode, float(decay)
         self.density = density
         self.group_layout = group_layout
+        self.tie_break = tie_break
+        self.decay_per_sample = bool(decay_per_sample)
         rows = self.weight.shape[0]
         row_groups = self._row_groups()
         # Backward masks need whole groups of M rows inside every conv group; otherwise uni-directional.
@@ -84,7 +91,10 @@ class BiMaskLayer:
         return f"{self.density:.0%} unstructured" if self.density is not None else f"{self.n}:{self.m}"
 
     def bimask_extra_repr(self) -> str:
-        return f"pattern={self.pattern}, mode={self.effective_mode}, decay={self.decay}, layout={self.group_layout}"
+        text = f"pattern={self.pattern}, mode={self.effective_mode}, decay={self.decay}, layout={self.group_layout}"
+        if self.tie_break != "low":
+            text += f", tie_break={self.tie_break}"
+        return text + (", decay_per_sample=True" if self.decay_per_sample else "")
 
     # ---- masks ---------------------------------------------------------------------------------
     # Masks are recomputed from the weights at every use, never cached: a cache keyed on the weight's
@@ -107,13 +117,15 @@ class BiMaskLayer:
         if self.mode == "transposable":
             mf_m = transposable_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
             return _as_dtype(matrix_to_weight(mf_m, weight.shape, self.group_layout), dtype)
-        return nm_mask_for_weight(weight, self.n, self.m, self.group_layout, dtype=dtype)
+        return nm_mask_for_weight(weight, self.n, self.m, self.group_layout, dtype=dtype, tie_break=self.tie_break)
 
     def backward_mask_for(self, weight: torch.Tensor, forward_mask: torch.Tensor) -> torch.Tensor:
         """``Mb`` of ``weight`` given its ``Mf`` (``Mf`` itself outside bi-directional ``bimask``)."""
         if self.effective_mode != "bimask" or self.density is not None:
             return forward_mask
-        return backward_mask_for_weight(weight.detach(), forward_mask, getattr(self, PERMUTATION_KEY), self.n, self.m)
+        return backward_mask_for_weight(
+            weight.detach(), forward_mask, getattr(self, PERMUTATION_KEY), self.n, self.m, tie_break=self.tie_break
+        )
 
     def compute_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward mask, backward mask) for the current (full) weights, both boolean and shaped like ``weight``."""
@@ -162,7 +174,8 @@ class BiMaskLayer:
     ) -> float:
         """Search a new row permutation for the backward mask; returns the seconds spent.
 
-        The search starts from the current permutation, so retention never drops at a refresh. In a
+        The search starts from the current permutation, so retention never drops at a refresh (except
+        with ``"random_fresh"``, the paper's search, whose candidates are all new). In a
         grouped conv each conv group is searched on its own rows, as its input gradient only reduces
         over them. ``weight`` is the full weight if the caller has gathered it already.
         """
@@ -218,9 +231,13 @@ class BiMaskLayer:
         else:
             mf = mask_work(self.forward_mask_for, self.weight, self.weight, step_mask_dtype(self.weight))
         decay = self.decay if self.mode in _DECAY_MODES else 0.0
+        if self.decay_per_sample and isinstance(self, nn.Linear) and x.dim() > 2:
+            # The paper's DeiT code adds the decay to each sample's weight gradient of a batched matmul
+            # before the batch is summed: once per entry of the leading dimensions (docs/method.md, 5).
+            decay *= math.prod(x.shape[:-2])
         if self.effective_mode == "bimask" and self.density is None:  # Mb is built in backward, if needed
             return fn(x, self.weight, self.bias, mf, None, decay, permutation=getattr(self, PERMUTATION_KEY),
-                      n=self.n, m=self.m, **kwargs)
+                      n=self.n, m=self.m, tie_break=self.tie_break, **kwargs)
         return fn(x, self.weight, self.bias, mf, None, decay, **kwargs)
 
     def _adopt(self, module: nn.Module, config: BiMaskConfig) -> Any:
@@ -229,7 +246,7 @@ class BiMaskLayer:
         self.bias = module.bias  # type: ignore[assignment]
         self._init_bimask(  # once, after the parameters: the permutation buffer lives on their device
             n=config.n, m=config.m, mode=config.mode, decay=config.decay, density=config.density,
-            group_layout=config.group_layout,
+            group_layout=config.group_layout, tie_break=config.tie_break, decay_per_sample=config.decay_per_sample,
         )
         self.train(module.training)
         return self
@@ -252,9 +269,11 @@ class BiMaskLinear(BiMaskLayer, nn.Linear):
         decay: float = 2e-4,
         density: float | None = None,
         group_layout: str = "channels_last",
+        tie_break: str = "low",
+        decay_per_sample: bool = False,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_bimask(n, m, mode, decay, density, group_layout)
+        self._init_bimask(n, m, mode, decay, density, group_layout, tie_break, decay_per_sample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
@@ -316,6 +335,8 @@ class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
         decay: float = 2e-4,
         density: float | None = None,
         group_layout: str = "channels_last",
+        tie_break: str = "low",
+        decay_per_sample: bool = False,
     ) -> None:
         nn.Conv2d.__init__(
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
@@ -327,7 +348,7 @@ class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
                 f"BiMaskConv2d cannot express padding={self.padding!r} with kernel {self.kernel_size} and "
                 f"dilation {self.dilation} symmetrically; use explicit integer padding."
             )
-        self._init_bimask(n, m, mode, decay, density, group_layout)
+        self._init_bimask(n, m, mode, decay, density, group_layout, tie_break, decay_per_sample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":

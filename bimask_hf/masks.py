@@ -2,7 +2,9 @@
 
 Rows are outputs ``O``, columns the reduction ``K`` (a conv weight is first viewed as a matrix with
 :func:`weight_to_matrix`). No function here loops in Python over rows, groups or candidates; all of
-them run on CPU and CUDA and are deterministic (ties go to the lower index).
+them run on CPU and CUDA and are deterministic. Equal scores are ranked by ``tie_break``: ``"low"``
+(default: the lower index wins) or ``"high"`` (the higher index wins and, in ``Mb``, pruned entries
+score 0 like kept exact zeros: the paper's released code, ``docs/method.md`` section 2).
 """
 
 from __future__ import annotations
@@ -29,7 +31,18 @@ __all__ = [
     "weight_to_matrix",
     "matrix_to_weight",
     "keep_top_n",
+    "TIE_BREAKS",
 ]
+
+#: Orders of equal scores: ``"low"`` keeps the lower index (default), ``"high"`` the higher one (the paper's).
+TIE_BREAKS: tuple[str, ...] = ("low", "high")
+
+
+def ties_high(tie_break: str) -> bool:
+    """True for ``tie_break="high"``; raises ``ValueError`` for a name not in :data:`TIE_BREAKS`."""
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}.")
+    return tie_break == "high"
 
 
 def check_nm_pattern(n: int, m: int, owner: str = "") -> None:
@@ -67,12 +80,13 @@ def _count_dtype(scores: torch.Tensor) -> torch.dtype:
     return scores.dtype if scores.is_floating_point() else torch.float32
 
 
-def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
-    """Keep the ``n`` largest along dim 0 of a contiguous ``(M, ...)`` tensor (ties: lower index wins),
-    as 0/1 values of ``front``'s float dtype (float32 for integer scores).
+def _rank_keep(front: torch.Tensor, n: int, high: bool = False) -> torch.Tensor:
+    """Keep the ``n`` largest along dim 0 of a contiguous ``(M, ...)`` tensor (ties: lower index wins, or
+    the higher one if ``high``), as 0/1 values of ``front``'s float dtype (float32 for integer scores).
 
     Each pair of positions ``j < i`` is compared once over whole contiguous slices (``M*(M-1)/2``
-    comparisons): entry ``i`` is beaten when ``s_j >= s_i`` and entry ``j`` when not. Comparisons write
+    comparisons): entry ``i`` is beaten when ``s_j >= s_i`` (``s_j > s_i`` if ``high``) and entry ``j``
+    when not. Comparisons write
     floats and the counts are floats: ATen's CPU kernels run float-to-float ops vectorised, but read and
     write bool tensors element by element (measured in ``docs/benchmarks.md``, section 2b, round 3). Faster
     than ``topk`` over a tiny last dimension, and device-independent.
@@ -84,21 +98,22 @@ def _rank_keep(front: torch.Tensor, n: int) -> torch.Tensor:
     # Views of the M slices, taken once: on small layers the cost is the number of ops, and indexing
     # ``rank[i] += ...`` would add a select, a select and a copy per update.
     fronts, ranks = front.unbind(0), rank.unbind(0)
+    compare = torch.gt if high else torch.ge
     for j in range(size):
         ranks[j].fill_(size - 1 - j)  # entry j starts beaten by all later entries ...
     for j in range(size):  # a loop over the pairs of positions of a group, not over groups
         for i in range(j + 1, size):
-            torch.ge(fronts[j], fronts[i], out=beats)  # ... and each comparison moves one defeat to the loser
-            ranks[i].add_(beats)  # j beats the later i on ties
+            compare(fronts[j], fronts[i], out=beats)  # ... and each comparison moves one defeat to the loser
+            ranks[i].add_(beats)  # j beats the later i on ties unless ``high``
             ranks[j].sub_(beats)
     return torch.lt(rank, n, out=rank)
 
 
-def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int, high: bool = False) -> torch.Tensor:
     """:func:`_rank_keep` along ``dim`` for compiled graphs, as 0/1 values (``scores``' float dtype).
 
-    Entry ``i`` of a group is beaten by entry ``j`` when ``s_j > s_i``, or ``s_j == s_i`` and ``j < i``,
-    and kept when fewer than ``n`` entries beat it; the ``M`` slices along ``dim`` are compared pairwise
+    Entry ``i`` of a group is beaten by entry ``j`` when ``s_j > s_i``, or ``s_j == s_i`` and ``j < i``
+    (``j > i`` if ``high``), and kept when fewer than ``n`` entries beat it; the ``M`` slices along ``dim`` are compared pairwise
     as pure functions (no in-place slice updates), so inductor emits one loop over the groups fused with
     the consumer of the mask (``W * Mf``, ``W * Mb``, the decay term). Counts and the result are floats
     and no bool tensor is left for AOT autograd's partitioner to save between forward and backward:
@@ -109,7 +124,7 @@ def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     cols = scores.unbind(dim)
     keeps = []
     for i, s_i in enumerate(cols):
-        beaten = [(s_j >= s_i) if j < i else (s_j > s_i) for j, s_j in enumerate(cols) if j != i]
+        beaten = [(s_j >= s_i) if (j < i) != high else (s_j > s_i) for j, s_j in enumerate(cols) if j != i]
         rank = beaten[0].to(dtype)
         for b in beaten[1:]:
             rank = rank + b.to(dtype)
@@ -117,13 +132,14 @@ def _rank_keep_fused(scores: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.stack(keeps, dim)
 
 
-def _rank_keep_adjacent(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def _rank_keep_adjacent(scores: torch.Tensor, n: int, m: int, high: bool = False) -> torch.Tensor:
     """:func:`_rank_keep_fused` for groups of ``m`` adjacent entries along the last dim of a 2-D
     ``scores`` (Linear and 1x1-conv weights), as 0/1 values of ``scores``' float dtype.
 
     Written per entry rather than per group member: for each offset ``s`` the partner of entry ``k``
     (group position ``p = k % m``) is ``k + s`` when ``p + s < m`` (a later entry: it wins only when
-    larger) and ``k + s - m`` otherwise (an earlier one: it also wins ties). Both partners are shifted
+    larger, or also ties if ``high``) and ``k + s - m`` otherwise (an earlier one: it also wins ties,
+    unless ``high``). Both partners are shifted
     copies of ``scores``, so inductor's CPU kernels read every operand contiguously and vectorise the
     whole mask along the row; read as group members (stride ``m``) they ran scalar (``docs/benchmarks.md``,
     section 2b, round 4).
@@ -132,25 +148,31 @@ def _rank_keep_adjacent(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     width = scores.shape[-1]
     pos = torch.arange(width, device=scores.device) % m
     rank = torch.zeros((), dtype=dtype, device=scores.device)
+    wins, wins_ties = (torch.ge, torch.gt) if high else (torch.gt, torch.ge)
     for s in range(1, m):
         later = F.pad(scores[..., s:], (0, s))  # scores[k + s]
         earlier = F.pad(scores[..., : width - (m - s)], (m - s, 0))  # scores[k + s - m]
-        rank = rank + torch.where(pos + s < m, (later > scores).to(dtype), (earlier >= scores).to(dtype))
+        rank = rank + torch.where(pos + s < m, wins(later, scores).to(dtype), wins_ties(earlier, scores).to(dtype))
     return (n - rank).clamp_(0, 1)
 
 
-def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
-    """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim`` (ties: lower index wins)."""
+def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1, *, tie_break: str = "low") -> torch.Tensor:
+    """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim`` (ties: the lower index
+    wins, or the higher one with ``tie_break="high"``)."""
+    high = ties_high(tie_break)
     size = scores.shape[dim]
     if n >= size:
         return torch.ones_like(scores, dtype=torch.bool)
     if size <= 16 and torch.compiler.is_compiling():
-        return _rank_keep_fused(scores, n, dim) != 0
+        return _rank_keep_fused(scores, n, dim, high) != 0
     if size > 16:
+        # A stable descending sort ranks ties by index; the higher index first on the reversed scores.
         s = scores.movedim(dim, -1)
-        idx = s.topk(n, dim=-1, sorted=False).indices
-        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).movedim(-1, dim)
-    return _rank_keep(scores.movedim(dim, 0).contiguous(), n).movedim(0, dim) != 0
+        s = s.flip(-1) if high else s
+        idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :n]
+        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+        return (keep.flip(-1) if high else keep).movedim(-1, dim)
+    return _rank_keep(scores.movedim(dim, 0).contiguous(), n, high).movedim(0, dim) != 0
 
 
 def step_mask_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -181,7 +203,9 @@ def _grouped(weight: torch.Tensor, m: int, group_layout: str) -> torch.Tensor | 
     when the groups do not line up with the weight's own layout.
 
     Linear (and ``flat`` conv) groups are ``m`` adjacent entries of a row (``D = 1``); ``channels_last``
-    conv groups are ``m`` input channels at one kernel position, ``kh*kw`` entries apart.
+    conv groups are ``m`` input channels at one kernel position, ``kh*kw`` entries apart. A ``flat`` conv
+    whose rows do not split into groups (``K % M != 0``, a sparse stem such as the paper's ``K = 27``) is
+    grouped over its flattened weight, groups running across rows, as the paper's N:M conv does.
     """
     if weight.dim() == 4 and group_layout == "channels_last" and weight.shape[1] % m == 0:
         out_ch, in_ch, kh, kw = weight.shape
@@ -189,6 +213,8 @@ def _grouped(weight: torch.Tensor, m: int, group_layout: str) -> torch.Tensor | 
     if weight.dim() == 2 or (weight.dim() == 4 and group_layout == "flat"):
         rows = weight.shape[0]
         cols = weight.numel() // rows
+        if cols % m and weight.dim() == 4 and weight.numel() % m == 0:
+            return weight.reshape(1, weight.numel() // m, m, 1)
         if cols % m:
             raise ValueError(f"N:M along columns needs K % M == 0, got K={cols}, M={m}.")
         return weight.reshape(rows, cols // m, m, 1)
@@ -196,36 +222,46 @@ def _grouped(weight: torch.Tensor, m: int, group_layout: str) -> torch.Tensor | 
 
 
 def nm_mask_for_weight(
-    weight: torch.Tensor, n: int, m: int, group_layout: str = "channels_last", *, dtype: torch.dtype = torch.bool
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    group_layout: str = "channels_last",
+    *,
+    dtype: torch.dtype = torch.bool,
+    tie_break: str = "low",
 ) -> torch.Tensor:
     """:func:`nm_mask` of a Linear/Conv2d weight, returned in the weight's own shape.
 
     Same result as ``matrix_to_weight(nm_mask(weight_to_matrix(w, layout), n, m), w.shape, layout)``
     with no layout round trip (this runs at every forward). ``dtype``: ``bool`` (default) or the 0/1
-    ``uint8`` / float masks of the training step (:func:`step_mask_dtype`).
+    ``uint8`` / float masks of the training step (:func:`step_mask_dtype`); ``tie_break``: one of
+    :data:`TIE_BREAKS`.
     """
     check_nm_pattern(n, m)
+    high = ties_high(tie_break)
     grouped = _grouped(weight.detach(), m, group_layout)
     if grouped is None:
-        keep = matrix_to_weight(nm_mask(weight_to_matrix(weight, group_layout), n, m), weight.shape, group_layout)
+        keep = matrix_to_weight(
+            nm_mask(weight_to_matrix(weight, group_layout), n, m, tie_break=tie_break), weight.shape, group_layout
+        )
         return _as_dtype(keep, dtype)
     if m > 16:
-        return _as_dtype(keep_top_n(grouped.abs(), n, dim=2).reshape(weight.shape), dtype)
+        return _as_dtype(keep_top_n(grouped.abs(), n, dim=2, tie_break=tie_break).reshape(weight.shape), dtype)
     if torch.compiler.is_compiling():
         if grouped.shape[3] == 1:  # m adjacent entries: compared as shifted copies of the rows
-            keep = _rank_keep_adjacent(grouped.abs().view(grouped.shape[0], -1), n, m)
+            keep = _rank_keep_adjacent(grouped.abs().view(grouped.shape[0], -1), n, m, high)
         else:
             # Conv groups ranked in place, a group's M entries kh*kw apart: with float masks inductor
             # vectorises this along the kernel positions; on a channels-last copy its loops run scalar.
-            keep = _rank_keep_fused(grouped.abs(), n, 2)
+            keep = _rank_keep_fused(grouped.abs(), n, 2, high)
         return _as_dtype(keep.view(weight.shape), dtype)
     a, b, _, d = grouped.shape
     if dtype in (torch.uint8, torch.bool) and kernels.applies(weight, m, spread=d):
-        return kernels.forward_mask(weight, n, m, d, dtype)  # one pass in C (same masks)
+        return kernels.forward_mask(weight, n, m, d, dtype, high=high)  # one pass in C (same masks)
     # |W| with the position in the group leading (contiguous slices to compare), in one pass
     front = torch.empty((m, a, b, d), dtype=_count_dtype(weight), device=weight.device)
     torch.abs(grouped.permute(2, 0, 1, 3), out=front)
-    keep = _rank_keep(front, n)
+    keep = _rank_keep(front, n, high)
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     out.view(a, b, m, d).copy_(keep.permute(1, 2, 0, 3))  # back to the weight's layout and dtype in one pass
     return out
@@ -239,33 +275,43 @@ def backward_mask_for_weight(
     m: int,
     *,
     dtype: torch.dtype = torch.bool,
+    tie_break: str = "low",
 ) -> torch.Tensor:
     """:func:`backward_mask` of a Linear/Conv2d weight in its own shape (``forward_mask`` bool or 0/1
-    values; ``dtype`` as in :func:`nm_mask_for_weight`).
+    values; ``dtype`` and ``tie_break`` as in :func:`nm_mask_for_weight`).
 
     The backward mask groups rows, and each column is handled on its own, so the column order of
     the weight does not matter and no layout copy is needed.
     """
+    high = ties_high(tie_break)
     rows = weight.shape[0]
     if rows % m:
         raise ValueError(f"N:M along rows needs O % M == 0, got O={rows}, M={m}.")
     if torch.compiler.is_compiling() or m > 16:
-        return _as_dtype(_backward_mask_gathered(weight, forward_mask, permutation, n, m), dtype)
+        return _as_dtype(_backward_mask_gathered(weight, forward_mask, permutation, n, m, high), dtype)
     if dtype in (torch.uint8, torch.bool) and kernels.applies(weight, m):
-        return kernels.backward_mask(weight, forward_mask, permutation, n, m, dtype)  # one pass in C
+        return kernels.backward_mask(weight, forward_mask, permutation, n, m, dtype, high=high)  # one pass in C
     order = permutation.view(rows // m, m).T.reshape(-1)  # position-in-group major: one contiguous slice each
     # Gather the rows in group order once (index_select copies whole rows; advanced indexing is slower).
     kept = forward_mask.reshape(rows, -1).index_select(0, order).to(_count_dtype(weight))  # 0/1
-    # |W| of kept entries and -1 for pruned ones, so Mf entries always win
-    scores = torch.addcmul(kept - 1, weight.detach().reshape(rows, -1).index_select(0, order).abs_(), kept)
-    keep = _rank_keep(scores.view(m, rows // m, -1), n).view(rows, -1).mul_(kept)
+    scores = _backward_scores(weight.detach().reshape(rows, -1).index_select(0, order).abs_(), kept, high)
+    keep = _rank_keep(scores.view(m, rows // m, -1), n, high).view(rows, -1).mul_(kept)
     out = torch.empty(keep.shape, dtype=dtype, device=weight.device)
     out.index_copy_(0, order, _as_dtype(keep, dtype))  # rows back to their own places
     return out.view(weight.shape)
 
 
+def _backward_scores(magnitude: torch.Tensor, kept: torch.Tensor, high: bool) -> torch.Tensor:
+    """Scores ranked for ``Mb`` from ``|W|`` and 0/1 ``Mf``: ``|W|`` of kept entries, and -1 for pruned ones
+    so that ``Mf`` entries always win; with the paper's ``high`` tie order ``|W * Mf|`` (pruned entries
+    score 0 and tie with kept exact zeros, as in its released code). Arithmetic, no bool intermediates."""
+    if high:
+        return magnitude * kept
+    return torch.addcmul(kept - 1, magnitude, kept)
+
+
 def _backward_mask_gathered(
-    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int
+    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int, high: bool = False
 ) -> torch.Tensor:
     """:func:`backward_mask_for_weight` with gathers only (no scatter, no in-place updates), as 0/1 values.
 
@@ -277,16 +323,19 @@ def _backward_mask_gathered(
     dtype = _count_dtype(weight)
     inverse = torch.argsort(permutation)
     kept = forward_mask.reshape(rows, -1)[permutation].to(dtype)  # 0/1
-    # |W| of kept entries, -1 for pruned ones (they always lose), by arithmetic: no bool intermediates
-    scores = weight.detach().reshape(rows, -1)[permutation].abs() * kept + (kept - 1)
+    scores = _backward_scores(weight.detach().reshape(rows, -1)[permutation].abs(), kept, high)
     grouped = scores.view(rows // m, m, -1)
-    keep = _rank_keep_fused(grouped, n, 1) if m <= 16 else keep_top_n(grouped, n, dim=1).to(dtype)
+    if m <= 16:
+        keep = _rank_keep_fused(grouped, n, 1, high)
+    else:
+        keep = keep_top_n(grouped, n, dim=1, tie_break="high" if high else "low").to(dtype)
     keep = keep.view(rows, -1) * kept
     return keep[inverse].view(weight.shape)
 
 
-def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Forward mask ``Mf``: in every row and every run of ``m`` consecutive columns keep the ``n`` largest ``|W|``."""
+def nm_mask(weight: torch.Tensor, n: int, m: int, *, tie_break: str = "low") -> torch.Tensor:
+    """Forward mask ``Mf``: in every row and every run of ``m`` consecutive columns keep the ``n`` largest ``|W|``
+    (equal ones by ``tie_break``: ``"low"`` keeps the lower column, ``"high"`` the higher one, as the paper)."""
     check_nm_pattern(n, m)
     _check_matrix(weight)
     _check_finite(weight)
@@ -294,17 +343,26 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise ValueError(f"N:M along columns needs K % M == 0, got K={cols}, M={m}.")
     groups = weight.detach().abs().reshape(rows, cols // m, m)
-    return keep_top_n(groups, n, dim=-1).reshape(rows, cols)
+    return keep_top_n(groups, n, dim=-1, tie_break=tie_break).reshape(rows, cols)
 
 
 def backward_mask(
-    weight: torch.Tensor, forward_mask: torch.Tensor, permutation: torch.Tensor, n: int, m: int
+    weight: torch.Tensor,
+    forward_mask: torch.Tensor,
+    permutation: torch.Tensor,
+    n: int,
+    m: int,
+    *,
+    tie_break: str = "low",
 ) -> torch.Tensor:
     """Backward mask ``Mb``: N:M along rows taken in ``permutation`` order, restricted to ``forward_mask``.
 
     Rows are grouped as ``permutation[0:m], permutation[m:2m], ...``; in each group and each column the
-    ``n`` entries of largest ``|W * Mf|`` are kept, then the result is ANDed with ``Mf``. Entries of
-    ``Mf`` always outrank pruned ones, so ``|Mb|`` per group and column is ``min(count(Mf), n)``.
+    ``n`` entries of largest ``|W * Mf|`` are kept, then the result is ANDed with ``Mf``. With
+    ``tie_break="low"`` (default) entries of ``Mf`` always outrank pruned ones, so ``|Mb|`` per group and
+    column is ``min(count(Mf), n)``, and equal scores go to the lower group position; with ``"high"``
+    (the paper's code) equal scores go to the higher position, pruned entries included: a kept exact zero
+    can lose its place to a pruned entry, which the AND then drops.
     """
     check_nm_pattern(n, m)
     _check_matrix(weight)
@@ -315,7 +373,7 @@ def backward_mask(
         raise ValueError(f"forward_mask shape {tuple(forward_mask.shape)} != weight shape {tuple(weight.shape)}.")
     _check_finite(weight)
     _check_permutation(permutation, rows)
-    return backward_mask_for_weight(weight, forward_mask, permutation, n, m)
+    return backward_mask_for_weight(weight, forward_mask, permutation, n, m, tie_break=tie_break)
 
 
 def retention(forward_mask: torch.Tensor, backward_mask: torch.Tensor) -> float:

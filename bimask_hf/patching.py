@@ -105,8 +105,12 @@ def default_exclusions(model: nn.Module) -> dict[str, str]:
     return excluded
 
 
-def ineligibility(module: nn.Module, config: BiMaskConfig) -> str | None:
-    """Why ``module`` must stay dense under ``config``, or None if it can be sparsified."""
+def ineligibility(module: nn.Module, config: BiMaskConfig, *, stem: bool = False) -> str | None:
+    """Why ``module`` must stay dense under ``config``, or None if it can be sparsified.
+
+    A sparse ``stem`` in the ``flat`` layout may have ``K % M != 0`` when its whole weight splits into
+    groups of M: its groups then run over the flattened weight across rows, as the paper's N:M conv
+    groups its CIFAR stems (K = 27)."""
     if type(module) not in _EXACT_TYPES:
         return f"custom subclass {type(module).__name__} overrides forward (not patched)"
     weight = module.weight
@@ -116,7 +120,8 @@ def ineligibility(module: nn.Module, config: BiMaskConfig) -> str | None:
         return None
     rows = weight.shape[0]
     cols = math.prod(weight.shape[1:])
-    if cols % config.m:
+    straddle = stem and config.group_layout == "flat" and config.mode != "transposable"
+    if cols % config.m and not (straddle and weight.numel() % config.m == 0):
         return f"K={cols} not divisible by M={config.m}"
     if config.mode == "transposable":
         if rows % config.m:
@@ -175,8 +180,11 @@ def sparsify(model: nn.Module, config: BiMaskConfig | None = None, **overrides) 
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d modules to sparsify.")
     notes: dict[str, str] = {}
+    stems: set[str] = set()
     if config.target_modules is None:
         defaults = default_exclusions(model)
+        stems = {n for n, why in defaults.items() if why.startswith("stem") and config.stem_is_sparse(candidates[n])}
+        defaults = {n: why for n, why in defaults.items() if n not in stems}
         notes.update(defaults)
         targets = [n for n in candidates if n not in defaults]
     else:
@@ -199,7 +207,7 @@ def sparsify(model: nn.Module, config: BiMaskConfig | None = None, **overrides) 
     patched = 0
     for name in targets:
         module = candidates[name]
-        reason = ineligibility(module, config)
+        reason = ineligibility(module, config, stem=name in stems)
         if reason is not None:
             notes[name] = reason
             continue

@@ -12,8 +12,10 @@ depends on the forward mask only, and every search here maximises it.
 Methods (all vectorised; the only Python loops run over rounds or candidate chunks):
 
 * ``"identity"`` -- no search: keeps ``init`` (``arange(O)`` by default).
-* ``"random"`` -- the paper's search: best of ``num_candidates`` random permutations, with the
-  identity (or ``init``) as candidate 0 so the result never gets worse.
+* ``"random"`` -- the paper's kind of search made monotone: best of ``num_candidates`` random
+  permutations, with the identity (or ``init``) as candidate 0 so the result never gets worse.
+* ``"random_fresh"`` -- the paper's released search exactly: best of ``num_candidates`` fresh random
+  permutations; ``init`` is not a candidate, so retention can drop at a refresh.
 * ``"swap"`` -- local search between row groups. Each round pairs the groups at random and, for every
   pair, scores all ``M * M`` single-row swaps at once with one batched matmul (the gain of a swap is
   bilinear in the two rows, see :func:`_swap_gains`), then applies the best strictly improving swap
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`search_permutation`.
-METHODS: tuple[str, ...] = ("identity", "random", "swap", "matched")
+METHODS: tuple[str, ...] = ("identity", "random", "random_fresh", "swap", "matched")
 
 #: Rounds run by the local searches when ``max_rounds`` is None.
 DEFAULT_MAX_ROUNDS: dict[str, int] = {"swap": 64, "matched": 50}
@@ -188,17 +190,19 @@ def _random_search(
     m: int,
     num_candidates: int,
     generator: torch.Generator | None,
+    fresh: bool = False,
 ) -> torch.Tensor:
-    """Best of ``start`` and ``num_candidates - 1`` random permutations (ties: the earlier candidate)."""
+    """Best of ``start`` and ``num_candidates - 1`` random permutations, or with ``fresh`` of
+    ``num_candidates`` random ones without ``start`` (ties: the earlier candidate)."""
     rows, cols = mask.shape
-    if num_candidates <= 1:
+    if num_candidates <= 1 and not fresh:
         return start
     mask_u8 = mask.to(torch.uint8)
     # per candidate: gathered uint8 rows (O*K) + per-group counts; keep a chunk under _CHUNK_BYTES
     chunk = max(1, _CHUNK_BYTES // (2 * rows * cols))
     best_perm = start
-    best_loss = float(_group_counts(mask, start, m).sub_(n).clamp_(min=0).sum())
-    remaining = num_candidates - 1
+    best_loss = math.inf if fresh else float(_group_counts(mask, start, m).sub_(n).clamp_(min=0).sum())
+    remaining = num_candidates if fresh else num_candidates - 1
     while remaining > 0:
         b = min(chunk, remaining)
         remaining -= b
@@ -684,9 +688,10 @@ def search_permutation(
         forward_mask: boolean ``(O, K)`` forward mask ``Mf``; ``O % m`` must be 0.
         n, m: the N:M pattern.
         method: one of :data:`METHODS`.
-        num_candidates: random permutations tried by ``"random"`` (candidate 0 is ``init``).
+        num_candidates: random permutations tried by ``"random"`` (candidate 0 is ``init``) and
+            ``"random_fresh"`` (all fresh).
         generator: source of randomness; same generator state, same result.
-        init: starting permutation (default: identity); no method returns a worse one.
+        init: starting permutation (default: identity); no method but ``"random_fresh"`` returns a worse one.
         max_rounds: rounds of the local searches (default :data:`DEFAULT_MAX_ROUNDS`).
 
     Returns:
@@ -704,10 +709,10 @@ def search_permutation(
         start = init.to(device, torch.long)
     if method == "identity":  # no search: keep the starting permutation
         return start.clone()
-    if method == "random":
+    if method in ("random", "random_fresh"):
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}.")
-        return _random_search(mask, start, n, m, num_candidates, generator).clone()
+        return _random_search(mask, start, n, m, num_candidates, generator, fresh=method == "random_fresh").clone()
     rounds = DEFAULT_MAX_ROUNDS[method] if max_rounds is None else max_rounds
     if rounds < 0:
         raise ValueError(f"max_rounds must be >= 0, got {rounds}.")

@@ -74,3 +74,40 @@ def from_matrix(matrix: torch.Tensor, shape, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         return matrix.reshape(o, kh, kw, c).permute(0, 3, 1, 2)
     return matrix.reshape(shape)
+
+
+# ---- the paper's released algorithm, as docs/method.md ("The paper preset") describes it -------------
+def _drop_smallest_stable(scores: list[float], n: int) -> list[bool]:
+    """Order a group's positions by score, ascending, equal scores keeping their order (a stable sort),
+    and drop the first ``M - N``: the kept ones are the N largest, equal scores going to the later position."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    keep = [True] * len(scores)
+    for i in order[: len(scores) - n]:
+        keep[i] = False
+    return keep
+
+
+def ref_paper_forward_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``Mf`` of the paper: the weight flattened in PyTorch's order (``(O, C, kh, kw)`` row-major, so a
+    group may run across rows when ``K % M != 0``), cut into runs of M consecutive entries."""
+    flat = weight.detach().abs().flatten().tolist()
+    mask = []
+    for start in range(0, len(flat), m):
+        mask += _drop_smallest_stable(flat[start : start + m], n)
+    return torch.tensor(mask, dtype=torch.bool).reshape(weight.shape)
+
+
+def ref_paper_backward_mask(weight: torch.Tensor, mf: torch.Tensor, perm: list[int], n: int, m: int) -> torch.Tensor:
+    """``Mb`` of the paper: scores ``|W * Mf|`` (pruned entries score 0), rows taken in ``perm`` order in
+    groups of M, in every group and column the same stable drop of the M - N smallest, then AND ``Mf``."""
+    rows = weight.shape[0]
+    w = weight.detach().reshape(rows, -1)
+    f = mf.reshape(rows, -1)
+    mb = torch.zeros(w.shape, dtype=torch.bool)
+    for start in range(0, rows, m):
+        group = perm[start : start + m]
+        for c in range(w.shape[1]):
+            scores = [abs(float(w[r, c])) * float(f[r, c]) for r in group]
+            for r, keep in zip(group, _drop_smallest_stable(scores, n)):
+                mb[r, c] = keep and bool(f[r, c])
+    return mb.reshape(weight.shape)
