@@ -11,7 +11,8 @@ Methods (each at 2:4 and 1:4, except the pattern-free ``dense`` and ``unstructur
 
 * ``dense``            -- no sparsity (the reference);
 * ``srste``            -- uni-directional N:M (SR-STE): forward and input gradient through ``W*Mf``;
-* ``bimask-random``    -- Bi-Mask with the paper's row-permutation search (best of 100 random, every 100 steps);
+* ``bimask-random``    -- Bi-Mask with ``permutation_search="random"`` (best of the current and 99 random
+                          permutations, every 100 steps; not the paper's exact search, see bimask-paper);
 * ``bimask-matched``   -- Bi-Mask with the library's default search (``permutation_search="matched"``);
 * ``bimask-paper``     -- Bi-Mask with ``preset="paper"``: the paper's released algorithm (flat groups, its tie
                           order, best of 10 fresh random permutations as its CIFAR default, sparse 3x3 stem);
@@ -19,15 +20,19 @@ Methods (each at 2:4 and 1:4, except the pattern-free ``dense`` and ``unstructur
 * ``pre`` / ``post``   -- the seed's m3 / m4: weights projected in place before every forward / after every step;
 * ``unstructured-50%`` -- ``density=0.5``, mode ``srste`` (the seed's ``--use_random_mask --random_mask_ratio 0.5``).
 
-Recipe: ``resnet8_cifar`` with ``base_width=16`` (6 sparse 3x3 convs; stem and head stay dense), 1 epoch,
+Recipe: ``resnet8_cifar`` with ``base_width=16`` (6 sparse 3x3 convs; stem and head stay dense, but
+``bimask-paper`` sparsifies the 3x3 stem too, as the paper's CIFAR models: 16x1x3x3, groups across rows), 1 epoch,
 SGD (momentum 0.9, weight decay 5e-4 on every parameter), lr 0.1 with a per-step cosine schedule to zero,
 label smoothing 0.1, batch 128, random-crop (28, pad 2) + horizontal flip done on uint8 tensors, the
 whole dataset preloaded; top-1 on the 10k test images at the end. Every run of one seed sees the same data
-order, the same augmentation and the same initial weights, so differences between methods are paired.
+order, the same augmentation and the same initial weights, so differences between methods are paired: the
+tables give each paired difference's mean, its 95 % t-interval over seeds and the sample SD (n-1).
 
-Results go to a JSON file after every run; ``--resume`` skips finished runs (same settings only). Examples::
+Results go to a JSON file after every run; ``--resume`` skips finished runs (same settings only),
+``--report-only`` prints the tables and draws the plots of the runs a file holds. Examples::
 
-    python benchmarks/accuracy.py                    # the full study, 42 runs, about 70 min on 1 core
+    python benchmarks/accuracy.py --methods dense srste bimask-matched bimask-paper transposable \
+        --seeds 0 1 2 3 4                            # docs/accuracy.json: 45 runs, about 70 min on 1 idle core
     python benchmarks/accuracy.py --resume           # continue an interrupted study
     python benchmarks/accuracy.py --quick            # a few minutes: 1 seed, short training
     python benchmarks/accuracy.py --smoke            # seconds: what CI runs
@@ -308,41 +313,77 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def paired(rows: list[dict], a: str, b: str, pattern: str) -> tuple[float, float, int] | None:
-    """Mean and std of the per-seed difference top1(a) - top1(b) at ``pattern`` (same seed = same data/init)."""
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); larger samples use 30's.
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+# Paired comparisons the tables and the plot report, (a, b) for top1(a) - top1(b).
+COMPARISONS = (
+    ("bimask-matched", "bimask-paper"), ("bimask-matched", "transposable"), ("bimask-paper", "transposable"),
+    ("bimask-matched", "srste"), ("bimask-paper", "srste"), ("transposable", "srste"),
+    ("srste", "dense"), ("bimask-matched", "dense"), ("bimask-paper", "dense"),
+    ("bimask-random", "transposable"), ("bimask-matched", "bimask-random"),
+)
+
+
+def paired(rows: list[dict], a: str, b: str, pattern: str) -> dict | None:
+    """The per-seed differences top1(a) - top1(b) at ``pattern`` (same seed = same data, init and augmentation):
+    their mean, sample SD (n-1), n and the 95 % t-interval of the mean (None with fewer than 2 seeds)."""
     by = {(r["method"], r["seed"]): r["top1"] for r in rows if r["pattern"] in (pattern, PATTERN_FREE)}
-    diffs = [by[(a, s)] - by[(b, s)] for (m, s) in by if m == a and (b, s) in by]
+    diffs = [by[(a, s)] - by[(b, s)] for (m, s) in sorted(by) if m == a and (b, s) in by]
     if not diffs:
         return None
-    return statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0, len(diffs)
+    n, mean = len(diffs), statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    half = T95[min(n - 1, len(T95)) - 1] * sd / math.sqrt(n) if n > 1 else None
+    return dict(a=a, b=b, pattern=pattern, n=n, mean=mean, sd=sd, diffs=diffs,
+                lo=None if half is None else mean - half, hi=None if half is None else mean + half)
+
+
+def verdict(d: dict) -> str:
+    """What the interval supports: a difference of known sign, or none ("within noise")."""
+    if d["lo"] is None:
+        return "one seed: no interval"
+    if d["lo"] > 0:
+        return f"{d['a']} higher"
+    if d["hi"] < 0:
+        return f"{d['b']} higher"
+    return "within noise"
 
 
 def print_tables(rows: list[dict], patterns: list[str]) -> list[str]:
     """Print the plain table, the markdown table and the paper-claim checks; returns the claim lines."""
     summary = summarise(rows)
-    print(f"\n{'method':<18} {'N:M':>4} {'runs':>4} {'top-1 mean':>10} {'std':>6} {'min':>7} {'max':>7} {'retention':>9} {'s/run':>6}")
+    print(f"\n{'method':<18} {'N:M':>4} {'runs':>4} {'top-1 mean':>10} {'SD n-1':>6} {'min':>7} {'max':>7} {'retention':>9} {'s/run':>6}")
     for s in summary:
         ret = "-" if s["retention"] is None else f"{s['retention']:.4f}"
         print(f"{s['method']:<18} {s['pattern']:>4} {s['n']:>4} {s['mean']:>10.2f} {s['std']:>6.2f} {s['min']:>7.2f} "
               f"{s['max']:>7.2f} {ret:>9} {s['seconds']:>6.0f}")
     print("\nMarkdown:\n")
-    print("| method | N:M | runs | top-1 mean ± std | min – max | retention |")
+    print("| method | N:M | runs | top-1 mean ± sample SD (n−1) | min – max | retention |")
     print("|---|---|---|---|---|---|")
     for s in summary:
         ret = "–" if s["retention"] is None else f"{s['retention']:.3f}"
         print(f"| {s['method']} | {s['pattern']} | {s['n']} | {s['mean']:.2f} ± {s['std']:.2f} | "
               f"{s['min']:.2f} – {s['max']:.2f} | {ret} |")
-    claims = []
+    claims, table = [], []
     for pattern in patterns:
-        for a, b in (("bimask-random", "transposable"), ("bimask-matched", "transposable"),
-                     ("bimask-random", "srste"), ("bimask-matched", "srste"), ("bimask-matched", "bimask-random"),
-                     ("srste", "dense")):
+        for a, b in COMPARISONS:
             d = paired(rows, a, b, pattern)
-            if d is not None:
-                claims.append(f"{pattern} {a} - {b}: {d[0]:+.2f} ± {d[1]:.2f} points (paired over {d[2]} seeds)")
+            if d is None:
+                continue
+            ci = "–" if d["lo"] is None else f"[{d['lo']:+.2f}, {d['hi']:+.2f}]"
+            claims.append(f"{pattern} {a} - {b}: {d['mean']:+.2f} points, 95 % CI {ci}, sample SD {d['sd']:.2f} "
+                          f"over {d['n']} paired seeds ({verdict(d)})")
+            table.append(f"| {pattern} | {a} − {b} | {d['n']} | {d['mean']:+.2f} | {ci} | {d['sd']:.2f} | "
+                         f"{min(d['diffs']):+.2f} – {max(d['diffs']):+.2f} | {verdict(d)} |")
     if claims:
-        print("\nPaired differences (same seed = same init, data order and augmentation):")
+        print("\nPaired differences (same seed = same init, data order and augmentation; 95 % t-interval of the "
+              "mean difference; SD = sample SD (n-1) of the per-seed differences):")
         print("\n".join("  " + c for c in claims))
+        print("\n| N:M | difference | seeds | mean | 95 % CI | sample SD (n−1) | min – max | verdict |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(table))
     return claims
 
 
@@ -365,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--patterns", nargs="+", default=["2:4", "1:4"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--arch", default=Settings.arch)
     parser.add_argument("--base-width", type=int, default=Settings.base_width)
     parser.add_argument("--epochs", type=float, default=Settings.epochs)
@@ -382,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds: 2:4 only, seed 0, width 8, 4 steps of 32 images, 200 test images (CI)")
     parser.add_argument("--json", help="results file (default docs/accuracy.json for the full study)")
     parser.add_argument("--resume", action="store_true", help="skip runs already in --json (same settings)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: print the tables and draw the plots of the runs already in --json")
     parser.add_argument("--plot", help="PNG plot (default docs/accuracy.png for the full study)")
     parser.add_argument("--checkpoint-dir", help="save bimask-matched seed-0 weights here as "
                         "fmnist_bimask_<N>x<M>.safetensors (default docs/ for the full study)")
@@ -413,12 +456,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         done = stored["runs"]
 
-    data = load_fashion_mnist(train_limit=settings.train_limit, test_limit=settings.test_limit)
     runs = plan(args.methods, patterns, seeds)
-    print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads; "
-          f"{settings.arch} (base width {settings.base_width}) on Fashion-MNIST "
-          f"{len(data[0])} train / {len(data[2])} test; {settings.epochs:g} epochs of batch {settings.batch}; "
-          f"{len(runs)} runs ({len(done)} already done)")
+    if args.report_only:
+        if not (json_path and json_path.is_file()):
+            print(f"--report-only needs an existing results file (--json), got {json_path}.")
+            return 2
+        done = json.loads(json_path.read_text())["runs"]
+        missing = [run_key(*r) for r in runs if run_key(*r) not in done]
+        if missing:
+            print(f"{len(missing)} of {len(runs)} planned runs are not in {json_path}: {', '.join(missing)}")
+        runs = [r for r in runs if run_key(*r) in done]
+    data = None if args.report_only else load_fashion_mnist(train_limit=settings.train_limit, test_limit=settings.test_limit)
+    if data is not None:
+        print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads; "
+              f"{settings.arch} (base width {settings.base_width}) on Fashion-MNIST "
+              f"{len(data[0])} train / {len(data[2])} test; {settings.epochs:g} epochs of batch {settings.batch}; "
+              f"{len(runs)} runs ({len(done)} already done)")
     for i, (method, pattern, seed) in enumerate(runs):
         key = run_key(method, pattern, seed)
         if key in done:
@@ -441,11 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(rows, patterns)
     if plot_path:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from plots import plot_accuracy
+        from plots import plot_accuracy, plot_paired
 
         plot_accuracy(rows, plot_path, title=f"{settings.arch} (width {settings.base_width}) on Fashion-MNIST, "
-                      f"{settings.epochs:g} epoch(s), {len(seeds)} seed(s); dashed: dense mean")
-        print(f"plot: {plot_path}")
+                      f"{settings.epochs:g} epoch(s), {len(seeds)} seed(s); bars: sample SD (n-1); dashed: dense mean")
+        diffs = [d for p in patterns for a, b in COMPARISONS if (d := paired(rows, a, b, p)) is not None]
+        paired_path = plot_path.with_name(plot_path.stem + "_paired.png")
+        plot_paired(diffs, paired_path, title=f"paired top-1 differences over seeds, {settings.arch} on Fashion-MNIST")
+        print(f"plots: {plot_path}, {paired_path}")
     return 0
 
 

@@ -22,17 +22,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ACCURACY_ORDER = ("dense", "unstructured-50%", "srste", "bimask-random", "bimask-matched", "transposable", "pre", "post")
+ACCURACY_ORDER = ("dense", "unstructured-50%", "srste", "bimask-random", "bimask-matched", "bimask-paper",
+                  "transposable", "pre", "post")
 COLORS = {
     "dense": "#444444", "unstructured-50%": "#8c564b", "srste": "#1f77b4", "bimask-random": "#ff7f0e",
-    "bimask-matched": "#d62728", "transposable": "#2ca02c", "pre": "#9467bd", "post": "#e377c2",
+    "bimask-matched": "#d62728", "bimask-paper": "#bcbd22", "transposable": "#2ca02c", "pre": "#9467bd",
+    "post": "#e377c2",
     # step-time modes: "bimask" runs the default (matched) search
     "bimask": "#d62728", "bimask-unfold": "#7f7f7f",
 }
 
 
 def plot_accuracy(rows: Sequence[dict], out: str | Path, title: str = "") -> None:
-    """Top-1 per method, one panel per N:M pattern: every seed as a dot, the mean as a short line with a std error bar.
+    """Top-1 per method, one panel per N:M pattern: every seed as a dot, the mean as a short line with an error
+    bar of one sample SD (n-1).
 
     ``dense`` and ``unstructured-50%`` (pattern ``"-"``) are drawn in every panel for reference.
     """
@@ -59,6 +62,31 @@ def plot_accuracy(rows: Sequence[dict], out: str | Path, title: str = "") -> Non
     pad = max(0.2, 0.15 * (hi - lo))
     axes[0][0].set_ylim(lo - pad, hi + pad)
     axes[0][0].set_ylabel("test top-1 (%)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_paired(diffs: Sequence[dict], out: str | Path, title: str = "") -> None:
+    """Paired differences (``benchmarks/accuracy.py``'s ``paired`` dicts), one panel per N:M pattern: the mean
+    difference with its 95 % t-interval as an error bar, every seed's difference as a dot, zero dashed."""
+    patterns = list(dict.fromkeys(d["pattern"] for d in diffs))
+    fig, axes = plt.subplots(1, len(patterns), figsize=(6.5 * len(patterns), 4.2), sharex=True, squeeze=False)
+    for ax, pattern in zip(axes[0], patterns):
+        rows = [d for d in diffs if d["pattern"] == pattern]
+        for i, d in enumerate(rows):
+            err = None if d["lo"] is None else [[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]]
+            ax.errorbar(d["mean"], i, xerr=err, fmt="o", color="black", capsize=4, lw=1.2)
+            ax.scatter(d["diffs"], [i + 0.18] * len(d["diffs"]), s=12, color="gray", alpha=0.8)
+        ax.axvline(0.0, color="black", lw=0.8, ls="--")
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"{d['a']} − {d['b']} (n={d['n']})" for d in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("top-1 difference (points); bar: 95 % t-interval; dots: seeds")
+        ax.set_title(f"N:M = {pattern}")
+        ax.grid(axis="x", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -50,7 +50,8 @@ def accuracy_smoke(tmp_path_factory):
 @needs_fashion_mnist
 def test_accuracy_smoke_prints_every_method(accuracy_smoke):
     out, out_dir = accuracy_smoke
-    methods = ["dense", "unstructured-50%", "srste", "bimask-random", "bimask-matched", "transposable", "pre", "post"]
+    methods = ["dense", "unstructured-50%", "srste", "bimask-random", "bimask-matched", "bimask-paper", "transposable",
+               "pre", "post"]
     for method in methods:
         rows = _table_rows(out, method)
         assert rows, f"no table row for {method}:\n{out}"
@@ -58,12 +59,12 @@ def test_accuracy_smoke_prints_every_method(accuracy_smoke):
         assert rows[0][1] == pattern
         assert 0.0 <= float(rows[0][3]) <= 100.0  # top-1 mean
         assert f"| {method} | {pattern} | 1 |" in out  # the markdown table
-    assert "2:4 bimask-random - transposable:" in out and "paired over 1 seeds" in out
+    assert "2:4 bimask-matched - bimask-paper:" in out and "over 1 paired seeds (one seed: no interval)" in out
     data = json.loads((out_dir / "acc.json").read_text())
     assert len(data["runs"]) == len(methods)
     assert {r["method"] for r in data["runs"].values()} == set(methods)
     assert all(0.0 < r["retention"] <= 1.0 for r in data["runs"].values() if r["method"].startswith("bimask"))
-    assert (out_dir / "acc.png").stat().st_size > 0
+    assert (out_dir / "acc.png").stat().st_size > 0 and (out_dir / "acc_paired.png").stat().st_size > 0
     assert (out_dir / "fmnist_bimask_2x4.safetensors").is_file()
 
 
@@ -71,7 +72,7 @@ def test_accuracy_smoke_prints_every_method(accuracy_smoke):
 def test_accuracy_resume_skips_finished_runs(accuracy_smoke):
     _, out_dir = accuracy_smoke
     out = _run("accuracy.py", "--smoke", "--resume", "--json", str(out_dir / "acc.json"))
-    assert "(8 already done)" in out
+    assert "(9 already done)" in out
     assert "seed 0: top-1" not in out  # nothing was trained again
     assert _table_rows(out, "bimask-matched")
 
@@ -206,3 +207,22 @@ def test_compile_plot_redraws_from_step_time_json(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(rows))
     out = _run("plots.py", "--compile", str(tmp_path / "c.json"), "--out", str(tmp_path / "c.png"))
     assert "wrote" in out and (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_paired_differences_give_the_t_interval_and_the_verdict():
+    """The accuracy study's paired statistics by formula: mean and sample SD (n-1) of the per-seed
+    differences, 95 % interval mean +- t(0.975, n-1) * SD / sqrt(n), "within noise" when it holds 0."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [dict(method=m, pattern="2:4", seed=s, top1=t)
+            for s, (a, b) in enumerate([(81.0, 80.0), (82.0, 80.0), (83.0, 80.0)])
+            for m, t in (("bimask-matched", a), ("srste", b))]
+    d = accuracy.paired(rows, "bimask-matched", "srste", "2:4")
+    assert d["n"] == 3 and d["mean"] == pytest.approx(2.0) and d["sd"] == pytest.approx(1.0)
+    assert d["lo"] == pytest.approx(2.0 - 4.303 / 3**0.5) and d["hi"] == pytest.approx(2.0 + 4.303 / 3**0.5)
+    assert accuracy.verdict(d) == "bimask-matched higher"
+    rows[0]["top1"] = 77.0  # differences -3, 2, 3: the interval holds zero
+    assert accuracy.verdict(accuracy.paired(rows, "bimask-matched", "srste", "2:4")) == "within noise"
