@@ -322,7 +322,7 @@ COMPARISONS = (
     ("bimask-matched", "bimask-paper"), ("bimask-matched", "transposable"), ("bimask-paper", "transposable"),
     ("bimask-matched", "srste"), ("bimask-paper", "srste"), ("transposable", "srste"),
     ("srste", "dense"), ("bimask-matched", "dense"), ("bimask-paper", "dense"),
-    ("bimask-random", "transposable"), ("bimask-matched", "bimask-random"),
+    ("bimask-random", "transposable"), ("bimask-random", "srste"), ("bimask-matched", "bimask-random"),
 )
 
 

@@ -226,3 +226,12 @@ def test_paired_differences_give_the_t_interval_and_the_verdict():
     assert accuracy.verdict(d) == "bimask-matched higher"
     rows[0]["top1"] = 77.0  # differences -3, 2, 3: the interval holds zero
     assert accuracy.verdict(accuracy.paired(rows, "bimask-matched", "srste", "2:4")) == "within noise"
+
+
+def test_search_draws_quick_prints_median_and_range(tmp_path):
+    out = _run("search_draws.py", "--quick", "--json", str(tmp_path / "draws.json"))
+    rows = [line for line in out.splitlines() if line.startswith("| 64x576 | 2:4 |")]
+    assert len(rows) == 1 and rows[0].count("[") == 3  # median [min, max] of three random searches
+    data = json.loads((tmp_path / "draws.json").read_text())
+    assert data["draws"] == 3 and all(len(r["random_fresh-10"]) == 3 for r in data["rows"])
+    assert all(g >= 0 for r in data["rows"] for g in r["random-100"])  # the identity is candidate 0

@@ -74,7 +74,8 @@ def test_methods_return_permutations_never_worse(method: str, n: int, m: int) ->
         mask, n, m, method, num_candidates=20, generator=torch.Generator().manual_seed(0)
     )
     assert _is_permutation(perm, rows)
-    assert permutation_retention(mask, perm, n, m) >= identity
+    if method != "random_fresh":  # the paper's search: fresh candidates only (tests/test_paper.py)
+        assert permutation_retention(mask, perm, n, m) >= identity
 
 
 @pytest.mark.parametrize("method", ["random", "swap", "matched"])
@@ -143,7 +144,7 @@ def test_errors() -> None:
         search_permutation(mask[:14], 2, 4, "swap")
     with pytest.raises(ValueError, match="O % M"):
         permutation_retention(mask[:14], torch.arange(14), 2, 4)
-    with pytest.raises(ValueError, match="identity, random, swap, matched"):
+    with pytest.raises(ValueError, match="identity, random, random_fresh, swap, matched"):
         search_permutation(mask, 2, 4, "swpa")
     with pytest.raises(ValueError, match="N:M"):
         search_permutation(mask, 5, 4)
@@ -169,7 +170,7 @@ def test_cuda_matches_device(method: str) -> None:
         assert torch.equal(perm.cpu(), cpu)
     else:  # CUDA and CPU generators differ: same quality, never below the identity
         identity = permutation_retention(cpu_mask, torch.arange(64), 2, 4)
-        assert permutation_retention(cpu_mask, perm.cpu(), 2, 4) >= identity
+        assert method == "random_fresh" or permutation_retention(cpu_mask, perm.cpu(), 2, 4) >= identity
         assert permutation_retention(cpu_mask, perm.cpu(), 2, 4) == pytest.approx(
             permutation_retention(cpu_mask, cpu, 2, 4), abs=0.01
         )

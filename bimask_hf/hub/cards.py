@@ -157,6 +157,9 @@ def _hyperparameters(config: BiMaskConfig, training_args: Mapping[str, Any] | No
         ("permutation candidates", str(config.num_permutations)),
         ("group layout", config.group_layout),
     ]
+    if config.preset is not None:  # the paper's algorithm: its tie order, fresh random search, stems, decay
+        items += [("preset", config.preset), ("tie order", config.tie_break),
+                  ("decay per sample", str(config.decay_per_sample))]
     return items
 
 
