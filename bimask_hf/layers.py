@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import MODES, BiMaskConfig
+from .config import GROUP_LAYOUTS, MODES, BiMaskConfig
 from .distributed import full_tensor, shard_like
 from .functional import mask_work, masked_conv2d, masked_linear
 from .masks import (
@@ -60,6 +60,8 @@ class BiMaskLayer:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if group_layout not in GROUP_LAYOUTS:
+            raise ValueError(f"group_layout must be one of {GROUP_LAYOUTS}, got {group_layout!r}.")
         check_nm_pattern(n, m)
         ties_high(tie_break)  # a valid name
         self.n, self.m, self.mode, self.decay = n, m, mode, float(decay)

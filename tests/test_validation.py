@@ -125,3 +125,12 @@ def test_one_retention_for_an_empty_forward_mask():
     assert masks.permutation_retention(mf, perm, 2, 4) == pytest.approx(expected)
     assert masks.retention(mf.to(torch.uint8), mb.float()) == pytest.approx(expected)  # 0/1 masks too
 
+
+
+def test_layers_refuse_settings_they_cannot_run_when_built():
+    for kwargs, match in (({"group_layout": "channel_last"}, "group_layout must be one of"),
+                          ({"n": 5, "m": 4}, "n=5, m=4"), ({"mode": "bimsk"}, "mode must be one of")):
+        with pytest.raises(ValueError, match=match):
+            bh.BiMaskConv2d(8, 8, 3, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            bh.BiMaskLinear(16, 8, **kwargs)
