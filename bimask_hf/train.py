@@ -8,6 +8,8 @@ Every flag of ``BiMaskTrainingArguments`` (the Trainer's own plus N:M, mode, sea
 line (the command line wins). The paper scripts' flags (``--arch --data_path --job_dir --lr
 --num_epochs --label_smoothing --N --M --iter --greedy_num --mask_mode --use_random_mask
 --random_mask_ratio --nm_layers --wandb_project --wandb_name --resume --pretrain_dir``) are accepted.
+It always trains, then evaluates and saves, unless ``--eval_only`` (or ``--do_train false``) asks to
+evaluate the weights of ``--pretrained_path`` only.
 """
 
 from __future__ import annotations
@@ -91,6 +93,23 @@ class DataArguments:
     )
 
 
+@dataclass
+class RunArguments:
+    """What the run does besides training."""
+
+    eval_only: bool = field(
+        default=False,
+        metadata={"help": "Only evaluate the weights of --pretrained_path (or --pretrained) on the eval split: no "
+                  "training, nothing saved. Same as --do_train false. Without it bimask-train always trains "
+                  "(transformers turns do_eval on by itself whenever eval_strategy is set)."},
+    )
+
+
+def _given(name: str, argv: list[str], recipe: dict[str, Any]) -> bool:
+    """Whether the user set ``name`` explicitly (on the command line or in the recipe), not by a default."""
+    return name in recipe or any(token.partition("=")[0] == f"--{name}" for token in argv)
+
+
 def _translate_seed_flags(argv: list[str]) -> list[str]:
     out = []
     for i, token in enumerate(argv):
@@ -123,14 +142,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 
     argv = list(sys.argv[1:] if argv is None else argv)
     _check_recipe_position(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, BiMaskTrainingArguments))
+    groups = (ModelArguments, DataArguments, BiMaskTrainingArguments, RunArguments)
+    parser = HfArgumentParser(groups)
+    values: dict[str, Any] = {}
     if argv and argv[0].endswith((".yaml", ".yml")):
         recipe_path = argv.pop(0)
         if not os.path.isfile(recipe_path):
             raise SystemExit(f"bimask-train: recipe file {recipe_path!r} does not exist (see recipes/ for examples).")
         with open(recipe_path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
-        known = {f.name for dc in (ModelArguments, DataArguments, BiMaskTrainingArguments) for f in dataclasses.fields(dc)}
+        known = {f.name for dc in groups for f in dataclasses.fields(dc)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise SystemExit(f"bimask-train: unknown keys {unknown} in {recipe_path}; run bimask-train --help for the list.")
@@ -141,7 +162,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             values["model_args"] = json.dumps(values["model_args"])
         parser.set_defaults(**values)
     argv = _translate_seed_flags(argv)
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(argv)
+    model_args, data_args, train_args, run_args = parser.parse_args_into_dataclasses(argv)
+    _decide_training(model_args, train_args, run_args, explicit=_given("do_train", argv, values))
     save_strategy = getattr(train_args.save_strategy, "value", train_args.save_strategy)
     if "--save_steps" in {token.partition("=")[0] for token in argv} and save_strategy != "steps":
         where = "the command line" if "--save_strategy" in argv else "the recipe"
@@ -155,6 +177,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if data_args.wandb_project:
         os.environ["WANDB_PROJECT"] = data_args.wandb_project
     return model_args, data_args, train_args
+
+
+def _decide_training(model_args: ModelArguments, train_args: Any, run_args: RunArguments, explicit: bool) -> None:
+    """Set ``train_args.do_train``: train unless evaluation only was asked for.
+
+    transformers sets ``do_eval=True`` whenever ``eval_strategy`` is not "no" and leaves ``do_train``
+    False unless given, so neither says what the user wants; only an explicit ``--do_train false`` (or
+    ``--eval_only``) skips training.
+    """
+    if run_args.eval_only and explicit and train_args.do_train:
+        raise SystemExit("bimask-train: --eval_only and --do_train true contradict each other; give one of them.")
+    train_args.do_train = not run_args.eval_only and (train_args.do_train or not explicit)
+    if not train_args.do_train and model_args.pretrained_path is None and not model_args.pretrained:
+        asked = "--eval_only" if run_args.eval_only else "--do_train false"
+        raise SystemExit(
+            f"bimask-train: {asked} evaluates without training, but no weights were given: add --pretrained_path "
+            "<folder or Hub id> (or --pretrained), or drop it to train."
+        )
 
 
 def card_dataset(name: str) -> str:
@@ -259,7 +299,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         set_seed(train_args.seed)
     data, trainer = build(model_args, data_args, train_args)
     metrics: dict[str, float] = {}
-    if train_args.do_train or not train_args.do_eval:
+    if not train_args.do_train and data.eval_dataset is None:
+        raise SystemExit("bimask-train: evaluation only, but the dataset has no evaluation split (--eval_split).")
+    if train_args.do_train:
         resume = train_args.resume_from_checkpoint
         if isinstance(resume, str) and resume.lower() in ("true", "1", "last", "yes"):
             resume = True  # the seed's bare --resume: the newest checkpoint in output_dir
@@ -273,6 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "dataset": card_dataset(data_args.dataset), "split": data.eval_split,
             "dataset_name": card_dataset_name(data_args.dataset, data_args.max_eval_samples),
         }
+    if not train_args.do_train:
+        return metrics  # evaluation only: the evaluated folder stays as it is, nothing is written
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
         print(f"Hub-ready model folder: {os.path.abspath(train_args.output_dir)}")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import Mixup, create_transform
+from timm.data import auto_augment as timm_auto_augment
 from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybeToTensor, str_to_interp_mode
@@ -123,11 +124,32 @@ def match_channels(stats: Sequence[float], in_chans: int) -> tuple[float, ...]:
     )
 
 
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, keeping 0 bits as a black image (what Pillow did before it refused ``bits=0``).
+
+    RandAugment's increasing posterize keeps ``4 - int(magnitude / 10 * 4)`` bits, so 0 at magnitude 10,
+    which ``rand-m9-mstd0.5`` draws for about 2% of its posterize calls.
+    """
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return timm_auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
 def _auto_augment_op(config: str, size: int, mean: Sequence[float]) -> Callable[[Image.Image], Image.Image]:
     hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(round(255 * m) for m in mean))
-    if config.startswith("rand"):
-        return rand_augment_transform(config, hparams)
-    return auto_augment_transform(config, hparams)
+    return _keep_zero_bit_posterize((rand_augment_transform if config.startswith("rand") else auto_augment_transform)(
+        config, hparams))
+
+
+def _keep_zero_bit_posterize(transform: Any) -> Any:
+    """``transform`` (a timm RandAugment / AutoAugment, or a ``Compose`` holding one) with :func:`posterize`."""
+    for inner in getattr(transform, "transforms", []):
+        _keep_zero_bit_posterize(inner)
+    ops = getattr(transform, "ops", None) or [op for sub in getattr(transform, "policy", []) for op in sub]
+    for op in ops:
+        if getattr(op, "aug_fn", None) is timm_auto_augment.posterize:
+            op.aug_fn = posterize
+    return transform
 
 
 def build_transforms(
@@ -175,14 +197,14 @@ def build_transforms(
     ])
     if recipe in ("imagenet", "deit"):
         common = dict(input_size=image_size, interpolation=interpolation, mean=mean, std=std)
-        train = create_transform(
+        train = _keep_zero_bit_posterize(create_transform(
             is_training=True,
             color_jitter=0.0 if recipe == "imagenet" else 0.4,
             auto_augment=auto_augment,
             re_prob=re_prob,
             re_mode="pixel",
             **common,
-        )
+        ))
         return T.Compose([convert, train]), evaluation
 
     resize = T.Resize(image_size, interpolation=str_to_interp_mode(interpolation))
