@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NMPatternError", "CorruptCheckpointError", "DataError"]
+__all__ = ["NMPatternError", "CorruptCheckpointError", "DataError", "ConflictingSettingsError"]
 
 
 class NMPatternError(ValueError):
@@ -18,3 +18,8 @@ class DataError(ValueError):
 
     Raised while building the datasets, before any training starts.
     """
+
+
+class ConflictingSettingsError(ValueError):
+    """Two settings that must agree do not (a checkpoint and the run resuming it, a saved folder and the
+    keywords of its load); the message names both values and which one to change."""

@@ -25,6 +25,7 @@ from timm.loss import SoftTargetCrossEntropy
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import number_of_arguments
 
+from .checks import check_resume, save_checkpoint_config
 from .config import ARGUMENT_FIELDS, BiMaskConfig, BiMaskConfigArguments
 from .distributed import UnsupportedSetupError, describe_setup, enable_cpu_fsdp, is_sharded
 from .errors import CorruptCheckpointError
@@ -358,6 +359,8 @@ class BiMaskTrainer(Trainer):
                     f"resume_from_checkpoint=True, but {self.args.output_dir!r} holds no complete checkpoint-N "
                     "folder to resume from; start without it, or pass a checkpoint folder."
                 )
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_resume(resume_from_checkpoint, self.bimask_config)  # before any weight or state is loaded
         if self.args.should_save:
             check_writable(self.args.output_dir)  # a read-only or full output folder fails now, not after training
         self._check_channels()
@@ -547,7 +550,10 @@ class BiMaskTrainer(Trainer):
         """Checkpoints (internal calls) keep dense weights and permutations for exact resumption; a final
         ``save_model`` writes a Hub-ready folder with pruned weights exactly zero and a model card."""
         if _internal_call:
-            return super().save_model(output_dir, _internal_call=True)
+            super().save_model(output_dir, _internal_call=True)
+            if self.args.should_save and output_dir is not None:
+                save_checkpoint_config(output_dir, self.bimask_config)  # what a resumed run must agree with
+            return None
         self._save_hub_folder(output_dir or self.args.output_dir)
         if self.args.push_to_hub:
             self._upload(commit_message="Model save", revision=self.args.hub_revision)

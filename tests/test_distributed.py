@@ -21,6 +21,7 @@ from bimask_hf.trainer import unsupported_setup_reason
 
 from .hub_datasets import CIFAR10_NAMES, write_cifar10_like
 from .olah_server import free_port, serve_local_repos
+from .test_recipes import assert_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -164,7 +165,7 @@ def test_hub_cifar10_streams_per_rank_through_the_cli_under_fsdp2(tmp_path):
     assert "FSDP2 x2 (cpu)" in two_log and "single process (cpu)" in one_log  # the CLI under FSDP2, and alone
     for out in ("one", "two"):
         assert "eval top-1" in (two_log if out == "two" else one_log)
-        assert bh.BiMaskConfig.load_json(tmp_path / out)["sparse_layers"]
+        assert_trained(tmp_path / out, steps=3, n=2, m=4)  # what tests/test_recipes.py asserts of every recipe
     expected = torch.load(tmp_path / "expected.pt")
     assert expected["label_names"] == CIFAR10_NAMES and expected["image_feature"] == "Image"
     assert {split: len(labels) for split, labels in expected["stream"].items()} == sizes

@@ -22,6 +22,8 @@ from bimask_hf import BiMaskTrainer, BiMaskTrainingArguments, create_model, load
 from bimask_hf.layers import PERMUTATION_KEY
 from bimask_hf.storage import StorageError, last_complete_checkpoint
 
+from .test_recipes import assert_trained
+
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = ROOT / "tests" / "scripts" / "cli_kill_after_save.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -97,6 +99,7 @@ def test_cpu_2proc_config_trains_ddp_without_env_var_and_exits_0(tmp_path):
     assert proc.stdout.count("sparse training") == 1 and "DDP x2 (cpu)" in proc.stdout, proc.stdout[-2000:]
     assert proc.stdout.count("Hub-ready model folder") == 1
     assert bh.load_sparse_model(str(out)) is not None
+    assert_trained(out, steps=2, n=2, m=4)  # what tests/test_recipes.py asserts of every recipe
     assert not [p for p in tmp_path.iterdir() if ".saving-" in p.name]
 
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..checks import PATTERN_FIELDS, config_differences
 from ..compression import NM_WEIGHTS_NAME, load_nm_safetensors
 from ..config import BiMaskConfig
-from ..errors import NMPatternError
+from ..errors import ConflictingSettingsError, NMPatternError
 from ..inspection import check_nm
 from ..masks import unstructured_keep_count
 from ..patching import sparsify
@@ -125,7 +126,8 @@ def load_sparse_model(
     *,
     resparsify: bool = False,
     model_class: Any = None,
-    **hub_kwargs: Any,
+    config: BiMaskConfig | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Load a model saved by :func:`save_sparse_model` from a folder or a Hub repo, ready to fine-tune.
 
@@ -137,11 +139,21 @@ def load_sparse_model(
     ``endpoint``...) go to ``huggingface_hub.snapshot_download``; ``HF_ENDPOINT`` is honoured.
     N:M-compressed folders are decompressed bit-exactly. A damaged weight file raises
     :class:`CorruptCheckpointError` naming it.
+
+    ``config`` (or its fields as keywords: ``n=``, ``m=``, ``mode=``, ...) says how the loaded model is
+    to be fine-tuned: its mode, decay and permutation settings replace the saved ones, while N, M,
+    density, group layout and layer selection must equal the folder's (they are what its weights are);
+    :class:`~bimask_hf.errors.ConflictingSettingsError` names both values otherwise. Download options
+    are ignored for a local folder, as transformers does, but a ``revision`` (which a folder cannot
+    select) and unknown keywords raise ``TypeError``.
     """
     source = os.fspath(repo_id_or_dir)
+    asked, hub_kwargs = _split_keywords(source, config, kwargs)
     folder = resolve_folder(source, **hub_kwargs)
     meta = read_bimask_meta(folder, source)
     config = BiMaskConfig.from_dict(meta)
+    if asked is not None:
+        config = _agreed_config(config, asked, source)
     files = weight_files(folder)
     tensor_shapes(folder, files)  # truncated / overwritten files fail here, naming the file
 
@@ -165,6 +177,56 @@ def load_sparse_model(
         _verify_pattern(model, names, config, source)
     sparsify(model, _restricted_config(config, names, model))
     return model
+
+
+# snapshot_download's options about how to download (a local folder ignores them, as transformers does).
+_DOWNLOAD_OPTIONS = frozenset({
+    "cache_dir", "token", "force_download", "local_files_only", "endpoint", "etag_timeout", "max_workers",
+    "headers", "user_agent", "library_name", "library_version", "tqdm_class",
+})
+# ... and those that select what is loaded: meaningless for a local folder.
+_HUB_SELECTION = frozenset({"revision", "local_dir"})
+
+
+def _split_keywords(
+    source: str, config: BiMaskConfig | None, kwargs: dict[str, Any]
+) -> tuple[BiMaskConfig | None, dict[str, Any]]:
+    """The config the caller asks for (``config`` with field keywords on top) and the Hub options."""
+    fields = set(BiMaskConfig().to_dict())
+    overrides = {k: v for k, v in kwargs.items() if k in fields}
+    hub_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
+    unknown = sorted(set(hub_kwargs) - _DOWNLOAD_OPTIONS - _HUB_SELECTION)
+    if unknown:
+        raise TypeError(
+            f"load_sparse_model() got unexpected keyword(s) {unknown}: it takes resparsify, model_class, config, "
+            f"BiMaskConfig fields ({', '.join(sorted(fields))}) and the download options "
+            f"{', '.join(sorted(_DOWNLOAD_OPTIONS | _HUB_SELECTION))}."
+        )
+    local = sorted(set(hub_kwargs) & _HUB_SELECTION)
+    if local and os.path.isdir(source):
+        raise TypeError(
+            f"load_sparse_model() got {', '.join(f'{k}={hub_kwargs[k]!r}' for k in local)}, which selects files of a "
+            f"Hub repo, but {source!r} is a local folder: drop it, or pass the Hub repo id."
+        )
+    if config is not None and not isinstance(config, BiMaskConfig):
+        raise TypeError(f"config must be a BiMaskConfig, got {type(config).__name__}.")
+    if not overrides:
+        return config, hub_kwargs
+    return BiMaskConfig.from_dict({**(config or BiMaskConfig()).to_dict(), **overrides}), hub_kwargs
+
+
+def _agreed_config(saved: BiMaskConfig, asked: BiMaskConfig, source: str) -> BiMaskConfig:
+    """``asked``, if its pattern and layer selection are the folder's; :class:`ConflictingSettingsError` if not."""
+    differences = config_differences(saved, asked, PATTERN_FIELDS)
+    if differences:
+        held = ", ".join(f"{k}={v[0]!r}" for k, v in differences.items())
+        wanted = ", ".join(f"{k}={v[1]!r}" for k, v in differences.items())
+        raise ConflictingSettingsError(
+            f"{source} holds a model saved with {held}, but load_sparse_model was asked for {wanted}. Pass "
+            f"{held} (or leave them out) to load it as saved; for {wanted}, load it with transformers/timm "
+            "(bimask_hf.hub.load_plain_model) and call bimask_hf.sparsify(model, BiMaskConfig(...))."
+        )
+    return asked
 
 
 def load_folder_for_check(repo_id_or_dir: str | os.PathLike, **hub_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
