@@ -57,7 +57,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bimask_hf as bh
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, finish_machine_info, machine_info  # noqa: E402
+
+import bimask_hf as bh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -456,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         done = stored["runs"]
 
+    machine = machine_info()
+    print(describe(machine))
     runs = plan(args.methods, patterns, seeds)
     if args.report_only:
         if not (json_path and json_path.is_file()):
@@ -487,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         if json_path:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = json_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"settings": asdict(settings), "torch": torch.__version__,
+            tmp.write_text(json.dumps({"settings": asdict(settings), "machine": finish_machine_info(machine),
+                                       "torch": torch.__version__,
                                        "threads": torch.get_num_threads(), "runs": done}, indent=1))
             os.replace(tmp, json_path)
     rows = [done[run_key(*r)] for r in runs if run_key(*r) in done]

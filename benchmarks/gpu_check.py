@@ -34,17 +34,21 @@ layout of ``((W*Mb)[p])^T`` are still checked), which is what CI runs::
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, machine_info, write_json  # noqa: E402
 
 import bimask_hf as bh
 from bimask_hf.masks import backward_mask, nm_mask
@@ -273,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-linear", action="store_true")
     parser.add_argument("--json", help="write all rows to this file")
     args = parser.parse_args(argv)
+    machine = machine_info()
+    print(describe(machine))
 
     if not torch.cuda.is_available() and not args.dry_run:
         log("gpu_check: no CUDA GPU is visible (torch.cuda.is_available() is False), so there is nothing to measure "
@@ -318,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
             log(f"{r['layer']:<16} {r['shape']:>10} {r['case']:<20} {r['ms']:>9.4f} {speed:>9}")
     log(f"\ngpu_check done in {time.perf_counter() - start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": name, "torch": torch.__version__, "rows": rows}, fh, indent=1)
+    write_json(args.json, machine, device=name, torch=torch.__version__, rows=rows)
     return 0
 
 

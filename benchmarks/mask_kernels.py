@@ -20,12 +20,16 @@ masks and the same gradient bit for bit. ``x faster`` is the tensor-op time over
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, machine_info, write_json  # noqa: E402
 
 from bimask_hf import kernels
 from bimask_hf.functional import _weight_grad_extra
@@ -90,6 +94,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats, inner = (2, 2) if args.quick else (args.repeats, args.inner)
+    machine = machine_info(args.threads)
+    print(describe(machine))
     print(f"torch {torch.__version__}, {args.threads} thread(s), best of {repeats} x {inner} calls; times in us")
     print(f"{'shape':<18} {'N:M':>4} {'Mf C':>8} {'Mf ops':>8} {'x':>5} {'Mb C':>8} {'Mb ops':>8} {'x':>5} "
           f"{'decay C':>8} {'decay ops':>9} {'x':>5} {'same':>5}")
@@ -103,9 +109,7 @@ def main() -> None:
                   f"{r['Mf_speedup']:>5.1f} {r['Mb_kernel_us']:>8.1f} {r['Mb_ops_us']:>8.1f} {r['Mb_speedup']:>5.1f} "
                   f"{r['decay_kernel_us']:>8.1f} {r['decay_ops_us']:>9.1f} {r['decay_speedup']:>5.1f} "
                   f"{'yes' if r['same'] else 'NO':>5}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, machine, rows=rows)
     if not all(r["same"] for r in rows):
         sys.exit("the kernels and the tensor ops disagree")
 

@@ -32,7 +32,6 @@ interleaved; the share ``refresh / (permutation_interval * dense step)`` must st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -42,8 +41,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, machine_info, write_json  # noqa: E402
+
 from bimask_hf.masks import weight_to_matrix
-from bimask_hf.search import DEFAULT_MAX_ROUNDS, permutation_retention, search_permutation
+from bimask_hf.search import DEFAULT_MAX_ROUNDS, matmul_path, permutation_retention, search_permutation
 
 try:  # the library's own backward mask, when present
     from bimask_hf.masks import backward_mask as _library_backward_mask
@@ -57,6 +60,9 @@ FULL_SHAPES = [
     (64, 576), (128, 1152), (256, 2304), (512, 4608), (384, 1536), (768, 3072), (1536, 384), (2048, 512), (3072, 768)
 ]
 QUICK_SHAPES = [(64, 576), (512, 4608)]
+# the matmul-path check of --quick: one block with re-splits, and two blocks; small K, since where the CPU lacks
+# int8 dot-product instructions torch._int_mm takes seconds on the 512x4608 layer
+QUICK_PATH_SHAPES = [(64, 576), (512, 64)]
 FULL_PATTERNS = [(2, 4), (1, 4), (4, 8)]
 QUICK_PATTERNS = [(2, 4)]
 TARGET_PATTERN = "2:4"
@@ -86,6 +92,7 @@ def recipe_batch(batch: int | str) -> int:
 
     return int(yaml.safe_load((RECIPES / batch).read_text())["per_device_train_batch_size"])
 LOCAL_METHODS = ("swap", "matched")
+RANDOM_CANDIDATES = [10, 100, 1000]  # best-of-K random searches of the table (--candidates)
 
 
 @dataclass
@@ -164,6 +171,25 @@ def bench_layer(rows: int, cols: int, n: int, m: int, repeats: int, seed: int) -
     return bench_matrix(weight, f"{rows}x{cols}", n, m, repeats, seed, gen)[0]
 
 
+def check_matmul_paths(shapes: list[tuple[int, int]], patterns: list[tuple[int, int]], seed: int) -> list[dict]:
+    """The default search on every randn layer with the int8 and the float matmul forced: the permutations must be
+    identical (the fast path is chosen per CPU, the result must not depend on it). One timed run each."""
+    out = []
+    for rows, cols in shapes:
+        weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+        for n, m in patterns:
+            fmask = forward_mask(weight, n, m)
+            found, ms = {}, {}
+            for path in ("int8", "float"):
+                with matmul_path(path):
+                    start = time.perf_counter()
+                    found[path] = search_permutation(fmask, n, m, DEFAULT_METHOD)
+                    ms[path] = 1e3 * (time.perf_counter() - start)
+            out.append(dict(shape=f"{rows}x{cols}", pattern=f"{n}:{m}", identical=torch.equal(found["int8"], found["float"]),
+                            int8_ms=ms["int8"], float_ms=ms["float"]))
+    return out
+
+
 def bench_matrix(
     weight: torch.Tensor, label: str, n: int, m: int, repeats: int, seed: int, gen: torch.Generator | None = None
 ) -> tuple[list[Row], dict[str, dict[str, float]]]:
@@ -182,7 +208,7 @@ def bench_matrix(
     methods: list[tuple[str, Callable[[], torch.Tensor]]] = [
         ("identity", lambda: search_permutation(fmask, n, m, "identity"))
     ]
-    for k in (10, 100, 1000):
+    for k in RANDOM_CANDIDATES:
         methods.append(
             (
                 f"random K={k}",
@@ -407,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         help="trained Bi-Mask checkpoint for the real-weight rows (default docs/fmnist_bimask_2x4.safetensors; "
         "trained quickly here if missing)",
     )
+    parser.add_argument("--patterns", nargs="+", default=None, metavar="N:M",
+                        help="N:M patterns of the table (default 2:4 1:4 4:8; quick 2:4)")
+    parser.add_argument("--candidates", nargs="+", type=int, default=RANDOM_CANDIDATES, metavar="K",
+                        help="random best-of-K rows (default 10 100 1000; 100 is the TARGET's reference)")
+    parser.add_argument("--check-matmul-paths", action="store_true",
+                        help="also run the default search with the int8 and the float matmul forced, and check that "
+                             "they give the same permutation (on by default with --quick; slow where int8 GEMM is)")
     parser.add_argument("--no-real", action="store_true", help="random weights only")
     parser.add_argument("--no-random", action="store_true", help="trained weights only (no TARGET check)")
     parser.add_argument("--models", nargs="*", default=[], choices=sorted(REFRESH_MODELS),
@@ -414,9 +447,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-steps", type=int, default=2, help="dense steps per model after a warm-up (best kept)")
     parser.add_argument("--model-refreshes", type=int, default=2, help="whole-model refreshes per model (best kept)")
     args = parser.parse_args(argv)
+    if 100 not in args.candidates:
+        parser.error("--candidates must include 100 (random best-of-100 is the TARGET's reference)")
+    RANDOM_CANDIDATES[:] = args.candidates
     torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     patterns = QUICK_PATTERNS if args.quick else FULL_PATTERNS
+    if args.patterns:
+        patterns = [tuple(int(v) for v in p.split(":")) for p in args.patterns]
+    machine = machine_info(args.threads)
+    print(describe(machine))
     repeats = args.repeats or (3 if args.quick else 5)
 
     print(
@@ -459,7 +499,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"{'all-layers':>10} {row.pattern:>4} {row.method:>13} {row.retention:9.4f} {row.gain:+8.4f} "
                     f"{row.ratio_vs_random100:8.1f} {row.grad_gap:8.4f} {row.ms:9.1f}"
                 )
+    paths = []
+    if (args.check_matmul_paths or args.quick) and not args.no_random:
+        print(f"\n{DEFAULT_METHOD} with the int8 and the float matmul forced (one run each):")
+        print(f"{'shape':>10} {'N:M':>4} {'int8 ms':>9} {'float ms':>9}  identical")
+        for p in check_matmul_paths(QUICK_PATH_SHAPES if args.quick else shapes, patterns, args.seed):
+            paths.append(p)
+            print(f"{p['shape']:>10} {p['pattern']:>4} {p['int8_ms']:9.1f} {p['float_ms']:9.1f}  "
+                  f"{'yes' if p['identical'] else 'NO'}", flush=True)
     ok, lines = check_target(results)
+    ok &= all(p["identical"] for p in paths)
     if not args.no_random:
         print(f"\nTARGET ({DEFAULT_METHOD} gain >= {TARGET_RATIO:g}x random-100's in <= max({TARGET_TIME_RATIO:g}x "
               f"random-100's time, {TARGET_MIN_BUDGET_S * 1e3:g} ms), every shape at {TARGET_PATTERN}):")
@@ -480,11 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.dense_step_s:12.4g} {r.interval:>8} {100 * r.share:7.2f}  "
                   f"{'ok' if good else 'FAIL'} (<= {100 * TARGET_REFRESH_SHARE:g} %)")
             sys.stdout.flush()
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": [asdict(r) for r in results], "refresh": [asdict(r) for r in refresh_rows],
-                       "target_pass": ok, "torch": torch.__version__, "threads": args.threads, "repeats": repeats},
-                      fh, indent=1)
+    write_json(args.json, machine, rows=[asdict(r) for r in results], refresh=[asdict(r) for r in refresh_rows],
+               matmul_paths=paths, target_pass=ok, torch=torch.__version__, threads=args.threads, repeats=repeats)
     if args.plot:
         sys.path.insert(0, str(BENCH_DIR))
         from plots import plot_mask_quality

@@ -94,6 +94,13 @@ def plot_paired(diffs: Sequence[dict], out: str | Path, title: str = "") -> None
     plt.close(fig)
 
 
+def _rows(path: str | Path) -> list[dict]:
+    """The rows of a benchmark JSON: ``{"machine": ..., "rows": [...]}``, or a bare list (files before the
+    machine was recorded)."""
+    data = json.loads(Path(path).read_text())
+    return data["rows"] if isinstance(data, dict) else data
+
+
 def plot_step_time(rows: Sequence[dict], out: str | Path, title: str = "") -> None:
     """Step-time ratio and peak-memory ratio to dense, grouped by model (one bar per mode).
 
@@ -229,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.accuracy:
         plot_accuracy(list(json.loads(Path(args.accuracy).read_text())["runs"].values()), args.out)
     elif args.compile:
-        plot_compile([row for path in args.compile for row in json.loads(Path(path).read_text())], args.out)
+        plot_compile([row for path in args.compile for row in _rows(path)], args.out)
     elif args.step_time:
-        plot_step_time(json.loads(Path(args.step_time).read_text()), args.out)
+        plot_step_time(_rows(args.step_time), args.out)
     else:
         plot_mask_quality(json.loads(Path(args.mask_quality).read_text())["rows"], args.out)
     print(f"wrote {args.out}")

@@ -25,7 +25,8 @@ dense step of the same kind: eagerly for ``bimask``, as compiled kernels for ``b
 
 ``bimask`` uses the library's default permutation search (``--search``, default ``matched``) and, eagerly
 on CPU, the C mask kernels of ``bimask_hf.kernels``; ``bimask-tensorops`` the same with those kernels
-switched off (masks by tensor ops); ``bimask-random`` the paper's best-of-100 random search; ``bimask-unfold`` (``--unfold``) the research-style
+switched off (masks by tensor ops); ``bimask-dispatched`` calls those kernels as ``torch.library`` ops through
+the dispatcher (as the layers do while a profiler records), to measure its cost; ``bimask-random`` the paper's best-of-100 random search; ``bimask-unfold`` (``--unfold``) the research-style
 ``unfold``/``fold`` convolution of ``unfold_baseline.py`` with the same masks.
 
     python benchmarks/step_time.py                 # ResNet-32/CIFAR b128 and DeiT-small-sized ViT
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import resource
@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from machine import describe, machine_info, write_json  # noqa: E402
 from unfold_baseline import use_unfold_convs  # noqa: E402
 
 import bimask_hf as bh  # noqa: E402
@@ -71,11 +72,15 @@ MODELS = {
 MODES = ["dense", "srste", "bimask", "bimask-random", "transposable", "pre", "post"]
 COMPILED = "+compile"
 TENSOR_OPS = "-tensorops"  # the same mode with the C mask kernels switched off (eager masks by tensor ops)
+DISPATCHED = "-dispatched"  # the same mode with the C kernels called as torch.library ops (as under a profiler)
 
 
-def tensor_op_masks(active: bool):
-    """Inside, when ``active``: eager masks and the decay term by tensor ops, not the C kernels."""
-    return kernels.disabled() if active else contextlib.nullcontext()
+def kernel_path(mode: str):
+    """Context of ``mode``'s eager mask work: tensor ops (``-tensorops``), the C kernels as ``torch.library`` ops
+    through the dispatcher (``-dispatched``), or the C kernels called directly (otherwise)."""
+    if mode.endswith(TENSOR_OPS):
+        return kernels.disabled()
+    return kernels.dispatched() if mode.endswith(DISPATCHED) else contextlib.nullcontext()
 
 
 def build(
@@ -97,7 +102,7 @@ def build(
     if mode == "dense":
         mode = "dense-plain"
     if mode != "dense-plain":
-        base = mode.removesuffix(TENSOR_OPS).removesuffix("-random").removesuffix("-unfold")
+        base = mode.removesuffix(TENSOR_OPS).removesuffix(DISPATCHED).removesuffix("-random").removesuffix("-unfold")
         search = "random" if mode.endswith("-random") else search_method
         bh.sparsify(model, bh.BiMaskConfig(mode=base, permutation_search=search, permutation_interval=interval))
         if mode.endswith("-unfold"):
@@ -160,6 +165,36 @@ def mask_work(model: nn.Module, repeats: int = 3) -> dict[str, float]:
         for key, value in spent.items():
             times[key].append(value)
     return {key: statistics.median(values) for key, values in times.items()}
+
+
+def dispatcher_cost(name: str, quick: bool, batch: int | None, repeats: int = 7) -> dict:
+    """What calling the C kernels as ``torch.library`` ops costs per training step of ``name``: the eager mask
+    work of all sparse layers (:func:`mask_work`) called directly and through the dispatcher
+    (:func:`bimask_hf.kernels.dispatched`), interleaved, medians; against one dense step of the same model."""
+    model, x, y, _ = build(name, "bimask", 100, quick, batch)
+    calls = []
+    counted = {}
+    for part in ("forward_mask", "backward_mask", "add_decay_"):
+        counted[part] = getattr(kernels, part)
+        setattr(kernels, part, lambda *a, _real=counted[part], **k: calls.append(1) or _real(*a, **k))
+    try:
+        mask_work(model, 1)
+    finally:
+        for part, real in counted.items():
+            setattr(kernels, part, real)
+    direct, dispatched = [], []
+    for _ in range(repeats):
+        direct.append(sum(mask_work(model, 1).values()))
+        with kernels.dispatched():
+            dispatched.append(sum(mask_work(model, 1).values()))
+    dense, x, y, _ = build(name, "dense", 100, quick, batch)
+    opt = torch.optim.SGD(dense.parameters(), lr=1e-3, momentum=0.9)
+    time_steps(dense, opt, x, y, 1, False)  # warm-up
+    step = time_steps(dense, opt, x, y, 1, False)[0]
+    extra = statistics.median(dispatched) - statistics.median(direct)
+    return dict(model=name, batch=int(x.shape[0]), calls=len(calls), direct_ms=1e3 * statistics.median(direct),
+                dispatched_ms=1e3 * statistics.median(dispatched), extra_ms=1e3 * extra,
+                per_call_us=1e6 * extra / max(1, len(calls)), dense_step_s=step, share=extra / step)
 
 
 def mask_work_compiled(model: nn.Module, backend: str, repeats: int = 3) -> dict[str, float]:
@@ -283,8 +318,8 @@ def run(
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         compiled = mode.endswith(COMPILED)
         work = None
-        with tensor_op_masks(mode.endswith(TENSOR_OPS)):
-            if mode.removesuffix(COMPILED).removesuffix(TENSOR_OPS) == "bimask":
+        with kernel_path(mode):
+            if mode.removesuffix(COMPILED).removesuffix(TENSOR_OPS).removesuffix(DISPATCHED) == "bimask":
                 work = mask_work_compiled(model, compile_backend) if compiled else mask_work(model)
             net = torch.compile(model, backend=compile_backend) if compiled else model
             mem = saved_bytes(net, x, y)
@@ -301,7 +336,7 @@ def run(
         order.shuffle(shuffled)  # a new order every round: no mode always runs first / after a given one
         for mode in shuffled:
             r = runs[mode]
-            with tensor_op_masks(mode.endswith(TENSOR_OPS)):
+            with kernel_path(mode):
                 seconds, faults = time_steps(r["model"], r["opt"], r["x"], r["y"], steps, mode == "post")
             r["times"].append(seconds)
             r["faults"].append(faults)
@@ -365,6 +400,9 @@ def main() -> None:
     parser.add_argument("--tune-malloc", action="store_true",
                         help="keep freed memory in the process (glibc mallopt: no heap trimming, no mmap), so that "
                              "page faults do not add noise; the faults column shows them")
+    parser.add_argument("--dispatcher-cost", action="store_true",
+                        help="only measure what the torch.library ops' dispatcher adds to the eager mask work per "
+                             "step (direct ctypes calls vs kernels.dispatched(), interleaved) against a dense step")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--plot", help="write a PNG of the time and memory ratios")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
@@ -377,6 +415,21 @@ def main() -> None:
     malloc = "default malloc"
     if args.tune_malloc:
         malloc = "malloc tuned (no trimming, no mmap)" if tune_malloc() else "malloc not tunable here (not glibc)"
+    machine = machine_info(args.threads, allocator=malloc)
+    print(describe(machine))
+    if args.dispatcher_cost:
+        costs = []
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name in args.models:
+                c = dispatcher_cost(name, args.quick, batches.get(name), 3 if args.quick else 7)
+                costs.append({**c, "threads": threads})
+                print(f"dispatcher cost {name} b{c['batch']}, {threads} thread(s): {c['calls']} kernel calls per step, "
+                      f"mask work {c['direct_ms']:.2f} ms direct / {c['dispatched_ms']:.2f} ms dispatched: "
+                      f"+{c['extra_ms']:.2f} ms ({c['per_call_us']:.1f} us per call) = {100 * c['share']:.3f} % of a "
+                      f"{c['dense_step_s']:.3f} s dense step", flush=True)
+        write_json(args.json, machine, dispatcher=costs)
+        return
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -415,9 +468,7 @@ def main() -> None:
                 limit = 1.03 if r["mode"].endswith(COMPILED) else 1.05
                 print(f"TARGET {r['mode']} <= {limit:.2f}x on {r['model']} b{r['batch']}, {r['threads']} thread(s): "
                       f"{r['ratio']:.3f}x -> {'PASS' if r['ratio'] <= limit else 'FAIL'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(args.json, machine, rows=rows)
     if args.plot:
         from plots import plot_step_time
 

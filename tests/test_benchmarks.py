@@ -31,6 +31,14 @@ def _run(script: str, *args: str, ok_codes: tuple[int, ...] = (0,), timeout: int
     return proc.stdout
 
 
+def _check_machine(info: dict, threads: int | None = None) -> None:
+    """A benchmark JSON names the machine that made it (``benchmarks/machine.py``)."""
+    assert info["cpu_model"] and info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["torch"] == torch.__version__ and info["allocator"] and info["search_matmul"] in ("int8", "float")
+    assert info["threads"] == (threads if threads is not None else info["threads"]) and info["threads"]
+    assert len(info["loadavg_start"]) == 3 and len(info["loadavg_end"]) == 3
+
+
 def _table_rows(out: str, first: str) -> list[list[str]]:
     """Whitespace-split lines of ``out`` whose first field is ``first``."""
     return [line.split() for line in out.splitlines() if line.split()[:1] == [first]]
@@ -61,6 +69,7 @@ def test_accuracy_smoke_prints_every_method(accuracy_smoke):
         assert f"| {method} | {pattern} | 1 |" in out  # the markdown table
     assert "2:4 bimask-matched - bimask-paper:" in out and "over 1 paired seeds (one seed: no interval)" in out
     data = json.loads((out_dir / "acc.json").read_text())
+    _check_machine(data["machine"])
     assert len(data["runs"]) == len(methods)
     assert {r["method"] for r in data["runs"].values()} == set(methods)
     assert all(0.0 < r["retention"] <= 1.0 for r in data["runs"].values() if r["method"].startswith("bimask"))
@@ -90,7 +99,12 @@ def test_permutation_search_quick_with_trained_weights(accuracy_smoke, tmp_path)
     assert {"identity", "random", "swap", "matched"} <= methods
     for label in ("64x576", "512x4608", "fmnist:layer3.0.conv2", "fmnist:all-layers"):
         assert any(line.strip().startswith(label) for line in out.splitlines()), label
-    rows = json.loads((tmp_path / "mq.json").read_text())["rows"]
+    saved = json.loads((tmp_path / "mq.json").read_text())
+    _check_machine(saved["machine"], threads=1)
+    rows = saved["rows"]
+    # the default search with the int8 and the float matmul forced: the same permutation on every randn shape
+    assert {(p["shape"], p["identical"]) for p in saved["matmul_paths"]} == {("64x576", True), ("512x64", True)}
+    assert "identical" in out and " NO" not in out
     real = [r for r in rows if r["shape"] == "fmnist:all-layers"]
     assert {r["method"] for r in real} == {"identity", "random K=10", "random K=100", "random K=1000", "swap", "matched"}
     assert all(0.0 < r["retention"] <= 1.0 and r["grad_gap"] >= 0.0 for r in rows)
@@ -114,24 +128,28 @@ def test_permutation_search_quick_with_trained_weights(accuracy_smoke, tmp_path)
 
 def test_step_time_quick(tmp_path):
     out = _run(
-        "step_time.py", "--quick", "--models", "resnet32_cifar", "--modes", "bimask", "bimask-tensorops", "post", "--unfold",
+        "step_time.py", "--quick", "--models", "resnet32_cifar", "--modes", "bimask", "bimask-tensorops",
+        "bimask-dispatched", "post", "--unfold",
         "--threads", "1", "--markdown", "--json", str(tmp_path / "st.json"), "--plot", str(tmp_path / "st.png"),
         "--compile", "--compile-backend", "aot_eager",  # the compiled rows' code paths, without a C++ build
         "--tune-malloc",
     )
     assert "malloc tuned (no trimming, no mmap)" in out
     rows = {r[1]: r for r in _table_rows(out, "resnet32_cifar")}
-    assert set(rows) == {"dense", "bimask", "bimask-tensorops", "post", "bimask-unfold", "dense+compile",
-                         "bimask+compile"}
+    assert set(rows) == {"dense", "bimask", "bimask-tensorops", "bimask-dispatched", "post", "bimask-unfold",
+                         "dense+compile", "bimask+compile"}
     # the mask-work columns (Mf, Mb, decay as % of the dense step) are filled for bimask only: compiled, eager
     # (C kernels) and eager by tensor ops
-    for mode in ("bimask", "bimask-tensorops", "bimask+compile"):
+    for mode in ("bimask", "bimask-tensorops", "bimask-dispatched", "bimask+compile"):
         assert all(float(v) > 0 for v in rows[mode][9:12]), mode
     assert rows["post"][9:12] == ["-", "-", "-"] and rows["dense+compile"][9:12] == ["-", "-", "-"]
     assert float(rows["dense+compile"][5]) == 1.0  # compiled modes are measured against the compiled dense step
     assert float(rows["dense"][5]) == 1.0  # the ratio column of the baseline
     assert "| resnet32_cifar | 16 | 32 | bimask |" in out
-    data = json.loads((tmp_path / "st.json").read_text())
+    saved = json.loads((tmp_path / "st.json").read_text())
+    _check_machine(saved["machine"], threads=[1])
+    assert saved["machine"]["allocator"] == "malloc tuned (no trimming, no mmap)"
+    data = saved["rows"]
     assert {r["mode"] for r in data} == set(rows)
     for r in data:
         assert r["ratio"] > 0 and r["mem_ratio"] > 0 and r["faults"] >= 0
@@ -147,7 +165,9 @@ def test_mask_kernels_quick(tmp_path):
     out = _run("mask_kernels.py", "--quick", "--patterns", "2:4", "1:4", "--json", str(tmp_path / "mk.json"))
     rows = _table_rows(out, "16x16x3x3") + _table_rows(out, "32x64")
     assert len(rows) == 4 and all(r[-1] == "yes" for r in rows)  # same masks and decay term both ways
-    data = json.loads((tmp_path / "mk.json").read_text())
+    saved = json.loads((tmp_path / "mk.json").read_text())
+    _check_machine(saved["machine"], threads=1)
+    data = saved["rows"]
     assert {r["pattern"] for r in data} == {"2:4", "1:4"}
     for r in data:
         for part in ("Mf", "Mb", "decay"):
@@ -166,7 +186,9 @@ def test_gpu_check_dry_run(tmp_path):
         modes = {r[1] for r in _table_rows(out, model)}
         assert modes == {"dense", "srste", "bimask"}, out
     assert _table_rows(out, "deit_small.qkv")
-    cases = {r["case"] for r in json.loads((tmp_path / "gpu.json").read_text())["rows"] if r["part"] == "linear"}
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    _check_machine(saved["machine"])
+    cases = {r["case"] for r in saved["rows"] if r["part"] == "linear"}
     assert {"fwd dense", "dgrad dense", "dgrad gather g[:,p]"} <= cases
 
 
@@ -175,7 +197,7 @@ def test_plots_redraw_from_json(tmp_path):
         {"model": "m", "mode": "dense", "batch": 2, "ratio": 1.0, "mem_ratio": 1.0},
         {"model": "m", "mode": "bimask", "batch": 2, "ratio": 1.1, "mem_ratio": 1.05},
     ]
-    (tmp_path / "st.json").write_text(json.dumps(rows))
+    (tmp_path / "st.json").write_text(json.dumps({"machine": {}, "rows": rows}))  # as step_time.py writes it
     out = _run("plots.py", "--step-time", str(tmp_path / "st.json"), "--out", str(tmp_path / "st.png"))
     assert "wrote" in out and (tmp_path / "st.png").stat().st_size > 0
 
