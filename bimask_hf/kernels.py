@@ -6,7 +6,10 @@ do it in one pass, on one thread (ResNet-32's mask work per step, 2 threads: see
 ``docs/benchmarks.md``). They are plain C with no PyTorch headers: built once with the system's C
 compiler (well under a second) into ``$BIMASK_HF_CACHE`` (default ``~/.cache/bimask_hf``), loaded with
 ``ctypes``, and used for contiguous float32 CPU tensors outside ``torch.compile``. Without a compiler, or
-with ``BIMASK_HF_KERNELS=0``, the tensor-op versions run instead; both give identical masks.
+with ``BIMASK_HF_KERNELS=0``, the tensor-op versions run instead; both give identical masks. A cached library
+is loaded only if its bytes match the checksum written when it was built (a damaged file would kill the
+process when mapped); otherwise it is rebuilt. The kernels are also the ``torch.library`` ops
+``bimask_hf::forward_mask``, ``::backward_mask`` and ``::add_decay_`` (see :func:`dispatched`).
 """
 
 from __future__ import annotations
