@@ -179,6 +179,44 @@ def test_the_two_commands_are_marked_skipped():
     assert commands and all(b.skip for b in commands), [b.id for b in commands if not b.skip]
 
 
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]|\[|\]\([^)]*\)", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    in_code, anchors = False, set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            anchors.add(_github_anchor(line.lstrip("#")))
+    return anchors
+
+
+def test_links_between_the_docs_resolve():
+    # Pages moved out of the README: a link to a file or heading that is not there is a dead end.
+    broken = []
+    for path in DOC_FILES:
+        text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path
+            if not resolved.exists():
+                broken.append(f"{path.name}: {target} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{path.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_readme_stays_a_five_minute_read():
+    lines = len((ROOT / "README.md").read_text(encoding="utf-8").splitlines())
+    assert lines <= 200, f"README.md has {lines} lines; move detail into docs/ and link it"
+
+
 def test_parser_reads_marks_languages_and_lines(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     doc = tmp_path / "x.md"
