@@ -11,23 +11,25 @@ import logging
 import os
 from typing import Any
 
+import torch
+
 from .config import BiMaskConfig
-from .errors import ConflictingSettingsError
+from .errors import ConflictingSettingsError, NonFiniteError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CHECKPOINT_CONFIG_NAME", "PATTERN_FIELDS", "RESUME_FIELDS", "check_resume", "config_differences",
-    "save_checkpoint_config",
+    "CHECKPOINT_CONFIG_NAME", "PATTERN_FIELDS", "RESUME_FIELDS", "check_resume", "config_differences", "describe",
+    "nonfinite_names", "save_checkpoint_config", "stop_if_diverged",
 ]
 
 #: A checkpoint's training config: not ``bimask_config.json``, which marks a finished, exact N:M folder
 #: (a checkpoint holds dense weights and permutations).
 CHECKPOINT_CONFIG_NAME = "bimask_training_config.json"
 #: What a folder's weights and its set of sparse layers depend on.
-PATTERN_FIELDS = ("n", "m", "density", "group_layout", "target_modules", "exclude_modules")
+PATTERN_FIELDS = ("n", "m", "density", "group_layout", "target_modules", "exclude_modules", "sparse_stem")
 #: What a resumed run must share with its checkpoint: the masks, the permutations and how they are found.
-RESUME_FIELDS = (*PATTERN_FIELDS, "mode", "permutation_search")
+RESUME_FIELDS = (*PATTERN_FIELDS, "mode", "permutation_search", "tie_break")
 
 
 def config_differences(
@@ -38,7 +40,8 @@ def config_differences(
             if getattr(saved, name) != getattr(asked, name)}
 
 
-def _values(differences: dict[str, tuple[Any, Any]], side: int) -> str:
+def describe(differences: dict[str, tuple[Any, Any]], side: int) -> str:
+    """One side (0 or 1) of :func:`config_differences` as ``"n=2, m=4"``."""
     return ", ".join(f"{name}={pair[side]!r}" for name, pair in differences.items())
 
 
@@ -70,8 +73,9 @@ def check_resume(checkpoint: str | os.PathLike, config: BiMaskConfig) -> None:
         config: the config of the run that resumes it.
 
     Raises:
-        ConflictingSettingsError: N, M, density, mode, group layout, permutation search or the sparse-layer
-            selection differ; the message names both values and the flags that resume as trained.
+        ConflictingSettingsError: one of :data:`RESUME_FIELDS` differs (N, M, density, mode, group layout,
+            permutation search, tie order, sparse-layer selection); the message names both values and the
+            flags that resume as trained.
     """
     folder = os.fspath(checkpoint)
     path = os.path.join(folder, CHECKPOINT_CONFIG_NAME)
@@ -84,8 +88,43 @@ def check_resume(checkpoint: str | os.PathLike, config: BiMaskConfig) -> None:
     differences = config_differences(saved, config)
     if differences:
         raise ConflictingSettingsError(
-            f"Cannot resume from {folder}: it was trained with {_values(differences, 0)}, but this run asks for "
-            f"{_values(differences, 1)}. To resume, change this run's setting to the checkpoint's "
-            f"({_flags(differences, 0)}); to train with {_values(differences, 1)}, start a new run in another "
+            f"Cannot resume from {folder}: it was trained with {describe(differences, 0)}, but this run asks for "
+            f"{describe(differences, 1)}. To resume, change this run's setting to the checkpoint's "
+            f"({_flags(differences, 0)}); to train with {describe(differences, 1)}, start a new run in another "
             "--output_dir (without --resume_from_checkpoint)."
+        )
+
+
+def nonfinite_names(tensors: dict[str, torch.Tensor], collective: bool = False) -> list[str]:
+    """The names of ``tensors`` holding NaN or inf (a ``DTensor``: this rank's shard; meta tensors skipped).
+
+    With ``collective``, ranks of a distributed run agree (one all-reduce): a name is reported everywhere
+    if it is non-finite on any rank, so that every rank stops together.
+    """
+    names = [name for name, tensor in tensors.items() if not tensor.is_meta]
+    if not names:
+        return []
+    local = [getattr(tensors[name], "to_local", lambda t=tensors[name]: t)() for name in names]
+    bad = torch.stack([~torch.isfinite(t.detach()).all() for t in local]).to(torch.uint8)
+    if collective and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return [name for name, flag in zip(names, bad.tolist()) if flag]
+
+
+def stop_if_diverged(model: torch.nn.Module, step: int) -> None:
+    """Stop a training run at the optimizer step after which its parameters hold NaN or inf.
+
+    The Trainer's own handling of a non-finite loss (``logging_nan_inf_filter`` in the logs, a skipped
+    fp16 step) is left as it is: only an update that wrote NaN/inf into the weights stops the run.
+
+    Raises:
+        NonFiniteError: naming the step, the first parameters affected, and what to change.
+    """
+    bad = nonfinite_names({n: p for n, p in model.named_parameters() if p.requires_grad}, collective=True)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(
+            f"Training diverged at optimizer step {step}: {shown} hold NaN or inf after the update (the loss or "
+            "its gradients were not finite). Lower --learning_rate, clip gradients (--max_grad_norm), or train "
+            "in bf16 rather than fp16, then resume from a checkpoint saved before this step."
         )

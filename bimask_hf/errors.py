@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NMPatternError", "CorruptCheckpointError", "DataError", "ConflictingSettingsError"]
+__all__ = ["NMPatternError", "CorruptCheckpointError", "DataError", "ConflictingSettingsError", "NonFiniteError"]
 
 
 class NMPatternError(ValueError):
@@ -23,3 +23,7 @@ class DataError(ValueError):
 class ConflictingSettingsError(ValueError):
     """Two settings that must agree do not (a checkpoint and the run resuming it, a saved folder and the
     keywords of its load); the message names both values and which one to change."""
+
+
+class NonFiniteError(ValueError):
+    """Weights hold NaN or inf: refused by ``sparsify``, or a training run stopped at the step they appeared."""

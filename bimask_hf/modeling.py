@@ -21,7 +21,7 @@ from transformers import (
 
 from . import models as _models  # noqa: F401  (registers the CIFAR models with timm)
 
-__all__ = ["create_model", "check_model_name"]
+__all__ = ["create_model", "check_model_name", "model_data_config"]
 
 
 def check_model_name(name_or_path: str) -> str:
@@ -35,6 +35,34 @@ def check_model_name(name_or_path: str) -> str:
         f"Unknown model {name_or_path!r}: not a timm architecture (see timm.list_models()), not an existing local "
         "folder and not a Hub id of the form 'org/name'."
     )
+
+
+def model_data_config(name_or_path: str) -> str | dict[str, Any]:
+    """What ``load_image_classification_data(model=...)`` takes for a model name: a timm name as it is; for a
+    transformers folder or Hub id, the input size, mean and std that its config and image processor record.
+    """
+    if check_model_name(name_or_path) == "timm":
+        return name_or_path
+    from timm.data import resolve_data_config
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    repo = name_or_path.removeprefix("hf-hub:")
+    config = AutoConfig.from_pretrained(repo)
+    pretrained_cfg = getattr(config, "pretrained_cfg", None)  # a timm model (TimmWrapper or timm's own format)
+    if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("input_size"):
+        return dict(resolve_data_config(pretrained_cfg=dict(pretrained_cfg), verbose=False))
+    data: dict[str, Any] = {}
+    size = getattr(config, "image_size", None)
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        data["input_size"] = (getattr(config, "num_channels", 3), height, width)
+    try:
+        processor, _ = ImageProcessingMixin.get_image_processor_dict(repo)
+    except OSError:  # no preprocessor_config.json: the dataset's statistics apply
+        return data
+    if processor.get("image_mean") is not None and processor.get("image_std") is not None:
+        data["mean"], data["std"] = tuple(processor["image_mean"]), tuple(processor["image_std"])
+    return data
 
 
 def _label_maps(labels: list[str] | None, num_labels: int) -> dict[str, Any]:
@@ -54,8 +82,9 @@ def create_model(
 
     ``name_or_path`` is a timm architecture (``resnet18``, ``deit_small_patch16_224``, ``resnet32_cifar``,
     ...), a ``timm/...`` or ``hf-hub:...`` id, or a transformers model id / local folder. ``pretrained``
-    loads Hub weights where the name allows (needs network for Hub ids). A new head is created when
-    ``num_labels`` differs from the checkpoint's.
+    loads Hub weights where the name allows (needs network for Hub ids); a local folder's weights are
+    always loaded. A new head is created when ``num_labels`` differs from the checkpoint's.
+    ``model_args`` are keyword arguments of the timm model, or config overrides of a transformers one.
     """
     if labels is not None:
         num_labels = len(labels)
@@ -78,7 +107,12 @@ def create_model(
         model.timm_model.load_state_dict(native.state_dict())
         return model
     repo = name_or_path.removeprefix("hf-hub:")
-    config = AutoConfig.from_pretrained(repo, num_labels=num_labels, **maps)
+    config = AutoConfig.from_pretrained(repo, num_labels=num_labels, **maps, **(model_args or {}))
+    timm_args = getattr(config, "model_args", None)
+    if isinstance(timm_args, dict) and "num_classes" in timm_args:
+        # timm's save_for_hf records num_classes in model_args as well; TimmWrapper passes num_labels as
+        # num_classes, and the two would collide.
+        config.model_args = {k: v for k, v in timm_args.items() if k != "num_classes"}
     if pretrained or os.path.isdir(repo):  # a local folder is a trained model: load its weights
         return AutoModelForImageClassification.from_pretrained(repo, config=config, ignore_mismatched_sizes=True)
     return AutoModelForImageClassification.from_config(config)

@@ -150,6 +150,18 @@ def _listing(names: Iterable[str], limit: int = 60) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def _refuse_nonfinite(weights: dict[str, torch.Tensor]) -> None:
+    from .checks import nonfinite_names
+    from .errors import NonFiniteError
+
+    bad = nonfinite_names(weights)
+    if bad:
+        raise NonFiniteError(
+            f"Layer(s) {_listing(bad)} hold NaN or inf weights, so no N:M mask can be chosen for them: load a "
+            "checkpoint that is not damaged (or exclude them with exclude_modules)."
+        )
+
+
 def sparsify(model: nn.Module, config: BiMaskConfig | None = None, **overrides) -> nn.Module:  # type: ignore[no-untyped-def]
     """Replace eligible ``Linear``/``Conv2d`` modules of ``model`` in place by Bi-Mask layers; returns ``model``.
 
@@ -204,6 +216,7 @@ def sparsify(model: nn.Module, config: BiMaskConfig | None = None, **overrides) 
             )
         notes.update({n: "in exclude_modules" for n in excluded})
         targets = [n for n in targets if n not in excluded]
+    _refuse_nonfinite({name: candidates[name].weight for name in targets})
     patched = 0
     for name in targets:
         module = candidates[name]

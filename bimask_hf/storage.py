@@ -88,8 +88,13 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+# How a full disk reads where no OSError carries ENOSPC: torch.save ("unexpected pos"), safetensors'
+# SafetensorError ("No space left on device (os error 28)").
+_DISK_FULL_TEXT = ("unexpected pos", "No space left on device", "os error 28")
+
+
 def _describe(error: BaseException, folder: str) -> str | None:
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "unexpected pos" in str(error):
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC or any(t in str(error) for t in _DISK_FULL_TEXT):
         return (f"The disk holding {folder!r} is full (writing failed: {error}). Free space there, or point "
                 "--output_dir at another disk (and lower --save_total_limit), then resume the run.")
     if isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
@@ -100,12 +105,15 @@ def _describe(error: BaseException, folder: str) -> str | None:
 
 @contextlib.contextmanager
 def storage_errors(folder: str | os.PathLike) -> Iterator[None]:
-    """Turn disk-full (``ENOSPC``, torch's "unexpected pos") and read-only errors into one :class:`StorageError`."""
+    """Turn disk-full (``ENOSPC``, torch's "unexpected pos", safetensors' os error 28) and read-only errors into
+    one :class:`StorageError`."""
+    from safetensors import SafetensorError
+
     try:
         yield
     except StorageError:
         raise
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, SafetensorError) as error:
         message = _describe(error, os.fspath(folder))
         if message is None:
             raise

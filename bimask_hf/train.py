@@ -14,6 +14,7 @@ evaluate the weights of ``--pretrained_path`` only.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -136,6 +137,32 @@ def _check_recipe_position(argv: list[str]) -> None:
         )
 
 
+def _check_recipe_types(parser: HfArgumentParser, values: dict[str, Any], recipe_path: str) -> None:
+    """A recipe value of the wrong type (``n: two``) is one line naming the file and key, not argparse's usage."""
+    for key, value in values.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        convert = getattr(action, "type", None)
+        if action is None or value is None or convert is None:
+            continue
+        expected = getattr(convert, "__name__", "value")
+        if isinstance(value, str):
+            try:
+                value = convert(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                value = _WRONG
+        elif convert is int and (isinstance(value, bool) or not isinstance(value, int)):
+            value = _WRONG
+        elif convert is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            value = _WRONG
+        if value is _WRONG or (action.choices and value not in action.choices):
+            wanted = (f"one of {list(action.choices)}" if action.choices else
+                      {"int": "an integer", "float": "a number", "string_to_bool": "true or false"}.get(expected, expected))
+            raise SystemExit(f"bimask-train: {recipe_path}: {key}: {values[key]!r} is not {wanted}.")
+
+
+_WRONG = object()
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, Any]:
     """Parse ``[recipe.yaml] [--flag value ...]`` into (model, data, training) argument dataclasses."""
     from .trainer import BiMaskTrainingArguments
@@ -160,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
                 values[key] = ",".join(values[key])
         if isinstance(values.get("model_args"), dict):
             values["model_args"] = json.dumps(values["model_args"])
+        _check_recipe_types(parser, values, recipe_path)
         parser.set_defaults(**values)
     argv = _translate_seed_flags(argv)
     model_args, data_args, train_args, run_args = parser.parse_args_into_dataclasses(argv)
@@ -229,11 +257,21 @@ def _with_lora(model: Any, train_args: Any) -> Any:
     return get_peft_model(model, config)
 
 
+def _base_model(model_args: ModelArguments) -> str | None:
+    """The model whose weights a run starts from (for the card), or None for a random initialisation."""
+    from .modeling import check_model_name
+
+    name = model_args.model.removeprefix("hf-hub:")
+    if check_model_name(model_args.model) == "timm":
+        return f"timm/{name}" if model_args.pretrained else None
+    return name if model_args.pretrained or os.path.isdir(name) else None
+
+
 def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any):  # type: ignore[no-untyped-def]
     """Data, model and `BiMaskTrainer` for parsed arguments (everything `main` does before training)."""
     from .data import load_image_classification_data
     from .hub.files import is_bimask_folder
-    from .modeling import check_model_name, create_model
+    from .modeling import check_model_name, create_model, model_data_config
     from .trainer import BiMaskTrainer
 
     name = model_args.pretrained_path or model_args.model
@@ -242,7 +280,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
     elif not os.path.isdir(name) and "/" not in name:
         raise ValueError(f"--pretrained_path {name!r} is neither an existing folder nor a Hub id 'org/name'.")
     data = load_image_classification_data(
-        data_args.dataset, model=model_args.model if model_args.pretrained_path is None else None,
+        data_args.dataset, model=model_data_config(name) if model_args.pretrained_path is None else None,
         streaming=data_args.streaming, train_split=data_args.train_split, eval_split=data_args.eval_split,
         image_column=data_args.image_column, label_column=data_args.label_column, recipe=data_args.recipe,
         image_size=data_args.image_size, in_chans=data_args.in_chans, auto_augment=data_args.auto_augment,
@@ -273,7 +311,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
     hub_dataset = card_dataset(data_args.dataset)
     card = {
         "model_name": os.path.basename(os.path.normpath(train_args.output_dir)),
-        "base_model": model_args.pretrained_path or (f"timm/{model_args.model}" if model_args.pretrained else None),
+        "base_model": model_args.pretrained_path or _base_model(model_args),
         "datasets": [hub_dataset] if not os.path.isdir(data_args.dataset) else [],
         "training_data": card_dataset_name(data_args.dataset, data_args.max_train_samples),
     }

@@ -25,7 +25,7 @@ from timm.loss import SoftTargetCrossEntropy
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import number_of_arguments
 
-from .checks import check_resume, save_checkpoint_config
+from .checks import check_resume, save_checkpoint_config, stop_if_diverged
 from .config import ARGUMENT_FIELDS, BiMaskConfig, BiMaskConfigArguments
 from .distributed import UnsupportedSetupError, describe_setup, enable_cpu_fsdp, is_sharded
 from .errors import CorruptCheckpointError
@@ -161,6 +161,7 @@ class BiMaskCallback(TrainerCallback):
             project_(self.model)
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        stop_if_diverged(self.model, state.global_step)  # before NaN weights reach the masks and the logs
         if (self.config.mode == "bimask" and not self.fixed_masks
                 and state.global_step % self.config.permutation_interval == 0):
             self._refresh(state.global_step)

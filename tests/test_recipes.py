@@ -3,9 +3,9 @@ through the real CLI, made tiny by overrides, and must train, evaluate and save 
 
 The folders are globbed, so a new recipe is picked up without touching this file. The overrides are the
 same for every recipe: a few steps on scikit-learn's 8x8 digits (local, no network) standing in for
-CIFAR / ImageNet, 16 px images, the paper's random permutation search with two candidates (the matched
-search of VGG-19 alone takes minutes on two cores; the searches have their own tests), no worker
-processes, no trackers.
+CIFAR / ImageNet, 16 px images, a random permutation search with two candidates (the matched search of
+VGG-19 alone takes minutes on two cores; the searches have their own tests; a preset's own search is
+kept), no worker processes, no trackers.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ ENV.pop("ACCELERATE_USE_CPU", None)
 STEPS = 2
 TINY = ["--dataset", "digits", "--image_size", "16", "--max_steps", str(STEPS), "--max_train_samples", "32",
         "--max_eval_samples", "16", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
-        "--permutation_search", "random", "--num_permutations", "2", "--dataloader_num_workers", "0",
+        "--num_permutations", "2", "--dataloader_num_workers", "0",
         "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true"]
 # What a model needs to take 16 px images, merged into the recipe's own model_args.
 MODEL_ARGS = {"deit_small_patch16_224": {"img_size": 16}}
@@ -57,6 +57,8 @@ def recipe_overrides(recipe: Path) -> list[str]:
     """The flags that make ``recipe`` tiny: :data:`TINY` plus what its own keys need on this machine."""
     values = _values(recipe)
     argv = list(TINY)
+    if not values.get("preset"):  # a preset decides the search (the paper's: fresh random candidates)
+        argv += ["--permutation_search", "random"]
     model_args = {**(values.get("model_args") or {}), **MODEL_ARGS.get(values.get("model", ""), {})}
     if model_args:
         argv += ["--model_args", json.dumps(model_args)]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..checks import PATTERN_FIELDS, config_differences
+from ..checks import PATTERN_FIELDS, config_differences, describe
 from ..compression import NM_WEIGHTS_NAME, load_nm_safetensors
 from ..config import BiMaskConfig
 from ..errors import ConflictingSettingsError, NMPatternError
@@ -219,8 +219,7 @@ def _agreed_config(saved: BiMaskConfig, asked: BiMaskConfig, source: str) -> BiM
     """``asked``, if its pattern and layer selection are the folder's; :class:`ConflictingSettingsError` if not."""
     differences = config_differences(saved, asked, PATTERN_FIELDS)
     if differences:
-        held = ", ".join(f"{k}={v[0]!r}" for k, v in differences.items())
-        wanted = ", ".join(f"{k}={v[1]!r}" for k, v in differences.items())
+        held, wanted = describe(differences, 0), describe(differences, 1)
         raise ConflictingSettingsError(
             f"{source} holds a model saved with {held}, but load_sparse_model was asked for {wanted}. Pass "
             f"{held} (or leave them out) to load it as saved; for {wanted}, load it with transformers/timm "
