@@ -7,24 +7,43 @@ import difflib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-CONFIG_NAME = "bimask_config.json"
+from .modes import MODES, SEED_MODE_NAMES
 
-MODES = ("dense", "srste", "bimask", "transposable", "pre", "post")
-from .masks import TIE_BREAKS, check_nm_pattern  # noqa: E402
-from .search import METHODS as PERMUTATION_SEARCHES  # noqa: E402
+CONFIG_NAME = "bimask_config.json"
+# The state-dict key of each sparse layer's backward-mask row permutation (saved so a resumed run keeps it).
+PERMUTATION_KEY = "bimask_permutation"
+
+# Row-permutation searches of the backward mask (implemented in bimask_hf.search).
+PERMUTATION_SEARCHES: tuple[str, ...] = ("identity", "random", "random_fresh", "swap", "matched")
+# How ties between equal magnitudes are broken when N of M are kept (implemented in bimask_hf.masks).
+TIE_BREAKS: tuple[str, ...] = ("low", "high")
 
 GROUP_LAYOUTS = ("channels_last", "flat")
+
+# Fields that define a sparse model's layers and masks; the rest (decay, permutation schedule, seed) only
+# steer its training and may change between runs of the same model.
+STRUCTURE_FIELDS = ("n", "m", "mode", "density", "group_layout", "target_modules", "exclude_modules")
 
 # Keys that bimask-hf writes into bimask_config.json next to the fields (save_sparse_model's metadata).
 METADATA_KEYS = frozenset(
     {"sparse_layers", "pattern", "library_version", "model_family", "weights_format", "compression"}
 )
 
-# The seed scripts' `--mask_mode` names.
-SEED_MODE_NAMES = {"m1": "dense", "m2": "bimask", "m3": "pre", "m4": "post"}
+
+def check_nm_pattern(n: int, m: int, owner: str = "") -> None:
+    """Raise ``ValueError`` unless ``n`` and ``m`` are integers with ``1 <= n <= m`` (the one N:M argument check).
+
+    ``owner`` (e.g. ``"BiMaskConfig"``) starts the message so the user knows which settings to fix.
+    """
+    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n <= m:
+        raise ValueError(
+            f"{owner + ': ' if owner else ''}Invalid N:M pattern n={n!r}, m={m!r}: need integers with 1 <= N <= M "
+            "(n must be <= m: N:M keeps N of every M weights, e.g. 2:4)."
+        )
 
 #: Fields a preset decides, with the library's own defaults (used without a preset). Their dataclass
 #: default is None ("not set"), so that a value set together with a preset can be told apart and refused.
@@ -245,6 +264,20 @@ class BiMaskConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-serialisable dict."""
         return asdict(self)
+
+    def differences(self, other: BiMaskConfig, fields: Iterable[str] | None = None) -> dict[str, tuple[Any, Any]]:
+        """The fields whose values differ between this config and ``other``.
+
+        Args:
+            other: The config to compare with.
+            fields: The field names to compare (default: all).
+
+        Returns:
+            ``{name: (value here, value in other)}`` for every differing field, in field order.
+        """
+        mine, theirs = self.to_dict(), other.to_dict()
+        names = list(mine) if fields is None else [name for name in mine if name in set(fields)]
+        return {name: (mine[name], theirs[name]) for name in names if mine[name] != theirs[name]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BiMaskConfig:

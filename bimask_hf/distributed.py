@@ -10,6 +10,7 @@ Every function here that may gather is a collective: all ranks call it in the sa
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -17,6 +18,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+
+from .config import PERMUTATION_KEY
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +35,11 @@ __all__ = [
     "enable_cpu_fsdp",
     "search_permutations_shared",
     "UnsupportedSetupError",
+    "unsupported_setup_reason",
+    "check_setup",
+    "is_split_per_rank",
+    "meta_copy",
+    "gather_full_model",
 ]
 
 
@@ -161,9 +171,6 @@ def search_permutations_shared(
     all ranks call it with the same layers. Returns the seconds this rank spent searching. ``progress``:
     a bar over the layers on the main process (:func:`bimask_hf.progress.progress_bar`'s ``enabled``).
     """
-    from .layers import PERMUTATION_KEY
-    from .progress import progress_bar
-
     rank, world = rank_and_world_size()
     owners = assign_layers([float(layer.weight.numel()) for layer in layers], world)
     seconds = 0.0
@@ -181,3 +188,112 @@ def search_permutations_shared(
         for work in works:
             work.wait()
     return seconds
+
+
+def unsupported_setup_reason(fsdp_version: int | None = None, zero_stage: int | None = None) -> str | None:
+    """Why Bi-Mask training cannot run under this setup, or None if it can.
+
+    FSDP1 flattens parameters into 1-D shards, so outside a forward pass no module holds its weight
+    and masks would be taken per shard; DeepSpeed ZeRO-3 partitions parameters the same way. FSDP2
+    keeps one ``DTensor`` per parameter, which the layers gather.
+
+    Args:
+        fsdp_version: The FSDP version of the run, None without FSDP.
+        zero_stage: The DeepSpeed ZeRO stage, None without DeepSpeed.
+
+    Returns:
+        The reason with the setup to use instead, or None.
+    """
+    if fsdp_version is not None and fsdp_version != 2:
+        return (
+            f"FSDP version {fsdp_version} is not supported by Bi-Mask layers (it flattens weights into 1-D "
+            "shards, so N:M masks would be computed per shard). Use FSDP2: fsdp_version: 2 in the accelerate "
+            "config (recipes/accelerate/fsdp.yaml), or DDP."
+        )
+    if zero_stage == 3:
+        return (
+            "DeepSpeed ZeRO-3 is not supported by Bi-Mask layers (it partitions weights, so N:M masks would be "
+            "computed on partitions). Use FSDP2 (recipes/accelerate/fsdp.yaml), which shards parameters and "
+            "optimizer state too, or ZeRO-1/2."
+        )
+    return None
+
+
+def check_setup(accelerator: Any, fsdp: bool, deepspeed: bool) -> None:
+    """Raise :class:`UnsupportedSetupError` when ``accelerator`` runs a setup Bi-Mask cannot train under.
+
+    Args:
+        accelerator: The run's ``accelerate.Accelerator``.
+        fsdp: Whether the run uses FSDP.
+        deepspeed: Whether the run uses DeepSpeed.
+    """
+    state = accelerator.state
+    plugin = getattr(state, "fsdp_plugin", None)
+    ds_plugin = getattr(state, "deepspeed_plugin", None)
+    reason = unsupported_setup_reason(
+        fsdp_version=getattr(plugin, "fsdp_version", 1) if fsdp else None,
+        zero_stage=getattr(ds_plugin, "zero_stage", None) if deepspeed else None,
+    )
+    if reason:
+        raise UnsupportedSetupError(reason)
+
+
+def is_split_per_rank(dataset: Any, world_size: int) -> bool:
+    """Whether ``dataset`` is a streamed dataset that ``split_dataset_by_node`` cut for ``world_size`` ranks.
+
+    Such a dataset is read as it is on each rank; Accelerate would otherwise split it a second time.
+    """
+    if world_size <= 1:
+        return False
+    import datasets
+
+    distributed = getattr(dataset, "_distributed", None)  # datasets' record of split_dataset_by_node
+    return isinstance(dataset, datasets.IterableDataset) and distributed is not None and (
+        distributed.world_size == world_size
+    )
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and persistent buffers are on the meta device.
+
+    Non-persistent buffers (not in a state dict) are copied for real, so loading a full state dict
+    with ``assign=True`` makes the copy complete. Made before FSDP2 wraps the model, it is the plain
+    module :func:`gather_full_model` loads the gathered weights into, at no memory cost.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in model.state_dict(keep_vars=True).values():
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = meta
+    return copy.deepcopy(model, memo)
+
+
+def gather_full_model(model: nn.Module, template: nn.Module | None, keep: bool) -> nn.Module | None:
+    """The model to save: under FSDP2 its gathered full weights in ``template``, else ``model`` itself.
+
+    A collective under FSDP2: every rank calls it.
+
+    Args:
+        model: The (possibly FSDP2-sharded) model.
+        template: A :func:`meta_copy` of the model made before it was sharded; None when it never is.
+        keep: Whether this rank saves (only it receives the full weights).
+
+    Returns:
+        A plain module holding the full weights on the saving rank, None on the others under FSDP2.
+    """
+    if template is None:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    if not units:  # not wrapped (yet): a plain module
+        return model
+    for unit in units:  # an evaluation leaves the root unit gathered; the state dict wants the shards
+        unit.reshard()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not keep:
+        return None
+    template.load_state_dict(state, assign=True)
+    return template

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GROUP_LAYOUTS, MODES, BiMaskConfig
+from .config import GROUP_LAYOUTS, MODES, PERMUTATION_KEY, BiMaskConfig
 from .distributed import full_tensor, shard_like
 from .functional import mask_work, masked_conv2d, masked_linear
 from .masks import (
@@ -36,7 +36,6 @@ from .masks import (
 
 __all__ = ["BiMaskLinear", "BiMaskConv2d", "BiMaskLayer", "PERMUTATION_KEY"]
 
-PERMUTATION_KEY = "bimask_permutation"
 _DECAY_MODES = ("srste", "bimask", "transposable")
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .config import TIE_BREAKS, check_nm_pattern
 from .search import _check_permutation, permutation_retention, retention_share, search_permutation
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
 ]
 
 #: Orders of equal scores: ``"low"`` keeps the lower index (default), ``"high"`` the higher one (the paper's).
-TIE_BREAKS: tuple[str, ...] = ("low", "high")
 
 
 def ties_high(tie_break: str) -> bool:
@@ -43,18 +43,6 @@ def ties_high(tie_break: str) -> bool:
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}.")
     return tie_break == "high"
-
-
-def check_nm_pattern(n: int, m: int, owner: str = "") -> None:
-    """Raise ``ValueError`` unless ``n`` and ``m`` are integers with ``1 <= n <= m`` (the one N:M argument check).
-
-    ``owner`` (e.g. ``"BiMaskConfig"``) starts the message so the user knows which settings to fix.
-    """
-    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n <= m:
-        raise ValueError(
-            f"{owner + ': ' if owner else ''}Invalid N:M pattern n={n!r}, m={m!r}: need integers with 1 <= N <= M "
-            "(n must be <= m: N:M keeps N of every M weights, e.g. 2:4)."
-        )
 
 
 def _check_matrix(weight: torch.Tensor, name: str = "weight") -> None:

@@ -49,6 +49,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .config import PERMUTATION_SEARCHES, check_nm_pattern
+
 __all__ = [
     "METHODS",
     "DEFAULT_MAX_ROUNDS",
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`search_permutation`.
-METHODS: tuple[str, ...] = ("identity", "random", "random_fresh", "swap", "matched")
+METHODS: tuple[str, ...] = PERMUTATION_SEARCHES
 
 #: Rounds run by the local searches when ``max_rounds`` is None.
 DEFAULT_MAX_ROUNDS: dict[str, int] = {"swap": 64, "matched": 50}
@@ -105,8 +107,6 @@ def _check_inputs(forward_mask: torch.Tensor, n: int, m: int) -> tuple[int, int]
         raise ValueError(
             f"forward_mask must be 2-D (rows=outputs, columns=reduction), got {tuple(forward_mask.shape)}."
         )
-    from .masks import check_nm_pattern  # masks imports this module
-
     check_nm_pattern(n, m)
     rows, cols = forward_mask.shape
     if rows % m:

@@ -129,10 +129,9 @@ def test_resume_takes_the_newest_complete_checkpoint_and_says_why(tmp_path, capl
     assert last_complete_checkpoint(tmp_path / "nothing") is None
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_image_classification_data("digits", image_size=16, in_chans=3, seed=0, rank=0, world_size=1,
-                                          max_train_samples=64, max_eval_samples=32)
+@pytest.fixture
+def digits(small_digits):  # this module's tests run on the smaller set (tests/conftest.py)
+    return small_digits
 
 
 def _model(digits, **kwargs):

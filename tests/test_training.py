@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import TrainerCallback, set_seed
 
 import bimask_hf as bh
-from bimask_hf import BiMaskTrainer, BiMaskTrainingArguments, create_model, load_image_classification_data
+from bimask_hf import BiMaskTrainer, BiMaskTrainingArguments, create_model
 from bimask_hf.layers import PERMUTATION_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,12 +80,6 @@ def test_sigkill_and_resume_gives_the_straight_run(tmp_path):
 
 
 # ---- in-process tests of the callback's per-step work --------------------------------------------
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_image_classification_data("digits", image_size=16, in_chans=3, seed=0, rank=0, world_size=1,
-                                          max_train_samples=256, max_eval_samples=64)
-
 
 def _trainer(tmp_path, digits, callbacks=(), **kwargs):
     set_seed(0)

@@ -1,0 +1,144 @@
+"""Every use of a private `transformers.Trainer` member, in one place.
+
+Written for transformers 5.25 and accelerate 1.16. Each entry says why no public hook serves;
+``tests/test_compat.py`` fails when upstream changes the behaviour an entry relies on, so a transformers
+release that breaks one is noticed here, not in a user's run.
+
+1. ``Trainer._load_from_checkpoint`` and ``Trainer._load_best_model`` (overridden by
+   :class:`CheckpointKeysMixin`). transformers 5 saves some models (ViT, ...) under their original
+   checkpoint key names (``vit.encoder.layer.0.attention.attention.query``), which differ from the module
+   names (``vit.layers.0.attention.q_proj``), and the Trainer loads checkpoints with a non-strict
+   ``load_state_dict`` of the raw keys: a resumed run would silently restart from its initial weights and
+   permutations. The Trainer has no public hook between reading a checkpoint and loading it.
+2. ``Trainer._get_dataloader`` (overridden by :class:`PerRankStreamMixin`), which calls
+   ``Trainer._get_collator_with_removed_columns``. A streamed dataset already cut per rank with
+   ``datasets.distributed.split_dataset_by_node`` must be read as it is on each rank; Accelerate's
+   ``prepare`` would split it a second time, and the Trainer's three public ``get_*_dataloader`` methods all
+   build their loader in ``_get_dataloader`` (which also applies the column-removing collator).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+from .distributed import is_split_per_rank
+from .errors import CorruptCheckpointError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointKeysMixin", "PerRankStreamMixin", "live_key_names", "load_checkpoint_weights"]
+
+
+def live_key_names(model: Any, live: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Saved key -> module key of a transformers model, for the keys ``save_pretrained`` renames.
+
+    transformers reverses its load-time renamings when it saves; applying that reversal to the live
+    state dict maps every saved name to the tensor (hence the module key) it came from.
+
+    Args:
+        model: A transformers ``PreTrainedModel``.
+        live: Its state dict.
+
+    Returns:
+        ``{saved key: module key}`` for every key the save renames (empty for a transformers without renamings).
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without load-time conversions saves module names
+        return {}
+    by_tensor = {id(tensor): key for key, tensor in live.items()}
+    saved = revert_weight_conversion(model, dict(live))
+    return {name: by_tensor[id(tensor)] for name, tensor in saved.items() if id(tensor) in by_tensor}
+
+
+def load_checkpoint_weights(folder: str, model: Any) -> bool:
+    """Load a transformers model's ``model.safetensors`` (or its shards) from ``folder`` under the live key names.
+
+    Args:
+        folder: A checkpoint folder the Trainer wrote.
+        model: The model to load into (wrapped or not).
+
+    Returns:
+        True when loaded; False when the Trainer's own loader applies (timm, peft, other file formats).
+
+    Raises:
+        CorruptCheckpointError: The file does not hold this model's weights.
+    """
+    from safetensors.torch import load_file
+    from transformers import PreTrainedModel
+
+    from .hub.files import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, weight_files
+
+    plain = extract_model_from_parallel(model)
+    if not isinstance(plain, PreTrainedModel):
+        return False
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
+        return False
+    state: dict[str, torch.Tensor] = {}
+    for name in weight_files(folder):  # the single file or every shard of the index
+        state.update(load_file(os.path.join(folder, name), device="cpu"))
+    live = plain.state_dict()
+    names = live_key_names(plain, live)
+    state = {names.get(key, key): value for key, value in state.items()}
+    result = plain.load_state_dict(state, strict=False)
+    # A key left out of the file because it is tied to a loaded one (shares its storage) is not missing.
+    loaded = {live[k].untyped_storage().data_ptr() for k in state if k in live}
+    missing = [k for k in result.missing_keys if live[k].untyped_storage().data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        raise CorruptCheckpointError(
+            f"{folder} does not hold this model's weights: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+            f"{' ...' if len(result.unexpected_keys) > 5 else ''}. Resume with the model (and --model_args) "
+            "the checkpoint was trained with."
+        )
+    return True
+
+
+class CheckpointKeysMixin:
+    """Resume and ``load_best_model_at_end`` with a transformers model's weights matched by name (entry 1)."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = model if model is not None else self.model  # type: ignore[attr-defined]
+        if self._own_loader_applies() or not load_checkpoint_weights(resume_from_checkpoint, target):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
+        if best is None or self._own_loader_applies() or not load_checkpoint_weights(best, self.model):  # type: ignore[attr-defined]
+            super()._load_best_model()  # type: ignore[misc]
+        else:
+            logger.info("Loaded the best model from %s (score: %s).", best, self.state.best_metric)  # type: ignore[attr-defined]
+
+    def _own_loader_applies(self) -> bool:
+        # FSDP and DeepSpeed checkpoints are their own formats, loaded by the Trainer.
+        return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)  # type: ignore[attr-defined]
+
+
+class PerRankStreamMixin:
+    """Data loaders of streamed datasets already split per rank, read as they are on each rank (entry 2)."""
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,  # type: ignore[no-untyped-def]
+                        dataloader_key=None):
+        if not is_split_per_rank(dataset, self.args.world_size):  # type: ignore[attr-defined]
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn=sampler_fn,  # type: ignore[misc]
+                                           is_training=is_training, dataloader_key=dataloader_key)
+        from accelerate.data_loader import prepare_data_loader
+        from torch.utils.data import DataLoader
+
+        args = self.args  # type: ignore[attr-defined]
+        loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=args.dataloader_num_workers,
+            collate_fn=self._get_collator_with_removed_columns(self.data_collator, description=description),  # type: ignore[attr-defined]
+            pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+        )
+        # One process's view: no second split, batches put on this rank's device as Accelerate's would be.
+        return prepare_data_loader(
+            loader, self.accelerator.device, num_processes=1, process_index=0, put_on_device=True,  # type: ignore[attr-defined]
+            dispatch_batches=False, non_blocking=self.accelerator.non_blocking,  # type: ignore[attr-defined]
+        )
