@@ -1,7 +1,10 @@
 """bimask-hf: N:M sparse training with Bi-directional Masks (Bi-Mask, ICML 2023) for timm and transformers.
 
-Patch a model with :func:`sparsify`, train it (``BiMaskTrainer`` or any loop that calls
-:func:`refresh_permutations`), then :func:`merge` it to plain layers with exact zeros.
+Patch a model with :func:`sparsify`, train it (``BiMaskTrainer``, any ``transformers.Trainer`` with a
+``BiMaskCallback``, or any loop that calls :func:`refresh_permutations`; see ``docs/training.md``), then
+:func:`merge` it to plain layers with exact zeros (:func:`save_sparse_model` does, into a Hub-ready folder).
+``import bimask_hf`` loads the core only; the entry points that need transformers, timm, accelerate or
+datasets load them on first use.
 
 Naming rules. Functions that change a model's *modules* (:func:`sparsify`, :func:`merge`) work in
 place and return the model, as peft's ``inject_adapter_in_model`` does; :func:`merge` is destructive
@@ -10,12 +13,9 @@ tensor-level in-place operation :func:`project_` (``W <- W * Mf``), as in ``torc
 The method itself is described in ``docs/method.md``.
 """
 
-__version__ = "0.1.0"
-
-from . import models  # noqa: F401,E402  (registers resnet32_cifar & co. with timm)
 from .config import BiMaskConfig
 from .errors import NMPatternError
-from .inspection import SparsityReport, SparsityStats, check_nm, report, sparse_layers, sparsity_stats
+from .inspection import SparsityReport, SparsityStats, report, sparse_layers, sparsity_stats
 from .layers import BiMaskConv2d, BiMaskLayer, BiMaskLinear
 from .masks import (
     backward_mask,
@@ -26,12 +26,18 @@ from .masks import (
     unstructured_mask,
 )
 from .patching import merge, merge_and_unload, project_, refresh_permutations, sparsify
+from .registration import register_when_imported
+from .version import __version__
 
-# Heavier entry points (transformers Trainer, datasets) load on first use.
+register_when_imported()  # resnet32_cifar & co. with timm, the 1-channel image processor with transformers
+
+# The entry points that need transformers, timm, accelerate or datasets load on first use.
 _LAZY = {
     "BiMaskTrainer": "trainer",
     "BiMaskTrainingArguments": "trainer",
-    "BiMaskCallback": "trainer",
+    "BiMaskCallback": "callback",
+    "ImageClassificationTrainer": "image_classification",
+    "check_nm": "hub",  # reads a saved folder or Hub id too
     "create_model": "modeling",
     "load_image_classification_data": "data",
     "save_sparse_model": "hub",
@@ -60,7 +66,6 @@ __all__ = [
     "SparsityReport",
     "SparsityStats",
     "backward_mask",
-    "check_nm",
     "merge",
     "merge_and_unload",
     "nm_mask",

@@ -164,10 +164,14 @@ class BiMaskCallback(TrainerCallback):
 
     def bind(self, model: nn.Module) -> None:
         """Act on ``model`` from now on (the Trainer's model; with ``model_init`` a new one per run)."""
-        self.config = check_config_agrees(model, self.requested_config, "BiMaskCallback(config=...)")
-        self.model = model
         if self.fixed_masks is None:
             self.fixed_masks = is_peft_model(model)
+        if self.fixed_masks:  # LoRA: the masks stay as they are; the config only names the pattern
+            base = model.get_base_model() if is_peft_model(model) else model
+            self.config = getattr(base, "bimask_config", None) or self.requested_config or BiMaskConfig()
+        else:
+            self.config = check_config_agrees(model, self.requested_config, "BiMaskCallback(config=...)")
+        self.model = model
 
     def _refresh(self, step: int, progress: bool | None = False) -> None:
         stats = refresh_permutations(self.model, step=step, progress=progress)

@@ -22,6 +22,7 @@ from .config import BiMaskConfig
 from .errors import NMPatternError
 from .layers import BiMaskLayer
 from .masks import retention, weight_to_matrix
+from .modes import MODE_TABLE
 
 __all__ = [
     "LayerReport",
@@ -175,7 +176,7 @@ def report(model: nn.Module, config: BiMaskConfig | None = None) -> SparsityRepo
         if isinstance(mod, BiMaskLayer):
             mf, mb = mod.masks()
             density = float(mf.sum()) / mf.numel()
-            ret = layer_retention(mf, mb) if mod.effective_mode == "bimask" else None
+            ret = layer_retention(mf, mb) if MODE_TABLE[mod.effective_mode].backward_mask else None
             rows.append(LayerReport(name, kind, shape, mod.effective_mode, mod.pattern, density, ret, notes.get(name)))
         elif name in merged:
             density = float((mod.weight != 0).sum()) / mod.weight.numel()
@@ -241,10 +242,10 @@ def check_nm(
     Returns the checked layer names; raises :class:`NMPatternError` naming the first offending layer.
     """
     if isinstance(model_or_state_dict, (str, os.PathLike)):
-        from .hub.load import load_folder_for_check
-
-        model_or_state_dict, saved_meta = load_folder_for_check(model_or_state_dict)
-        saved = saved_meta if saved is None else saved
+        raise TypeError(
+            f"bimask_hf.inspection.check_nm checks a model or a state dict, got the path {model_or_state_dict!r}: "
+            "use bimask_hf.check_nm, which loads a saved folder or Hub id first."
+        )
     if saved is not None:
         meta = _saved_meta(saved)
         if meta.get("density") is not None and n is None:

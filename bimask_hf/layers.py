@@ -33,10 +33,10 @@ from .masks import (
     unstructured_mask,
     weight_to_matrix,
 )
+from .modes import MODE_TABLE, ModeSpec
 
 __all__ = ["BiMaskLinear", "BiMaskConv2d", "BiMaskLayer", "PERMUTATION_KEY"]
 
-_DECAY_MODES = ("srste", "bimask", "transposable")
 
 
 class BiMaskLayer:
@@ -80,11 +80,22 @@ class BiMaskLayer:
         return getattr(self, "groups", 1) if isinstance(self, nn.Conv2d) else 1
 
     @property
+    def spec(self) -> ModeSpec:
+        """What this layer's mode does (:data:`~bimask_hf.modes.MODE_TABLE`)."""
+        return MODE_TABLE[self.mode]
+
+    @property
     def effective_mode(self) -> str:
         """The mode actually run: ``bimask`` falls back to ``srste`` when rows do not form groups of M."""
-        if self.mode == "bimask" and not self.bidirectional:
-            return "srste"
+        spec = self.spec
+        if spec.backward_mask and not self.bidirectional:
+            return spec.fallback or self.mode
         return self.mode
+
+    @property
+    def uses_backward_mask(self) -> bool:
+        """Whether the input gradient goes through the permuted backward mask ``Mb`` (bi-directional N:M)."""
+        return MODE_TABLE[self.effective_mode].backward_mask and self.density is None
 
     @property
     def pattern(self) -> str:
@@ -111,18 +122,18 @@ class BiMaskLayer:
         """``Mf`` of ``weight``, shaped like it: boolean, or 0/1 values of another ``dtype`` if one is given
         (the training step's :func:`~bimask_hf.masks.step_mask_dtype`)."""
         weight = weight.detach()
-        if self.mode == "dense":
+        if not self.spec.masked:
             return torch.ones_like(weight, dtype=dtype)
         if self.density is not None:
             return _as_dtype(unstructured_mask(weight, self.density), dtype)
-        if self.mode == "transposable":
+        if self.spec.transposable:
             mf_m = transposable_mask(weight_to_matrix(weight, self.group_layout), self.n, self.m)
             return _as_dtype(matrix_to_weight(mf_m, weight.shape, self.group_layout), dtype)
         return nm_mask_for_weight(weight, self.n, self.m, self.group_layout, dtype=dtype, tie_break=self.tie_break)
 
     def backward_mask_for(self, weight: torch.Tensor, forward_mask: torch.Tensor) -> torch.Tensor:
         """``Mb`` of ``weight`` given its ``Mf`` (``Mf`` itself outside bi-directional ``bimask``)."""
-        if self.effective_mode != "bimask" or self.density is not None:
+        if not self.uses_backward_mask:
             return forward_mask
         return backward_mask_for_weight(
             weight.detach(), forward_mask, getattr(self, PERMUTATION_KEY), self.n, self.m, tie_break=self.tie_break
@@ -180,7 +191,7 @@ class BiMaskLayer:
         grouped conv each conv group is searched on its own rows, as its input gradient only reduces
         over them. ``weight`` is the full weight if the caller has gathered it already.
         """
-        if self.effective_mode != "bimask":
+        if not MODE_TABLE[self.effective_mode].backward_mask:
             return 0.0
         start = time.perf_counter()
         weight = self.full_weight() if weight is None else weight
@@ -227,16 +238,17 @@ class BiMaskLayer:
         )
 
     def _masked_call(self, x: torch.Tensor, fn: Any, **kwargs: Any) -> torch.Tensor:
-        if self.mode == "pre" and self.training:
+        spec = self.spec
+        if spec.projects_before and self.training:
             mf = self.project_()  # pruning keeps the N largest of every group: Mf is unchanged
         else:
             mf = mask_work(self.forward_mask_for, self.weight, self.weight, step_mask_dtype(self.weight))
-        decay = self.decay if self.mode in _DECAY_MODES else 0.0
+        decay = self.decay if spec.decays else 0.0
         if self.decay_per_sample and isinstance(self, nn.Linear) and x.dim() > 2:
             # The paper's DeiT code adds the decay to each sample's weight gradient of a batched matmul
             # before the batch is summed: once per entry of the leading dimensions (docs/method.md, 5).
             decay *= math.prod(x.shape[:-2])
-        if self.effective_mode == "bimask" and self.density is None:  # Mb is built in backward, if needed
+        if self.uses_backward_mask:  # Mb is built in backward, if needed
             return fn(x, self.weight, self.bias, mf, None, decay, permutation=getattr(self, PERMUTATION_KEY),
                       n=self.n, m=self.m, tie_break=self.tie_break, **kwargs)
         return fn(x, self.weight, self.bias, mf, None, decay, **kwargs)
@@ -277,7 +289,7 @@ class BiMaskLinear(BiMaskLayer, nn.Linear):
         self._init_bimask(n, m, mode, decay, density, group_layout, tie_break, decay_per_sample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "dense":
+        if not self.spec.masked:
             return F.linear(x, self.weight, self.bias)
         return self._masked_call(x, masked_linear)
 
@@ -352,7 +364,7 @@ class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
         self._init_bimask(n, m, mode, decay, density, group_layout, tie_break, decay_per_sample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "dense":
+        if not self.spec.masked:
             return self._conv_forward(x, self.weight, self.bias)
         padding = self._explicit_padding
         if self.padding_mode != "zeros":

@@ -34,6 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import CONFIG_NAME, BiMaskConfig
+from .inspection import sparse_layers as bimask_layers
+from .patching import merge
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["NMSparseLinear", "get_peft_model", "is_peft_model", "load_peft_model",
@@ -188,7 +192,7 @@ def _mark_adapter_folder(folder: str) -> None:
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     if config.get("target_modules") != GUARD_TARGET:
-        from . import __version__
+        from .version import __version__
 
         config[ADAPTER_KEY] = {"loader": LOADER, "target_modules": config.get("target_modules"),
                                "library_version": __version__}
@@ -242,7 +246,6 @@ def _source_meta(model: nn.Module) -> dict[str, Any] | None:
     A Hub id is read through the Hub cache (``hf_hub_download`` at the revision the model was loaded
     at), so offline mode (``HF_HUB_OFFLINE=1``) and ``HF_ENDPOINT`` apply as for the model itself.
     """
-    from .config import CONFIG_NAME, BiMaskConfig
     from .hub.files import _looks_like_path, read_json
 
     for source, revision in _sources(model):
@@ -277,8 +280,6 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, **kwargs: Any) 
 
 def _source_config(model: nn.Module) -> Any:
     """The ``BiMaskConfig`` saved with the model the base was loaded from, if any."""
-    from .config import BiMaskConfig
-
     meta = _source_meta(model)
     return None if meta is None else BiMaskConfig.from_dict(meta)
 
@@ -303,12 +304,9 @@ def prepare_sparse_base(model: nn.Module, sparse_layers: list[str] | None = None
     loaded from by plain transformers or timm -- keep their stored zero pattern. Sparse ``Conv2d`` layers stay as they are (LoRA on them is not masked:
     do not target them).
     """
-    from .inspection import sparse_layers as bimask_layers
-    from .patching import merge
-
     fixed: dict[str, torch.Tensor] = {}
     for name, layer in bimask_layers(model).items():
-        if isinstance(layer, nn.Linear) and layer.mode != "dense":
+        if isinstance(layer, nn.Linear) and layer.spec.masked:
             fixed[name] = layer.forward_mask.clone()
     if fixed or bimask_layers(model):
         merge(model)

@@ -19,7 +19,7 @@ from transformers import (
     TimmWrapperForImageClassification,
 )
 
-from . import models as _models  # noqa: F401  (registers the CIFAR models with timm)
+from .models import cifar as _cifar  # noqa: F401  (registers the CIFAR models with timm)
 
 __all__ = ["create_model", "check_model_name", "model_data_config"]
 

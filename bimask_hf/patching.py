@@ -26,6 +26,7 @@ from .distributed import search_permutations_shared
 from .errors import NMPatternError
 from .inspection import LayerReport, SparsityReport, check_nm, report, sparse_layers, sparsity_stats
 from .layers import PERMUTATION_KEY, BiMaskConv2d, BiMaskLayer, BiMaskLinear, conv_padding
+from .modes import MODE_TABLE, mode_spec
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +47,17 @@ __all__ = [
 ]
 
 _HEAD_NAMES = {"classifier", "head", "fc", "head_dist", "cls_classifier", "distillation_classifier", "heads"}
-_EXACT_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv2d)
-try:  # timm's Linear only adds a torchscript-friendly forward; it computes the same thing.
-    from timm.layers import Linear as _TimmLinear
 
-    _EXACT_TYPES = _EXACT_TYPES + (_TimmLinear,)
-except ImportError:  # pragma: no cover - timm is a dependency
-    pass
+
+def _exact_types() -> tuple[type, ...]:
+    """The module classes whose forward the Bi-Mask layers reproduce exactly.
+
+    timm's Linear only adds a torchscript-friendly forward; it computes the same thing. It is looked up
+    only when timm is loaded (a model cannot hold one otherwise), so sparsify never imports timm.
+    """
+    timm_layers = sys.modules.get("timm.layers")
+    linear = getattr(timm_layers, "Linear", None)
+    return (nn.Linear, nn.Conv2d) if linear is None else (nn.Linear, nn.Conv2d, linear)
 
 
 def _matches(name: str, pattern: str | list[str]) -> bool:
@@ -111,19 +116,20 @@ def ineligibility(module: nn.Module, config: BiMaskConfig, *, stem: bool = False
     A sparse ``stem`` in the ``flat`` layout may have ``K % M != 0`` when its whole weight splits into
     groups of M: its groups then run over the flattened weight across rows, as the paper's N:M conv
     groups its CIFAR stems (K = 27)."""
-    if type(module) not in _EXACT_TYPES:
+    if type(module) not in _exact_types():
         return f"custom subclass {type(module).__name__} overrides forward (not patched)"
     weight = module.weight
     if isinstance(module, nn.Conv2d) and conv_padding(module) is None:
         return f"padding={module.padding!r} is asymmetric for this kernel"
-    if config.density is not None or config.mode == "dense":
+    spec = mode_spec(config.mode)
+    if config.density is not None or not spec.masked:
         return None
     rows = weight.shape[0]
     cols = math.prod(weight.shape[1:])
-    straddle = stem and config.group_layout == "flat" and config.mode != "transposable"
+    straddle = stem and config.group_layout == "flat" and not spec.transposable
     if cols % config.m and not (straddle and weight.numel() % config.m == 0):
         return f"K={cols} not divisible by M={config.m}"
-    if config.mode == "transposable":
+    if spec.transposable:
         if rows % config.m:
             return f"transposable mask needs O % M == 0, O={rows}"
         if isinstance(module, nn.Conv2d) and module.groups > 1:
@@ -132,7 +138,7 @@ def ineligibility(module: nn.Module, config: BiMaskConfig, *, stem: bool = False
 
 
 def _uni_reason(layer: BiMaskLayer) -> str | None:
-    if layer.mode == "bimask" and not layer.bidirectional and layer.density is None:
+    if layer.spec.backward_mask and not layer.bidirectional and layer.density is None:
         rows = layer.weight.shape[0] // layer._row_groups()
         return f"uni-directional: O={rows} per group not divisible by M={layer.m}"
     return None
@@ -348,7 +354,7 @@ def merge(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             plain.weight.masked_fill_(plain.weight == 0, 0.0)  # W * Mf keeps the sign of pruned weights: -0.0
         _set_submodule(model, name, plain)
-        if layer.mode != "dense":
+        if layer.spec.masked:
             merged.append(name)
     model.bimask_sparse_layers = sorted(set(getattr(model, "bimask_sparse_layers", [])) | set(merged))  # type: ignore[assignment]
     if hasattr(model, "bimask_notes"):
@@ -396,7 +402,7 @@ def refresh_permutations(
     seed = config.seed if seed is None else seed
     layers, generators = [], []
     for index, layer in enumerate(sparse_layers(model).values()):
-        if layer.effective_mode != "bimask":
+        if not MODE_TABLE[layer.effective_mode].backward_mask:
             continue
         generator = torch.Generator(device=layer.weight.device)
         generator.manual_seed(_layer_seed(seed, step, index))

@@ -49,7 +49,14 @@ __all__ = ["BiMaskTrainer", "BiMaskTrainingArguments", "BiMaskCallback", "parse_
 
 
 def parse_module_list(value: str | list[str] | None) -> str | list[str] | None:
-    """CLI form of target/exclude patterns: ``"re:<regex>"`` is a regex, else a comma-separated name list."""
+    """The command-line form of target/exclude patterns as ``BiMaskConfig`` takes them.
+
+    Args:
+        value: ``"re:<regex>"`` (a regex), a comma-separated name list, a list, or None.
+
+    Returns:
+        The regex string, the list of names, or None for an empty value.
+    """
     if value is None or isinstance(value, list):
         return value
     value = value.strip()
@@ -191,7 +198,7 @@ class BiMaskTrainer(CheckpointKeysMixin, PerRankStreamMixin, ImageClassification
             kwargs["compute_metrics"] = compute_topk_metrics
             kwargs.setdefault("preprocess_logits_for_metrics", topk_indices)
         self.bimask_callback = BiMaskCallback(
-            config=None if self.is_lora else bimask_config,
+            config=bimask_config,
             setup=lambda: describe_setup(self.accelerator), fixed_masks=self.is_lora,
         )
         super().__init__(model, args, *trainer_args, mixup_fn=mixup_fn, **kwargs)
@@ -246,8 +253,15 @@ class BiMaskTrainer(CheckpointKeysMixin, PerRankStreamMixin, ImageClassification
 
     # ---- saving --------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Checkpoints (internal calls) keep dense weights and permutations for exact resumption; a final
-        ``save_model`` writes a Hub-ready folder with pruned weights exactly zero and a model card."""
+        """Write a Hub-ready folder: pruned weights exactly zero, ``bimask_config.json``, model card.
+
+        Checkpoints (the Trainer's internal calls) keep the dense weights and permutations instead, so a
+        resumed run continues exactly.
+
+        Args:
+            output_dir: The folder (default: ``args.output_dir``); pushed too with ``args.push_to_hub``.
+            _internal_call: Set by the Trainer for checkpoints.
+        """
         if _internal_call:
             super().save_model(output_dir, _internal_call=True)
             if self.args.should_save and output_dir is not None:
@@ -297,7 +311,19 @@ class BiMaskTrainer(CheckpointKeysMixin, PerRankStreamMixin, ImageClassification
         private: bool | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Write the Hub-ready folder (merged N:M weights, ``bimask_config.json``, model card) and upload it."""
+        """Write the Hub-ready folder (merged N:M weights, ``bimask_config.json``, model card) and upload it.
+
+        Args:
+            commit_message: The commit message.
+            blocking: Wait for the upload to finish.
+            token: A Hub token (default: ``args.hub_token``).
+            revision: The branch to push to (default: ``args.hub_revision``).
+            private: Create the repo private (when it does not exist yet).
+            **kwargs: Accepted for the Trainer's signature; the card comes from ``hub_cards/``.
+
+        Returns:
+            The upload's ``CommitInfo`` (a future when not blocking); None on processes other than the main one.
+        """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:
@@ -346,9 +372,18 @@ class BiMaskTrainer(CheckpointKeysMixin, PerRankStreamMixin, ImageClassification
         return {**info, "training_args": {**hyper, **self.card_info.get("training_args", {})}}
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """The Trainer's ``evaluate``; its top-1 / top-5 also go into the model card that ``save_model`` writes
-        (on the dataset ``card_info["datasets"][0]``, else the eval dataset's own name, else as an unnamed
-        dataset, and its split)."""
+        """The Trainer's ``evaluate``; its top-1 / top-5 also go into the model card ``save_model`` writes.
+
+        The card names the dataset ``card_info["datasets"][0]``, else the eval dataset's own name, else an
+        unnamed dataset, and its split.
+
+        Args:
+            *args: The Trainer's ``evaluate`` arguments.
+            **kwargs: The Trainer's ``evaluate`` keyword arguments.
+
+        Returns:
+            The metrics.
+        """
         metrics = super().evaluate(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval")
         top1, top5 = metrics.get(f"{prefix}_top1"), metrics.get(f"{prefix}_top5")

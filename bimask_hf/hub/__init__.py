@@ -10,11 +10,12 @@
 
 from .cards import create_model_card, update_card_results
 from .files import CorruptCheckpointError
-from .load import load_sparse_model
+from .load import check_nm, load_sparse_model
 from .save import save_sparse_model
 
 __all__ = [
     "CorruptCheckpointError",
+    "check_nm",
     "create_model_card",
     "load_sparse_model",
     "save_sparse_model",

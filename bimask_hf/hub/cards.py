@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..config import BiMaskConfig
 from ..families import reads_as_timm
 from ..inspection import LayerReport, SparsityReport, report, sparse_layers
+from ..modes import MODE_TABLE
 from .files import CARD_NAME
 
 __all__ = ["create_model_card", "update_card_results", "card_metrics", "TEMPLATE_NAME"]
@@ -31,15 +32,7 @@ _METRIC_KEYS = {
     "top1": ("top1", "top1_accuracy", "acc1", "accuracy"),
     "top5": ("top5", "top5_accuracy", "acc5"),
 }
-MODE_DESCRIPTIONS = {
-    "bimask": "bi-directional masks: N:M forward mask on the weight rows, permuted N:M backward mask on its "
-    "columns (input gradient), dense straight-through weight gradient with SR-STE decay",
-    "srste": "uni-directional N:M mask (SR-STE): the forward mask also acts in the backward pass",
-    "transposable": "transposable N:M mask, N:M along rows and columns of every MxM block (T-mask baseline)",
-    "pre": "weights projected onto the N:M mask before every forward",
-    "post": "weights projected onto the N:M mask after every optimizer step",
-    "dense": "dense baseline (no mask)",
-}
+MODE_DESCRIPTIONS = {name: spec.description for name, spec in MODE_TABLE.items()}
 # TrainingArguments has ~120 fields; a card lists the ones that define the recipe.
 _RECIPE_KEYS = (
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -169,7 +162,7 @@ def _plain(value: Any) -> str:
 
 
 def _tags(config: BiMaskConfig) -> list[str]:
-    if config.mode == "dense":
+    if not MODE_TABLE[config.mode].masked:
         return ["bimask", "dense-baseline", TASK]
     if config.density is not None:
         return ["bimask", "unstructured-sparsity", TASK]
@@ -261,7 +254,7 @@ def create_model_card(
             pipeline=pipeline and not compressed,
             trained_preprocessing=trained_preprocessing,
             training_data=training_data,
-            dense=config.mode == "dense",
+            dense=not MODE_TABLE[config.mode].masked,
             base_model=base_model,
             library=library_name,
             custom_architecture=custom_architecture or bimask_architecture(model_or_report),
@@ -294,7 +287,7 @@ def create_model_card(
 def _framework_versions() -> list[tuple[str, str]]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from .. import __version__
+    from ..version import __version__
 
     found = [("bimask-hf", __version__)]
     for name, dist in (("Transformers", "transformers"), ("timm", "timm"), ("PyTorch", "torch"),

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch.nn as nn
 
+from .. import inspection
 from ..checks import PATTERN_FIELDS, config_differences, describe
 from ..compression import NM_WEIGHTS_NAME, load_nm_safetensors
 from ..config import BiMaskConfig
 from ..errors import ConflictingSettingsError, NMPatternError
-from ..inspection import check_nm
 from ..masks import unstructured_keep_count
 from ..patching import sparsify
 from .files import (
@@ -32,7 +32,7 @@ from .files import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_sparse_model", "load_plain_model"]
+__all__ = ["check_nm", "load_sparse_model", "load_plain_model"]
 
 
 def load_plain_model(folder: str, model_class: Any = None) -> nn.Module:
@@ -47,7 +47,7 @@ def load_plain_model(folder: str, model_class: Any = None) -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {MODEL_CONFIG_NAME} in {folder!r}: it does not hold a transformers or timm model.")
     model_config = read_json(path, "Model config")
-    from .. import models as _registered  # noqa: F401  (timm names of bimask-hf's CIFAR models)
+    from ..models import cifar as _registered  # noqa: F401  (timm names of bimask-hf's CIFAR models)
 
     if model_class is not None:
         return model_class.from_pretrained(folder, use_safetensors=True)
@@ -93,7 +93,7 @@ def _resolve_layer_names(model: nn.Module, names: list[str]) -> list[str]:
 def _verify_pattern(model: nn.Module, names: list[str], config: BiMaskConfig, source: str) -> None:
     try:
         if config.density is None:
-            check_nm(model, config.n, config.m, layers=names, group_layout=config.group_layout)
+            inspection.check_nm(model, config.n, config.m, layers=names, group_layout=config.group_layout)
             return
         for name in names:
             weight = model.get_submodule(name).weight
@@ -226,6 +226,31 @@ def _agreed_config(saved: BiMaskConfig, asked: BiMaskConfig, source: str) -> BiM
             "(bimask_hf.hub.load_plain_model) and call bimask_hf.sparsify(model, BiMaskConfig(...))."
         )
     return asked
+def check_nm(
+    model_or_state_dict: Any,
+    n: int | None = None,
+    m: int | None = None,
+    layers: Any = None,
+    group_layout: str | None = None,
+    *,
+    saved: Any = None,
+) -> list[str]:
+    """Verify that weights follow ``n:m`` (at most ``n`` nonzeros in every group of ``m``).
+
+    For a model, the layers checked are its Bi-Mask layers (their forward weights ``W * Mf``) and the
+    layers recorded by :func:`merge`, unless ``layers`` names them; for a state dict, the named layers
+    (``"<layer>"`` or ``"<layer>.weight"``), by default every 2-D/4-D ``.weight`` whose K allows the pattern.
+    A folder (or Hub id) written by :func:`save_sparse_model` is checked as saved: its ``bimask_config.json``
+    gives N, M, the group layout and the sparse layers, and its weights (compressed ones too) are read.
+    ``saved`` (such a folder, or the loaded ``bimask_config.json`` dict) does the same for a model or state
+    dict: N, M, layout and, unless ``layers`` is given, the recorded sparse layers (a TimmWrapper's
+    ``timm_model.`` prefix is matched either way). Explicit ``n`` / ``m`` / ``group_layout`` win.
+    Returns the checked layer names; raises :class:`NMPatternError` naming the first offending layer.
+    """
+    if isinstance(model_or_state_dict, (str, os.PathLike)):
+        model_or_state_dict, saved_meta = load_folder_for_check(model_or_state_dict)
+        saved = saved_meta if saved is None else saved
+    return inspection.check_nm(model_or_state_dict, n, m, layers, group_layout, saved=saved)
 
 
 def load_folder_for_check(repo_id_or_dir: str | os.PathLike, **hub_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:

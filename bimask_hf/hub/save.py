@@ -18,6 +18,7 @@ from ..compression import NM_WEIGHTS_NAME, is_nm_compressible, save_nm_safetenso
 from ..config import BiMaskConfig
 from ..families import is_timm_wrapper, model_family
 from ..inspection import SparsityReport, check_nm, report, sparse_layers
+from ..modes import mode_spec
 from ..patching import merge
 from ..storage import make_staging_folder, replace_folder_contents, storage_errors
 from .files import (
@@ -206,7 +207,7 @@ def save_sparse_model(
     export = copy.deepcopy(model)
     merge(export)
     layers: list[str] = list(getattr(export, "bimask_sparse_layers", []))
-    if not layers and config.mode != "dense":
+    if not layers and mode_spec(config.mode).masked:
         raise ValueError(
             f"{type(model).__name__} has no Bi-Mask layers (and none merged earlier): call "
             "bimask_hf.sparsify(model, config) and train it before saving."
@@ -370,7 +371,7 @@ def _write_folder(export: nn.Module, model: nn.Module, folder: str, target: str,
         extra["compression"] = _compress_folder(folder, files, config)
         logger.info("Compressed %s: %.3f of the dense size", target, extra["compression"]["ratio"])
 
-    from .. import __version__
+    from ..version import __version__
 
     config.save_pretrained(
         folder,

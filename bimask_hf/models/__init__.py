@@ -1,7 +1,5 @@
-"""Models registered with timm by bimask-hf (importing this package registers them), and the image
-processor of their 1-channel folders (registered with transformers' ``AutoImageProcessor``)."""
+"""Models registered with timm by bimask-hf (``bimask_hf.models.cifar``), and the image processor of their
+1-channel folders, registered with transformers' ``AutoImageProcessor`` (``bimask_hf.models.image_processor``).
 
-from . import (
-    cifar,  # noqa: F401
-    image_processor,  # noqa: F401
-)
+``import bimask_hf`` registers both as soon as timm / transformers are imported (``bimask_hf.registration``).
+"""

@@ -1,0 +1,63 @@
+"""bimask-hf's models and image processor, registered with timm and transformers as soon as those load.
+
+``import bimask_hf`` loads neither library. The CIFAR models (``resnet32_cifar`` ...) are registered with
+timm, and the 1-channel image processor with transformers' ``AutoImageProcessor``, the moment the library is
+imported (or at once, if it already is), so ``timm.create_model("resnet32_cifar")`` and ``pipeline(folder)``
+work after ``import bimask_hf`` in any order. Importing ``bimask_hf.models.cifar`` /
+``bimask_hf.models.image_processor`` registers them explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any
+
+__all__ = ["register_when_imported"]
+
+# library -> the module of bimask-hf that registers with it
+_REGISTRARS = {"timm": "bimask_hf.models.cifar", "transformers": "bimask_hf.models.image_processor"}
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: it wraps the real loader of a library so that the registrar runs after it."""
+
+    def __init__(self) -> None:
+        self.pending = dict(_REGISTRARS)
+        self.finding: set[str] = set()
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        registrar = self.pending.get(fullname)
+        if registrar is None or fullname in self.finding:
+            return None
+        self.finding.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)  # the finders after this one
+        finally:
+            self.finding.discard(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module: Any) -> None:
+            exec_module(module)
+            self.pending.pop(fullname, None)
+            if not self.pending and self in sys.meta_path:
+                sys.meta_path.remove(self)
+            importlib.import_module(registrar)
+
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+def register_when_imported() -> None:
+    """Register with each of timm and transformers now if it is loaded, else right after it loads."""
+    finder = _RegisterAfterImport()
+    for library, registrar in _REGISTRARS.items():
+        if library in sys.modules:
+            finder.pending.pop(library)
+            importlib.import_module(registrar)
+    if finder.pending:
+        sys.meta_path.insert(0, finder)
