@@ -12,7 +12,7 @@ over the draws, the median and the range (min - max) of the gain in retention ov
 and ``matched``'s gain (no randomness) with its ratio to each median. Retention is computed in closed form
 (``permutation_retention``, docs/method.md section 3). Examples::
 
-    python benchmarks/search_draws.py --draws 20 --json docs/search_draws.json   # minutes on one core
+    python benchmarks/search_draws.py --draws 10 > docs/search_draws_output.txt   # minutes on an idle core
     python benchmarks/search_draws.py --quick                                     # seconds (CI)
 """
 
