@@ -59,6 +59,8 @@ def _flags(differences: dict[str, tuple[Any, Any]], side: int) -> str:
 
 def save_checkpoint_config(folder: str | os.PathLike, config: BiMaskConfig) -> None:
     """Record in a checkpoint folder the config it was trained with, for :func:`check_resume`."""
+    # An FSDP sharded checkpoint may not have created its folder on this rank yet when save_model returns.
+    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, CHECKPOINT_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config.to_dict(), f, indent=2, sort_keys=True)
         f.write("\n")

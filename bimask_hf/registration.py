@@ -55,9 +55,11 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 def register_when_imported() -> None:
     """Register with each of timm and transformers now if it is loaded, else right after it loads."""
     finder = _RegisterAfterImport()
+    # Installed first: a registrar may itself load the other library (transformers' image processors load
+    # timm), and that load must register too.
+    sys.meta_path.insert(0, finder)
     for library, registrar in _REGISTRARS.items():
-        if library in sys.modules:
-            finder.pending.pop(library)
+        if library in sys.modules and finder.pending.pop(library, None) is not None:
             importlib.import_module(registrar)
-    if finder.pending:
-        sys.meta_path.insert(0, finder)
+    if not finder.pending and finder in sys.meta_path:
+        sys.meta_path.remove(finder)

@@ -127,3 +127,12 @@ def test_the_cifar_models_are_registered_when_timm_came_first():
     code = "import timm, bimask_hf\nprint(type(timm.create_model('resnet8_cifar', num_classes=3)).__name__)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["CifarResNet"], out
+
+
+def test_the_cifar_models_are_registered_when_transformers_came_first():
+    # bimask-hf's transformers registrar loads timm itself (the TimmWrapper image processor imports it);
+    # that load must register the CIFAR models too, or a saved resnet8_cifar folder does not load.
+    code = ("from transformers import AutoModelForImageClassification\nimport bimask_hf, timm\n"
+            "print(timm.is_model('resnet8_cifar'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True"], out
