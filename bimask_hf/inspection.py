@@ -229,17 +229,11 @@ def check_nm(
     *,
     saved: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Verify that weights follow ``n:m`` (at most ``n`` nonzeros in every group of ``m``).
+    """Verify that a model's or state dict's weights follow ``n:m``; the core of :func:`bimask_hf.check_nm`.
 
-    For a model, the layers checked are its Bi-Mask layers (their forward weights ``W * Mf``) and the
-    layers recorded by :func:`merge`, unless ``layers`` names them; for a state dict, the named layers
-    (``"<layer>"`` or ``"<layer>.weight"``), by default every 2-D/4-D ``.weight`` whose K allows the pattern.
-    A folder (or Hub id) written by :func:`save_sparse_model` is checked as saved: its ``bimask_config.json``
-    gives N, M, the group layout and the sparse layers, and its weights (compressed ones too) are read.
-    ``saved`` (such a folder, or the loaded ``bimask_config.json`` dict) does the same for a model or state
-    dict: N, M, layout and, unless ``layers`` is given, the recorded sparse layers (a TimmWrapper's
-    ``timm_model.`` prefix is matched either way). Explicit ``n`` / ``m`` / ``group_layout`` win.
-    Returns the checked layer names; raises :class:`NMPatternError` naming the first offending layer.
+    Takes what :func:`bimask_hf.check_nm` takes except a path: that one (in ``hub.load``) reads a saved folder
+    or Hub id first and documents every argument. Returns the checked layer names; raises
+    :class:`NMPatternError` naming the first offending layer.
     """
     if isinstance(model_or_state_dict, (str, os.PathLike)):
         raise TypeError(
