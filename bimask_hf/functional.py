@@ -217,12 +217,31 @@ def masked_linear(
     m: int = 4,
     tie_break: str = "low",
 ) -> torch.Tensor:
-    """``F.linear(x, W*Mf, b)`` whose input gradient goes through ``W*Mb`` and whose weight gradient is
-    the dense straight-through ``g^T x`` plus ``decay * (1 - Mf) * W``.
+    """``F.linear(x, W*Mf, b)`` with the Bi-Mask gradients.
 
-    Pass ``bwd_mask=None`` with the backward mask's row ``permutation`` and ``n``, ``m`` (and
-    ``tie_break``, see :func:`bimask_hf.masks.backward_mask`) to build ``Mb`` in the backward pass, only
-    when the input gradient is needed (``bwd_mask=None`` without a permutation uses ``Mf``).
+    The input gradient goes through ``W*Mb``; the weight gradient is the dense straight-through ``g^T x``
+    plus ``decay * (1 - Mf) * W``. Pass ``bwd_mask=None`` with the backward mask's row ``permutation`` and
+    ``n``, ``m`` (and ``tie_break``) to build ``Mb`` in the backward pass, only when the input gradient is
+    needed (``bwd_mask=None`` without a permutation uses ``Mf``).
+
+    Args:
+        x (`torch.Tensor`): The input.
+        weight (`torch.Tensor`): The dense weight ``W`` (the parameter).
+        bias (`torch.Tensor`, *optional*): The bias, or None.
+        fwd_mask (`torch.Tensor`): The forward mask ``Mf`` (bool or 0/1 values, ``weight``'s shape).
+        bwd_mask (`torch.Tensor`, *optional*): The backward mask ``Mb``; None to build it in the backward pass
+            from ``permutation`` (or to use ``Mf`` when no permutation is given).
+        decay (`float`, *optional*, defaults to 0.0): SR-STE decay added to the weight gradient on pruned
+            weights.
+        permutation (`torch.Tensor`, *optional*): The backward mask's row permutation, used when
+            ``bwd_mask`` is None.
+        n (`int`, *optional*, defaults to 2): N of the backward mask built from ``permutation``.
+        m (`int`, *optional*, defaults to 4): M of the backward mask built from ``permutation``.
+        tie_break (`str`, *optional*, defaults to `"low"`): Tie order of that backward mask (see
+            :func:`bimask_hf.masks.backward_mask`).
+
+    Returns:
+        `torch.Tensor`: ``x (W*Mf)^T + b``.
     """
     return _MaskedLinearFn.apply(x, weight, bias, fwd_mask, _backward_arg(bwd_mask, permutation, fwd_mask), n, m,
                                  ties_high(tie_break), float(decay))
@@ -245,7 +264,31 @@ def masked_conv2d(
     m: int = 4,
     tie_break: str = "low",
 ) -> torch.Tensor:
-    """``F.conv2d`` with the masks of :func:`masked_linear`; ``padding`` must be explicit integers."""
+    """``F.conv2d`` with the masks and gradients of :func:`masked_linear`.
+
+    Args:
+        x (`torch.Tensor`): The input.
+        weight (`torch.Tensor`): The dense weight ``W`` (the parameter).
+        bias (`torch.Tensor`, *optional*): The bias, or None.
+        fwd_mask (`torch.Tensor`): The forward mask ``Mf`` (bool or 0/1 values, ``weight``'s shape).
+        bwd_mask (`torch.Tensor`, *optional*): The backward mask ``Mb``; None to build it in the backward pass
+            from ``permutation`` (or to use ``Mf`` when no permutation is given).
+        decay (`float`, *optional*, defaults to 0.0): SR-STE decay added to the weight gradient on pruned
+            weights.
+        stride (`tuple[int, int]`, *optional*, defaults to `(1, 1)`): As in ``F.conv2d``.
+        padding (`tuple[int, int]`, *optional*, defaults to `(0, 0)`): Explicit integers (no string padding).
+        dilation (`tuple[int, int]`, *optional*, defaults to `(1, 1)`): As in ``F.conv2d``.
+        groups (`int`, *optional*, defaults to 1): As in ``F.conv2d``.
+        permutation (`torch.Tensor`, *optional*): The backward mask's row permutation, used when
+            ``bwd_mask`` is None.
+        n (`int`, *optional*, defaults to 2): N of the backward mask built from ``permutation``.
+        m (`int`, *optional*, defaults to 4): M of the backward mask built from ``permutation``.
+        tie_break (`str`, *optional*, defaults to `"low"`): Tie order of that backward mask (see
+            :func:`bimask_hf.masks.backward_mask`).
+
+    Returns:
+        `torch.Tensor`: The convolution of ``x`` with ``W*Mf``, plus the bias.
+    """
     return _MaskedConv2dFn.apply(
         x, weight, bias, fwd_mask, _backward_arg(bwd_mask, permutation, fwd_mask), n, m, ties_high(tie_break),
         float(decay),

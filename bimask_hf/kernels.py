@@ -152,7 +152,13 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the C kernels are built and enabled (``BIMASK_HF_KERNELS=0`` turns them off)."""
+    """Whether the C kernels are built and enabled (``BIMASK_HF_KERNELS=0`` turns them off).
+
+    The first call builds (or loads the cached) library.
+
+    Returns:
+        `bool`: True when the library is loaded.
+    """
     return _library() is not None
 
 
@@ -163,7 +169,13 @@ def _plain(t: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Inside: masks and the decay term by tensor ops, as without the kernels (for side-by-side timing)."""
+    """Compute masks and the decay term by tensor ops inside the block, as without the kernels.
+
+    For side-by-side timing; the masks are the same.
+
+    Yields:
+        `None`: Control, with the kernels switched off until the block exits.
+    """
     global _switched_off
     saved, _switched_off = _switched_off, True
     try:
@@ -173,9 +185,20 @@ def disabled() -> Iterator[None]:
 
 
 def applies(weight: torch.Tensor, m: int, spread: int = 1) -> bool:
-    """Whether the kernels can take ``weight``: a plain contiguous float32 CPU tensor outside
-    ``torch.compile`` and :func:`disabled`, groups of at most 16 entries ``spread`` apart (at most
-    :data:`MAX_SPREAD`: a conv's ``kh*kw``)."""
+    """Whether the kernels can take ``weight``.
+
+    That is a plain contiguous float32 CPU tensor outside ``torch.compile`` and :func:`disabled`, in groups
+    of at most 16 entries ``spread`` apart (at most :data:`MAX_SPREAD`: a conv's ``kh*kw``), with the
+    library available.
+
+    Args:
+        weight (`torch.Tensor`): The layer's weight.
+        m (`int`): Group size.
+        spread (`int`, *optional*, defaults to 1): Distance between the members of a group, in entries.
+
+    Returns:
+        `bool`: True when :func:`forward_mask`, :func:`backward_mask` and :func:`add_decay_` may be called.
+    """
     return (
         not _switched_off
         and m <= _MAX_M
@@ -193,12 +216,15 @@ def _profiled() -> bool:
 
 @contextlib.contextmanager
 def dispatched() -> Iterator[None]:
-    """Inside: the kernels run as the ``torch.library`` ops ``bimask_hf::forward_mask``, ``::backward_mask``
-    and ``::add_decay_``, as they do while a ``torch.profiler`` records (for side-by-side timing).
+    """Run the kernels as ``torch.library`` ops inside the block, as while a ``torch.profiler`` records.
 
-    Outside a profiler the layers call the kernels through ``ctypes`` directly: the dispatcher adds a
-    few microseconds per call (figures in ``docs/benchmarks.md``). The ops have fake implementations, so
+    The ops are ``bimask_hf::forward_mask``, ``::backward_mask`` and ``::add_decay_`` (for side-by-side
+    timing). Outside a profiler the layers call the kernels through ``ctypes`` directly: the dispatcher adds
+    a few microseconds per call (figures in ``docs/benchmarks.md``). The ops have fake implementations, so
     FakeTensor tracing and ``torch.export`` of code that calls them see the right shapes and dtypes.
+
+    Yields:
+        `None`: Control, with calls going through the dispatcher until the block exits.
     """
     global _via_dispatcher
     saved, _via_dispatcher = _via_dispatcher, True
@@ -211,8 +237,19 @@ def dispatched() -> Iterator[None]:
 def forward_mask(
     weight: torch.Tensor, n: int, m: int, d: int, dtype: torch.dtype, *, high: bool = False
 ) -> torch.Tensor:
-    """``Mf`` of ``weight`` (checked by :func:`applies` with ``spread=d``) viewed as ``(blocks, m, d)``, in
-    ``dtype`` (``torch.uint8`` or ``torch.bool``); ``high``: ties go to the higher index (the paper's order)."""
+    """``Mf`` of ``weight`` viewed as ``(blocks, m, d)``, in one pass.
+
+    Args:
+        weight (`torch.Tensor`): The weight, checked by :func:`applies` with ``spread=d``.
+        n (`int`): Entries kept per group.
+        m (`int`): Group size.
+        d (`int`): Distance between group members (1 for adjacent entries, ``kh*kw`` for a conv).
+        dtype (`torch.dtype`): ``torch.uint8`` or ``torch.bool``.
+        high (`bool`, *optional*, defaults to `False`): Ties go to the higher index (the paper's order).
+
+    Returns:
+        `torch.Tensor`: The forward mask in ``weight``'s shape, of ``dtype``.
+    """
     weight = weight.detach()
     if _profiled():
         return torch.ops.bimask_hf.forward_mask(weight, n, m, d, dtype, high)
@@ -229,9 +266,24 @@ def backward_mask(
     *,
     high: bool = False,
 ) -> torch.Tensor:
-    """``Mb`` of ``weight`` (checked by :func:`applies`) given ``Mf`` (bool or 0/1 uint8) and the row
-    ``permutation``, in ``dtype`` (``torch.uint8`` or ``torch.bool``); ``high``: the paper's ranking (ties to
-    the higher group member, pruned entries scored 0)."""
+    """``Mb`` of ``weight`` given ``Mf`` and the row ``permutation``, in one pass.
+
+    Args:
+        weight (`torch.Tensor`): The weight, checked by :func:`applies`.
+        forward_mask (`torch.Tensor`): ``Mf``, bool or 0/1 uint8.
+        permutation (`torch.Tensor`): The row permutation that forms the groups of ``m`` rows.
+        n (`int`): Entries kept per group.
+        m (`int`): Group size.
+        dtype (`torch.dtype`): ``torch.uint8`` or ``torch.bool``.
+        high (`bool`, *optional*, defaults to `False`): The paper's ranking (ties to the higher group member,
+            pruned entries scored 0).
+
+    Returns:
+        `torch.Tensor`: The backward mask in ``weight``'s shape, of ``dtype``.
+
+    Raises:
+        ValueError: If ``permutation`` does not fit the rows.
+    """
     weight = weight.detach()
     if _profiled():
         return torch.ops.bimask_hf.backward_mask(weight, forward_mask, permutation, n, m, dtype, high)
@@ -239,8 +291,18 @@ def backward_mask(
 
 
 def add_decay_(grad: torch.Tensor, weight: torch.Tensor, forward_mask: torch.Tensor, decay: float) -> bool:
-    """``grad += decay * (1 - Mf) * W`` in place; False (nothing done) when the tensors do not suit the
-    kernel (then the caller uses tensor ops)."""
+    """``grad += decay * (1 - Mf) * W`` in place, when the tensors suit the kernel.
+
+    Args:
+        grad (`torch.Tensor`): The weight gradient (float32, plain, contiguous, ``weight``'s shape).
+        weight (`torch.Tensor`): The weight ``W``.
+        forward_mask (`torch.Tensor`): ``Mf``, bool or uint8.
+        decay (`float`): The SR-STE decay.
+
+    Returns:
+        `bool`: True when done; False (nothing done) when the tensors do not suit the kernel, and the caller
+        uses tensor ops.
+    """
     if not (
         grad.dtype == torch.float32 and _plain(grad) and grad.shape == weight.shape and applies(weight, 1)
         and forward_mask.dtype in (torch.uint8, torch.bool) and _plain(forward_mask)

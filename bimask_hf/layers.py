@@ -103,6 +103,12 @@ class BiMaskLayer:
         return f"{self.density:.0%} unstructured" if self.density is not None else f"{self.n}:{self.m}"
 
     def bimask_extra_repr(self) -> str:
+        """The Bi-Mask part of the layer's ``repr``: pattern, effective mode, decay and layout.
+
+        Returns:
+            `str`: E.g. ``"pattern=2:4, mode=bimask, decay=0.0002, layout=channels_last"``; the tie order and
+            per-sample decay are added when not the defaults.
+        """
         text = f"pattern={self.pattern}, mode={self.effective_mode}, decay={self.decay}, layout={self.group_layout}"
         if self.tie_break != "low":
             text += f", tie_break={self.tie_break}"
@@ -115,12 +121,24 @@ class BiMaskLayer:
     # Under torch.compile the masks are thus part of the graph, fused with the masked weight and the
     # decay term; Mb is only built in the backward pass, when the input gradient is needed.
     def full_weight(self) -> torch.Tensor:
-        """The whole weight, detached; gathered from all ranks when it is an FSDP2 shard (a collective)."""
+        """The whole weight, detached; gathered from all ranks when it is an FSDP2 shard (a collective).
+
+        Returns:
+            `torch.Tensor`: The full weight.
+        """
         return full_tensor(self.weight.detach())
 
     def forward_mask_for(self, weight: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-        """``Mf`` of ``weight``, shaped like it: boolean, or 0/1 values of another ``dtype`` if one is given
-        (the training step's :func:`~bimask_hf.masks.step_mask_dtype`)."""
+        """``Mf`` of ``weight``, shaped like it.
+
+        Args:
+            weight (`torch.Tensor`): A (full) weight of this layer's shape.
+            dtype (`torch.dtype`, *optional*, defaults to `torch.bool`): ``bool``, or the 0/1 values of the
+                training step's :func:`~bimask_hf.masks.step_mask_dtype`.
+
+        Returns:
+            `torch.Tensor`: The forward mask (all ones in a mode that does not mask).
+        """
         weight = weight.detach()
         if not self.spec.masked:
             return torch.ones_like(weight, dtype=dtype)
@@ -132,7 +150,15 @@ class BiMaskLayer:
         return nm_mask_for_weight(weight, self.n, self.m, self.group_layout, dtype=dtype, tie_break=self.tie_break)
 
     def backward_mask_for(self, weight: torch.Tensor, forward_mask: torch.Tensor) -> torch.Tensor:
-        """``Mb`` of ``weight`` given its ``Mf`` (``Mf`` itself outside bi-directional ``bimask``)."""
+        """``Mb`` of ``weight`` given its ``Mf`` (``Mf`` itself outside bi-directional ``bimask``).
+
+        Args:
+            weight (`torch.Tensor`): A (full) weight of this layer's shape.
+            forward_mask (`torch.Tensor`): Its forward mask.
+
+        Returns:
+            `torch.Tensor`: The backward mask, built with the layer's current row permutation.
+        """
         if not self.uses_backward_mask:
             return forward_mask
         return backward_mask_for_weight(
@@ -140,13 +166,22 @@ class BiMaskLayer:
         )
 
     def compute_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forward mask, backward mask) for the current (full) weights, both boolean and shaped like ``weight``."""
+        """The masks of the current (full) weights.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: (forward mask, backward mask), both boolean and shaped like
+            ``weight``.
+        """
         weight = self.full_weight()
         mf = self.forward_mask_for(weight)
         return mf, self.backward_mask_for(weight, mf)
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``Mf``, ``Mb``) of the current weights and permutation (same as :meth:`compute_masks`)."""
+        """(``Mf``, ``Mb``) of the current weights and permutation (same as :meth:`compute_masks`).
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: The boolean forward and backward masks.
+        """
         return self.compute_masks()
 
     @property
@@ -160,18 +195,30 @@ class BiMaskLayer:
         return self.compute_masks()[1]
 
     def retention(self) -> float:
-        """``|Mb| / |Mf|`` of the current masks (1.0 outside ``bimask`` mode)."""
+        """``|Mb| / |Mf|`` of the current masks (1.0 outside ``bimask`` mode).
+
+        Returns:
+            `float`: The retention.
+        """
         mf, mb = self.masks()
         return retention(mf, mb)
 
     def sparse_weight(self) -> torch.Tensor:
-        """The weight the forward pass uses, ``W * Mf`` (pruned entries exactly zero)."""
+        """The weight the forward pass uses, ``W * Mf`` (pruned entries exactly zero).
+
+        Returns:
+            `torch.Tensor`: The masked full weight.
+        """
         weight = self.full_weight()
         return weight * self.forward_mask_for(weight)
 
     @torch.no_grad()
     def project_(self) -> torch.Tensor:
-        """Prune the parameter in place, ``W <- W * Mf`` (modes ``pre`` and ``post``); returns ``Mf``."""
+        """Prune the parameter in place, ``W <- W * Mf`` (modes ``pre`` and ``post``).
+
+        Returns:
+            `torch.Tensor`: The forward mask ``Mf`` the weight was multiplied by.
+        """
         mf = self.forward_mask_for(self.full_weight())
         self.weight.mul_(shard_like(mf, self.weight))
         return mf
@@ -184,12 +231,21 @@ class BiMaskLayer:
         generator: torch.Generator | None = None,
         weight: torch.Tensor | None = None,
     ) -> float:
-        """Search a new row permutation for the backward mask; returns the seconds spent.
+        """Search a new row permutation for the backward mask.
 
         The search starts from the current permutation, so retention never drops at a refresh (except
         with ``"random_fresh"``, the paper's search, whose candidates are all new). In a
         grouped conv each conv group is searched on its own rows, as its input gradient only reduces
-        over them. ``weight`` is the full weight if the caller has gathered it already.
+        over them.
+
+        Args:
+            method (`str`, *optional*, defaults to `"matched"`): One of :data:`~bimask_hf.search.METHODS`.
+            num_candidates (`int`, *optional*, defaults to 100): Candidates of the random searches.
+            generator (`torch.Generator`, *optional*): Source of randomness of the search.
+            weight (`torch.Tensor`, *optional*): The full weight, if the caller has gathered it already.
+
+        Returns:
+            `float`: The seconds spent (0.0 when the layer's mode has no backward mask).
         """
         if not MODE_TABLE[self.effective_mode].backward_mask:
             return 0.0
@@ -266,7 +322,32 @@ class BiMaskLayer:
 
 
 class BiMaskLinear(BiMaskLayer, nn.Linear):
-    """``nn.Linear`` with an N:M (or unstructured) forward mask and a Bi-Mask backward mask."""
+    """``nn.Linear`` with an N:M (or unstructured) forward mask and a Bi-Mask backward mask.
+
+    Args:
+        in_features (`int`): As in ``nn.Linear``.
+        out_features (`int`): As in ``nn.Linear``.
+        bias (`bool`, *optional*, defaults to `True`): As in ``nn.Linear``.
+        device (*optional*): As in ``nn.Linear``.
+        dtype (*optional*): As in ``nn.Linear``.
+        n (`int`, *optional*, defaults to 2): Weights kept in every group of ``m`` (the N of N:M).
+        m (`int`, *optional*, defaults to 4): Group size (the M of N:M).
+        mode (`str`, *optional*, defaults to `"bimask"`): One of :data:`~bimask_hf.modes.MODES`
+            (:data:`~bimask_hf.modes.MODE_TABLE` says what each does).
+        decay (`float`, *optional*, defaults to 2e-4): SR-STE decay: adds ``decay * (1 - Mf) * W`` to the
+            weight gradient in the modes that decay.
+        density (`float`, *optional*): If set, an unstructured top-``|W|`` mask keeping this share of the
+            weights instead of N:M (uni-directional).
+        group_layout (`str`, *optional*, defaults to `"channels_last"`): Column order of the N:M groups,
+            ``"channels_last"`` or ``"flat"`` (see :func:`~bimask_hf.masks.weight_to_matrix`).
+        tie_break (`str`, *optional*, defaults to `"low"`): Which of equal ``|W|`` a mask keeps, ``"low"`` or
+            ``"high"`` (the paper's).
+        decay_per_sample (`bool`, *optional*, defaults to `False`): Add the decay once per entry of the
+            leading dimensions of a batched input, as the paper's DeiT code (``docs/method.md``, 5).
+
+    Raises:
+        ValueError: If ``mode``, ``group_layout``, ``tie_break`` or the N:M pattern is invalid.
+    """
 
     def __init__(
         self,
@@ -289,22 +370,47 @@ class BiMaskLinear(BiMaskLayer, nn.Linear):
         self._init_bimask(n, m, mode, decay, density, group_layout, tie_break, decay_per_sample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer: ``x @ (W * Mf).T + b``, with the gradients of the layer's mode.
+
+        Args:
+            x (`torch.Tensor`): Input of shape ``(..., in_features)``.
+
+        Returns:
+            `torch.Tensor`: Output of shape ``(..., out_features)``.
+        """
         if not self.spec.masked:
             return F.linear(x, self.weight, self.bias)
         return self._masked_call(x, masked_linear)
 
     def extra_repr(self) -> str:
+        """``nn.Linear``'s ``extra_repr`` followed by :meth:`bimask_extra_repr`.
+
+        Returns:
+            `str`: The text inside the layer's ``repr``.
+        """
         return f"{nn.Linear.extra_repr(self)}, {self.bimask_extra_repr()}"
 
     @classmethod
     def from_dense(cls, module: nn.Linear, config: BiMaskConfig) -> BiMaskLinear:
-        """Wrap an existing ``nn.Linear``, sharing its parameters (no copy)."""
+        """Wrap an existing ``nn.Linear``, sharing its parameters (no copy).
+
+        Args:
+            module (`nn.Linear`): The layer to wrap.
+            config (`BiMaskConfig`): The pattern, mode and mask settings to apply.
+
+        Returns:
+            `BiMaskLinear`: The sparse layer, in ``module``'s training mode.
+        """
         with torch.device("meta"):
             new = cls(module.in_features, module.out_features, bias=module.bias is not None)
         return new._adopt(module, config)
 
     def to_dense(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding ``W * Mf`` (pruned weights exactly zero) and the same bias."""
+        """A plain ``nn.Linear`` holding ``W * Mf`` (pruned weights exactly zero) and the same bias.
+
+        Returns:
+            `nn.Linear`: The plain layer (a new weight, the same bias parameter).
+        """
         with torch.device("meta"):
             plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         plain.weight = nn.Parameter(self.sparse_weight().clone(), requires_grad=self.weight.requires_grad)
@@ -314,7 +420,14 @@ class BiMaskLinear(BiMaskLayer, nn.Linear):
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
-    """Explicit symmetric padding of a conv, or None if it cannot be expressed so (e.g. odd 'same')."""
+    """Explicit symmetric padding of a conv, or None if it cannot be expressed so (e.g. odd 'same').
+
+    Args:
+        module (`nn.Conv2d`): The conv.
+
+    Returns:
+        `tuple[int, int]` or `None`: The padding per spatial dimension.
+    """
     if isinstance(module.padding, str):
         if module.padding == "valid":
             return (0, 0)
@@ -326,7 +439,41 @@ def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
 
 
 class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
-    """``nn.Conv2d`` (any stride, padding, dilation, groups, bias, padding mode) with Bi-Mask masks."""
+    """``nn.Conv2d`` (any stride, padding, dilation, groups, bias, padding mode) with Bi-Mask masks.
+
+    Args:
+        in_channels (`int`): As in ``nn.Conv2d``.
+        out_channels (`int`): As in ``nn.Conv2d``.
+        kernel_size (`int` or `tuple[int, int]`): As in ``nn.Conv2d``.
+        stride (`int` or `tuple[int, int]`, *optional*, defaults to 1): As in ``nn.Conv2d``.
+        padding (`int`, `tuple[int, int]` or `str`, *optional*, defaults to 0): As in ``nn.Conv2d``; a string
+            padding must be expressible symmetrically.
+        dilation (`int` or `tuple[int, int]`, *optional*, defaults to 1): As in ``nn.Conv2d``.
+        groups (`int`, *optional*, defaults to 1): As in ``nn.Conv2d``; each conv group's rows form their own
+            backward-mask groups.
+        bias (`bool`, *optional*, defaults to `True`): As in ``nn.Conv2d``.
+        padding_mode (`str`, *optional*, defaults to `"zeros"`): As in ``nn.Conv2d``.
+        device (*optional*): As in ``nn.Conv2d``.
+        dtype (*optional*): As in ``nn.Conv2d``.
+        n (`int`, *optional*, defaults to 2): Weights kept in every group of ``m`` (the N of N:M).
+        m (`int`, *optional*, defaults to 4): Group size (the M of N:M).
+        mode (`str`, *optional*, defaults to `"bimask"`): One of :data:`~bimask_hf.modes.MODES`
+            (:data:`~bimask_hf.modes.MODE_TABLE` says what each does).
+        decay (`float`, *optional*, defaults to 2e-4): SR-STE decay: adds ``decay * (1 - Mf) * W`` to the
+            weight gradient in the modes that decay.
+        density (`float`, *optional*): If set, an unstructured top-``|W|`` mask keeping this share of the
+            weights instead of N:M (uni-directional).
+        group_layout (`str`, *optional*, defaults to `"channels_last"`): Column order of the N:M groups,
+            ``"channels_last"`` or ``"flat"`` (see :func:`~bimask_hf.masks.weight_to_matrix`).
+        tie_break (`str`, *optional*, defaults to `"low"`): Which of equal ``|W|`` a mask keeps, ``"low"`` or
+            ``"high"`` (the paper's).
+        decay_per_sample (`bool`, *optional*, defaults to `False`): Add the decay once per entry of the
+            leading dimensions of a batched input, as the paper's DeiT code (``docs/method.md``, 5).
+
+    Raises:
+        ValueError: If the padding cannot be made symmetric, or ``mode``, ``group_layout``, ``tie_break``
+            or the N:M pattern is invalid.
+    """
 
     def __init__(
         self,
@@ -364,6 +511,14 @@ class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
         self._init_bimask(n, m, mode, decay, density, group_layout, tie_break, decay_per_sample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the conv with ``W * Mf``, with the gradients of the layer's mode.
+
+        Args:
+            x (`torch.Tensor`): Input of shape ``(B, C, H, W)``.
+
+        Returns:
+            `torch.Tensor`: The conv output.
+        """
         if not self.spec.masked:
             return self._conv_forward(x, self.weight, self.bias)
         padding = self._explicit_padding
@@ -375,11 +530,27 @@ class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
         )
 
     def extra_repr(self) -> str:
+        """``nn.Conv2d``'s ``extra_repr`` followed by :meth:`bimask_extra_repr`.
+
+        Returns:
+            `str`: The text inside the layer's ``repr``.
+        """
         return f"{nn.Conv2d.extra_repr(self)}, {self.bimask_extra_repr()}"
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, config: BiMaskConfig) -> BiMaskConv2d:
-        """Wrap an existing ``nn.Conv2d``, sharing its parameters (no copy)."""
+        """Wrap an existing ``nn.Conv2d``, sharing its parameters (no copy).
+
+        Args:
+            module (`nn.Conv2d`): The conv to wrap.
+            config (`BiMaskConfig`): The pattern, mode and mask settings to apply.
+
+        Returns:
+            `BiMaskConv2d`: The sparse conv, in ``module``'s training mode.
+
+        Raises:
+            ValueError: If ``module``'s padding cannot be expressed symmetrically.
+        """
         with torch.device("meta"):
             new = cls(
                 module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
@@ -388,7 +559,11 @@ class BiMaskConv2d(BiMaskLayer, nn.Conv2d):
         return new._adopt(module, config)
 
     def to_dense(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` holding ``W * Mf`` and the same bias."""
+        """A plain ``nn.Conv2d`` holding ``W * Mf`` and the same bias.
+
+        Returns:
+            `nn.Conv2d`: The plain conv (a new weight, the same bias parameter).
+        """
         with torch.device("meta"):
             plain = nn.Conv2d(
                 self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,

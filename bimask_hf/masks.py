@@ -39,7 +39,17 @@ __all__ = [
 
 
 def ties_high(tie_break: str) -> bool:
-    """True for ``tie_break="high"``; raises ``ValueError`` for a name not in :data:`TIE_BREAKS`."""
+    """True for ``tie_break="high"``.
+
+    Args:
+        tie_break (`str`): One of :data:`TIE_BREAKS`.
+
+    Returns:
+        `bool`: Whether equal scores go to the higher index.
+
+    Raises:
+        ValueError: If ``tie_break`` is not in :data:`TIE_BREAKS`.
+    """
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}.")
     return tie_break == "high"
@@ -145,8 +155,21 @@ def _rank_keep_adjacent(scores: torch.Tensor, n: int, m: int, high: bool = False
 
 
 def keep_top_n(scores: torch.Tensor, n: int, dim: int = -1, *, tie_break: str = "low") -> torch.Tensor:
-    """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim`` (ties: the lower index
-    wins, or the higher one with ``tie_break="high"``)."""
+    """Boolean mask keeping the ``n`` largest entries of ``scores`` along ``dim``.
+
+    Args:
+        scores (`torch.Tensor`): The scores to rank (any shape).
+        n (`int`): How many entries to keep along ``dim``; all of them when ``n`` is at least its size.
+        dim (`int`, *optional*, defaults to -1): The dimension to rank along.
+        tie_break (`str`, *optional*, defaults to `"low"`): Order of equal scores: ``"low"`` keeps the lower
+            index, ``"high"`` the higher one.
+
+    Returns:
+        `torch.Tensor`: A bool tensor of ``scores``' shape, ``True`` on the kept entries.
+
+    Raises:
+        ValueError: If ``tie_break`` is not in :data:`TIE_BREAKS`.
+    """
     high = ties_high(tie_break)
     size = scores.shape[dim]
     if n >= size:
@@ -221,9 +244,20 @@ def nm_mask_for_weight(
     """:func:`nm_mask` of a Linear/Conv2d weight, returned in the weight's own shape.
 
     Same result as ``matrix_to_weight(nm_mask(weight_to_matrix(w, layout), n, m), w.shape, layout)``
-    with no layout round trip (this runs at every forward). ``dtype``: ``bool`` (default) or the 0/1
-    ``uint8`` / float masks of the training step (:func:`step_mask_dtype`); ``tie_break``: one of
-    :data:`TIE_BREAKS`.
+    with no layout round trip (this runs at every forward).
+
+    Args:
+        weight (`torch.Tensor`): A Linear ``(O, K)`` or Conv2d ``(O, C/g, kh, kw)`` weight.
+        n (`int`): Entries kept per group.
+        m (`int`): Group size.
+        group_layout (`str`, *optional*, defaults to `"channels_last"`): ``"channels_last"`` or ``"flat"``
+            (see :func:`weight_to_matrix`).
+        dtype (`torch.dtype`, *optional*, defaults to `torch.bool`): ``bool``, or the 0/1 ``uint8`` / float
+            masks of the training step (:func:`step_mask_dtype`).
+        tie_break (`str`, *optional*, defaults to `"low"`): One of :data:`TIE_BREAKS`.
+
+    Returns:
+        `torch.Tensor`: The forward mask ``Mf`` in ``weight``'s shape, of ``dtype``.
     """
     check_nm_pattern(n, m)
     high = ties_high(tie_break)
@@ -265,11 +299,25 @@ def backward_mask_for_weight(
     dtype: torch.dtype = torch.bool,
     tie_break: str = "low",
 ) -> torch.Tensor:
-    """:func:`backward_mask` of a Linear/Conv2d weight in its own shape (``forward_mask`` bool or 0/1
-    values; ``dtype`` and ``tie_break`` as in :func:`nm_mask_for_weight`).
+    """:func:`backward_mask` of a Linear/Conv2d weight in its own shape.
 
     The backward mask groups rows, and each column is handled on its own, so the column order of
     the weight does not matter and no layout copy is needed.
+
+    Args:
+        weight (`torch.Tensor`): A Linear or Conv2d weight.
+        forward_mask (`torch.Tensor`): Its forward mask ``Mf`` (bool or 0/1 values, same shape).
+        permutation (`torch.Tensor`): The row permutation that forms the groups of ``m`` rows.
+        n (`int`): Entries kept per group.
+        m (`int`): Group size.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.bool`): As in :func:`nm_mask_for_weight`.
+        tie_break (`str`, *optional*, defaults to `"low"`): As in :func:`nm_mask_for_weight`.
+
+    Returns:
+        `torch.Tensor`: The backward mask ``Mb`` in ``weight``'s shape, of ``dtype``.
+
+    Raises:
+        ValueError: If ``O % m != 0`` or ``tie_break`` is unknown.
     """
     high = ties_high(tie_break)
     rows = weight.shape[0]
@@ -322,8 +370,21 @@ def _backward_mask_gathered(
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int, *, tie_break: str = "low") -> torch.Tensor:
-    """Forward mask ``Mf``: in every row and every run of ``m`` consecutive columns keep the ``n`` largest ``|W|``
-    (equal ones by ``tie_break``: ``"low"`` keeps the lower column, ``"high"`` the higher one, as the paper)."""
+    """Forward mask ``Mf``: the ``n`` largest ``|W|`` in every row and run of ``m`` consecutive columns.
+
+    Args:
+        weight (`torch.Tensor`): A 2-D ``(O, K)`` weight with finite values and ``K % m == 0``.
+        n (`int`): Entries kept per group.
+        m (`int`): Group size.
+        tie_break (`str`, *optional*, defaults to `"low"`): Order of equal ``|W|``: ``"low"`` keeps the lower
+            column, ``"high"`` the higher one, as the paper.
+
+    Returns:
+        `torch.Tensor`: A bool ``(O, K)`` mask with exactly ``n`` ``True`` in every group.
+
+    Raises:
+        ValueError: If the pattern is invalid, ``weight`` is not 2-D or holds NaN/inf, or ``K % m != 0``.
+    """
     check_nm_pattern(n, m)
     _check_matrix(weight)
     _check_finite(weight)
@@ -351,6 +412,21 @@ def backward_mask(
     column is ``min(count(Mf), n)``, and equal scores go to the lower group position; with ``"high"``
     (the paper's code) equal scores go to the higher position, pruned entries included: a kept exact zero
     can lose its place to a pruned entry, which the AND then drops.
+
+    Args:
+        weight (`torch.Tensor`): A 2-D ``(O, K)`` weight with finite values and ``O % m == 0``.
+        forward_mask (`torch.Tensor`): The forward mask ``Mf``, same shape as ``weight``.
+        permutation (`torch.Tensor`): A permutation of ``range(O)`` (int64) that forms the row groups.
+        n (`int`): Entries kept per group.
+        m (`int`): Group size.
+        tie_break (`str`, *optional*, defaults to `"low"`): ``"low"`` or ``"high"`` (see above).
+
+    Returns:
+        `torch.Tensor`: A bool ``(O, K)`` mask, a subset of ``forward_mask``.
+
+    Raises:
+        ValueError: If the pattern or a shape is invalid, ``weight`` holds NaN/inf, or ``permutation`` is
+            not a permutation of the rows.
     """
     check_nm_pattern(n, m)
     _check_matrix(weight)
@@ -367,9 +443,19 @@ def backward_mask(
 def retention(forward_mask: torch.Tensor, backward_mask: torch.Tensor) -> float:
     """``|Mb & Mf| / |Mf|``: the share of forward weights that also act in the backward pass.
 
-    Masks are bool or 0/1 values of the same shape. An empty ``Mf`` gives 1.0 (nothing the forward pass
-    uses is left without a gradient; :func:`~bimask_hf.search.retention_share`, shared with
-    :func:`permutation_retention` and the inspection report).
+    An empty ``Mf`` gives 1.0 (nothing the forward pass uses is left without a gradient;
+    :func:`~bimask_hf.search.retention_share`, shared with :func:`permutation_retention` and the inspection
+    report).
+
+    Args:
+        forward_mask (`torch.Tensor`): ``Mf``, bool or 0/1 values.
+        backward_mask (`torch.Tensor`): ``Mb``, bool or 0/1 values of the same shape.
+
+    Returns:
+        `float`: The retention, in ``[0, 1]``.
+
+    Raises:
+        ValueError: If the shapes differ.
     """
     if forward_mask.shape != backward_mask.shape:
         raise ValueError(
@@ -438,7 +524,19 @@ def transposable_mask(weight: torch.Tensor, n: int, m: int, max_rounds: int = 64
     """T-mask: N:M along rows *and* columns inside every ``m x m`` block, maximising the kept ``|W|``.
 
     Exact (all doubly-N:M block patterns are scored with one matmul) for ``m <= 5``; for larger ``m``
-    a vectorised 2x2-swap local search from a cyclic pattern, at most ``max_rounds`` rounds.
+    a vectorised 2x2-swap local search from a cyclic pattern.
+
+    Args:
+        weight (`torch.Tensor`): A 2-D ``(O, K)`` finite weight, ``O % m == 0`` and ``K % m == 0``.
+        n (`int`): Entries kept per row and per column of a block.
+        m (`int`): Block size.
+        max_rounds (`int`, *optional*, defaults to 64): Most swap rounds of the local search (``m > 5``).
+
+    Returns:
+        `torch.Tensor`: A bool ``(O, K)`` mask.
+
+    Raises:
+        ValueError: If the pattern or the shape is invalid or ``weight`` holds NaN/inf.
     """
     check_nm_pattern(n, m)
     _check_matrix(weight)
@@ -458,12 +556,31 @@ def transposable_mask(weight: torch.Tensor, n: int, m: int, max_rounds: int = 64
 
 
 def unstructured_keep_count(density: float, numel: int) -> int:
-    """How many of ``numel`` weights an unstructured mask of ``density`` keeps (rounded, at least one)."""
+    """How many of ``numel`` weights an unstructured mask of ``density`` keeps (rounded, at least one).
+
+    Args:
+        density (`float`): Share of weights kept.
+        numel (`int`): Number of weights.
+
+    Returns:
+        `int`: The count, in ``[1, numel]``.
+    """
     return max(1, min(numel, int(math.floor(density * numel + 0.5))))
 
 
 def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` share (rounded, at least one) of entries with the largest ``|W|``."""
+    """Keep the ``density`` share (rounded, at least one) of entries with the largest ``|W|``.
+
+    Args:
+        weight (`torch.Tensor`): A weight of any shape with finite values.
+        density (`float`): Share of entries kept, in ``(0, 1]``.
+
+    Returns:
+        `torch.Tensor`: A bool mask of ``weight``'s shape.
+
+    Raises:
+        ValueError: If ``density`` is outside ``(0, 1]`` or ``weight`` holds NaN/inf.
+    """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}.")
     _check_finite(weight)
@@ -477,8 +594,17 @@ def unstructured_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
 def weight_to_matrix(weight: torch.Tensor, group_layout: str = "channels_last") -> torch.Tensor:
     """View a Linear ``(O, K)`` or Conv2d ``(O, C/g, kh, kw)`` weight as the ``(O, K)`` matrix masks act on.
 
-    ``channels_last`` orders columns ``(kh, kw, c)``, so an N:M group runs along input channels at one
-    kernel position; ``flat`` is PyTorch's ``(c, kh, kw)`` flatten.
+    Args:
+        weight (`torch.Tensor`): A 2-D or 4-D weight.
+        group_layout (`str`, *optional*, defaults to `"channels_last"`): ``channels_last`` orders columns
+            ``(kh, kw, c)``, so an N:M group runs along input channels at one kernel position; ``flat`` is
+            PyTorch's ``(c, kh, kw)`` flatten.
+
+    Returns:
+        `torch.Tensor`: The ``(O, K)`` matrix (``weight`` itself when 2-D).
+
+    Raises:
+        ValueError: If ``group_layout`` is unknown or ``weight`` is neither 2-D nor 4-D.
     """
     if group_layout not in ("channels_last", "flat"):
         raise ValueError(f"group_layout must be 'channels_last' or 'flat', got {group_layout!r}.")
@@ -492,7 +618,19 @@ def weight_to_matrix(weight: torch.Tensor, group_layout: str = "channels_last") 
 
 
 def matrix_to_weight(matrix: torch.Tensor, shape: torch.Size | tuple[int, ...], group_layout: str = "channels_last") -> torch.Tensor:
-    """Inverse of :func:`weight_to_matrix`: back to the layer's weight ``shape`` (contiguous)."""
+    """Inverse of :func:`weight_to_matrix`: back to the layer's weight ``shape`` (contiguous).
+
+    Args:
+        matrix (`torch.Tensor`): An ``(O, K)`` matrix.
+        shape (`torch.Size` or `tuple[int, ...]`): The Linear ``(O, K)`` or Conv2d ``(O, C, kh, kw)`` shape.
+        group_layout (`str`, *optional*, defaults to `"channels_last"`): The layout ``matrix`` was made with.
+
+    Returns:
+        `torch.Tensor`: ``matrix`` in ``shape``.
+
+    Raises:
+        ValueError: If ``matrix`` is not ``shape`` viewed as ``(O, K)`` or ``group_layout`` is unknown.
+    """
     if len(shape) not in (2, 4) or matrix.dim() != 2 or matrix.shape[0] != shape[0] or matrix.numel() != math.prod(shape):
         raise ValueError(
             f"matrix of shape {tuple(matrix.shape)} is not a Linear (O, K) or Conv2d (O, C, kh, kw) weight of shape "

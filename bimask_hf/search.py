@@ -143,6 +143,13 @@ def retention_share(retained: float, kept: float) -> float:
     An empty forward mask (``kept == 0``) has retention 1.0: no forward weight loses its gradient, so
     the backward mask drops nothing (the same reading as a dense layer's 1.0). :func:`permutation_retention`,
     :func:`bimask_hf.masks.retention` and :func:`bimask_hf.inspection.layer_retention` all return this.
+
+    Args:
+        retained (`float`): ``|Mb & Mf|``, the forward-mask entries the backward mask keeps.
+        kept (`float`): ``|Mf|``, the forward-mask entries.
+
+    Returns:
+        `float`: The retention, 1.0 when ``kept == 0``.
     """
     return 1.0 if kept == 0 else float(retained) / float(kept)
 
@@ -157,13 +164,18 @@ def permutation_retention(forward_mask: torch.Tensor, permutation: torch.Tensor,
     """Closed-form retention ``|Mb| / |Mf|`` of ``permutation`` (``sum min(C, N) / |Mf|``).
 
     Args:
-        forward_mask: boolean ``(O, K)`` forward mask ``Mf``.
-        permutation: ``(O,)`` row order; rows ``permutation[g*m:(g+1)*m]`` form group ``g``.
-        n, m: the N:M pattern of the backward mask.
+        forward_mask (`torch.Tensor`): Boolean ``(O, K)`` forward mask ``Mf``.
+        permutation (`torch.Tensor`): ``(O,)`` row order; rows ``permutation[g*m:(g+1)*m]`` form group ``g``.
+        n (`int`): Entries the backward mask keeps per group (the N of N:M).
+        m (`int`): Rows per group (the M of N:M); ``O % m`` must be 0.
 
     Returns:
-        The share of ``Mf`` entries the backward mask keeps (1.0 for an empty mask, see
+        `float`: The share of ``Mf`` entries the backward mask keeps (1.0 for an empty mask, see
         :func:`retention_share`).
+
+    Raises:
+        ValueError: If ``forward_mask`` is not 2-D, the pattern is invalid, ``O % m != 0``, or
+            ``permutation`` is not a permutation of the rows.
     """
     rows, _ = _check_inputs(forward_mask, n, m)
     _check_permutation(permutation, rows)
@@ -335,12 +347,20 @@ def _mm01(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, ter
 
 @contextlib.contextmanager
 def matmul_path(path: str) -> Iterator[None]:
-    """Inside: every search scores swaps with the ``"int8"`` (``torch._int_mm``) or the ``"float"`` matmul
-    instead of the one measured faster on this machine (for tests and side-by-side timing; the
-    permutations are the same either way).
+    """Make every search inside the block score swaps with one named matmul.
+
+    Inside, the searches use the ``"int8"`` (``torch._int_mm``) or the ``"float"`` matmul instead of the
+    one measured faster on this machine (for tests and side-by-side timing; the permutations are the same
+    either way).
+
+    Args:
+        path (`str`): ``"int8"`` or ``"float"``.
+
+    Yields:
+        `None`: Control, with the path forced until the block exits.
 
     Raises:
-        ValueError: for another name.
+        ValueError: For another name.
     """
     global _forced_path
     if path not in ("int8", "float"):
@@ -685,17 +705,23 @@ def search_permutation(
     """Find a row permutation maximising the backward-mask retention of ``forward_mask``.
 
     Args:
-        forward_mask: boolean ``(O, K)`` forward mask ``Mf``; ``O % m`` must be 0.
-        n, m: the N:M pattern.
-        method: one of :data:`METHODS`.
-        num_candidates: random permutations tried by ``"random"`` (candidate 0 is ``init``) and
-            ``"random_fresh"`` (all fresh).
-        generator: source of randomness; same generator state, same result.
-        init: starting permutation (default: identity); no method but ``"random_fresh"`` returns a worse one.
-        max_rounds: rounds of the local searches (default :data:`DEFAULT_MAX_ROUNDS`).
+        forward_mask (`torch.Tensor`): Boolean ``(O, K)`` forward mask ``Mf``; ``O % m`` must be 0.
+        n (`int`): Entries the backward mask keeps per group (the N of N:M).
+        m (`int`): Rows per group (the M of N:M).
+        method (`str`, *optional*, defaults to `"random"`): One of :data:`METHODS`.
+        num_candidates (`int`, *optional*, defaults to 100): Random permutations tried by ``"random"``
+            (candidate 0 is ``init``) and ``"random_fresh"`` (all fresh).
+        generator (`torch.Generator`, *optional*): Source of randomness; same generator state, same result.
+        init (`torch.Tensor`, *optional*): Starting permutation (default: identity); no method but
+            ``"random_fresh"`` returns a worse one.
+        max_rounds (`int`, *optional*): Rounds of the local searches (default :data:`DEFAULT_MAX_ROUNDS`).
 
     Returns:
-        ``(O,)`` LongTensor permutation on ``forward_mask``'s device.
+        `torch.Tensor`: ``(O,)`` LongTensor permutation on ``forward_mask``'s device.
+
+    Raises:
+        ValueError: If ``method`` is unknown, the inputs are invalid, ``num_candidates < 1`` or
+            ``max_rounds < 0``.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown permutation search method {method!r}; choose one of {', '.join(METHODS)}.")
