@@ -48,7 +48,17 @@ _INDICES = ".nm_indices"
 
 
 def index_bits(m: int) -> int:
-    """Bits stored per in-group index: the smallest of 1, 2, 4, 8 that holds ``ceil(log2(m))``."""
+    """Bits stored per in-group index: the smallest of 1, 2, 4, 8 that holds ``ceil(log2(m))``.
+
+    Args:
+        m (`int`): Group size.
+
+    Returns:
+        `int`: 1, 2, 4 or 8.
+
+    Raises:
+        ValueError: If ``m`` is not a positive integer or is over 256.
+    """
     if not isinstance(m, int) or m < 1:
         raise ValueError(f"M must be a positive integer, got {m!r}.")
     need = math.ceil(math.log2(m)) if m > 1 else 1
@@ -84,8 +94,21 @@ def _check_pattern(n: int, m: int) -> None:
 
 
 def is_nm_compressible(tensor: torch.Tensor, n: int, m: int, group_layout: str = "channels_last") -> bool:
-    """Whether :func:`compress_nm` stores ``tensor`` bit-exactly: a float 2-D/4-D weight with ``K % M == 0``
-    whose every group of M holds at most N entries other than ``+0.0``."""
+    """Whether :func:`compress_nm` stores ``tensor`` bit-exactly.
+
+    That is a float 2-D/4-D weight with ``K % M == 0`` whose every group of M holds at most N entries other
+    than ``+0.0``.
+
+    Args:
+        tensor (`torch.Tensor`): The weight.
+        n (`int`): Entries stored per group.
+        m (`int`): Group size.
+        group_layout (`str`, *optional*, defaults to `"channels_last"`): Column order of a conv weight's
+            groups (see :func:`bimask_hf.masks.weight_to_matrix`).
+
+    Returns:
+        `bool`: True when the round trip is exact.
+    """
     if not tensor.is_floating_point() or tensor.dim() not in (2, 4) or tensor.numel() == 0:
         return False
     matrix = weight_to_matrix(tensor.detach(), group_layout)
@@ -103,8 +126,21 @@ def compress_nm(
 
     ``values`` is ``(O, K*N/M)`` in ``weight.dtype``: the N stored entries of every group of M columns,
     in column order. ``indices`` is ``(O, ceil(K*N/M * bits / 8))`` uint8 holding each stored entry's
-    position in its group, ``bits = index_bits(m)`` per index. Raises :class:`NMPatternError` if a group
-    has more than N nonzeros and ``ValueError`` if ``K % M != 0``.
+    position in its group, ``bits = index_bits(m)`` per index.
+
+    Args:
+        weight (`torch.Tensor`): A 2-D or 4-D N:M sparse weight.
+        n (`int`): Entries stored per group.
+        m (`int`): Group size.
+        group_layout (`str`, *optional*, defaults to `"channels_last"`): Column order of a conv weight's
+            groups (see :func:`bimask_hf.masks.weight_to_matrix`).
+
+    Returns:
+        `dict[str, torch.Tensor]`: ``{"values": ..., "indices": ...}``.
+
+    Raises:
+        NMPatternError: If a group has more than N nonzeros.
+        ValueError: If ``K % M != 0`` or the pattern is invalid.
     """
     _check_pattern(n, m)
     matrix = weight_to_matrix(weight.detach(), group_layout)
@@ -138,7 +174,22 @@ def decompress_nm(
     m: int,
     group_layout: str = "channels_last",
 ) -> torch.Tensor:
-    """Rebuild the weight of ``shape`` from :func:`compress_nm`'s ``{"values", "indices"}``."""
+    """Rebuild the weight of ``shape`` from :func:`compress_nm`'s ``{"values", "indices"}``.
+
+    Args:
+        compressed (`Mapping[str, torch.Tensor]`): ``{"values": ..., "indices": ...}``.
+        shape (`Iterable[int]`): The 2-D or 4-D weight shape.
+        n (`int`): Entries stored per group.
+        m (`int`): Group size.
+        group_layout (`str`, *optional*, defaults to `"channels_last"`): Column order of a conv weight's
+            groups (see :func:`bimask_hf.masks.weight_to_matrix`).
+
+    Returns:
+        `torch.Tensor`: The dense weight, zeros where nothing was stored.
+
+    Raises:
+        ValueError: If the shapes do not match or the indices are corrupted.
+    """
     _check_pattern(n, m)
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (2, 4):
@@ -178,7 +229,23 @@ def save_nm_safetensors(
 
     A compressed key ``k`` is stored as ``k.nm_values`` and ``k.nm_indices``; every other tensor is stored
     as is. The header metadata records the format, the pattern, the layout and each compressed
-    tensor's shape. Returns ``{"dense_bytes", "stored_bytes"}`` of the tensors written.
+    tensor's shape.
+
+    Args:
+        state_dict (`Mapping[str, torch.Tensor]`): The tensors to write.
+        path (`str` or `os.PathLike`): The file.
+        compressed_keys (`Iterable[str]`): Keys of ``state_dict`` to compress with :func:`compress_nm`.
+        n (`int`): Entries stored per group.
+        m (`int`): Group size.
+        group_layout (`str`, *optional*, defaults to `"channels_last"`): Column order of a conv weight's
+            groups (see :func:`bimask_hf.masks.weight_to_matrix`).
+
+    Returns:
+        `dict[str, int]`: ``{"dense_bytes", "stored_bytes"}`` of the tensors written.
+
+    Raises:
+        KeyError: If a compressed key is not in ``state_dict``.
+        NMPatternError: If a compressed tensor is not N:M sparse.
     """
     from safetensors.torch import save_file
 
@@ -215,7 +282,18 @@ def save_nm_safetensors(
 
 
 def load_nm_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_nm_safetensors` back into the exact dense state dict."""
+    """Read a file written by :func:`save_nm_safetensors` back into the exact dense state dict.
+
+    Args:
+        path (`str` or `os.PathLike`): The file.
+        device (`str`, *optional*, defaults to `"cpu"`): Where the tensors are loaded.
+
+    Returns:
+        `dict[str, torch.Tensor]`: The state dict, compressed tensors rebuilt dense.
+
+    Raises:
+        ValueError: If the file is not in this format, or in another version of it.
+    """
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -250,12 +328,22 @@ def _is_two_four(weight: torch.Tensor) -> bool:
 def to_semi_structured(model: nn.Module, layers: Iterable[str] | None = None) -> list[str]:
     """Swap 2:4 ``nn.Linear`` weights for ``torch.sparse.to_sparse_semi_structured`` tensors (CUDA, inference).
 
-    ``layers`` names the Linear modules to convert; by default the merged sparse layers recorded by
-    :func:`bimask_hf.merge` (``model.bimask_sparse_layers``), else every Linear whose weight is 2:4.
-    Named layers that are not 2:4 raise :class:`NMPatternError`; layers whose shape or dtype the
-    sparse kernels reject are left dense with a warning. Returns the converted names.
-    Raises ``RuntimeError`` without CUDA: the semi-structured kernels only exist for NVIDIA GPUs
-    (compute capability 8.0+).
+    Layers whose shape or dtype the sparse kernels reject are left dense with a warning.
+
+    Args:
+        model (`nn.Module`): A merged model on a CUDA device.
+        layers (`Iterable[str]`, *optional*): Names of the Linear modules to convert; by default the merged
+            sparse layers recorded by :func:`bimask_hf.merge` (``model.bimask_sparse_layers``), else every
+            Linear whose weight is 2:4.
+
+    Returns:
+        `list[str]`: The converted names.
+
+    Raises:
+        RuntimeError: Without CUDA (the semi-structured kernels only exist for NVIDIA GPUs of compute
+            capability 8.0+), or for a layer not on CUDA.
+        TypeError: If a named layer is not an ``nn.Linear``.
+        NMPatternError: If a named layer is not 2:4.
     """
     if not torch.cuda.is_available():
         raise RuntimeError(

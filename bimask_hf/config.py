@@ -35,9 +35,16 @@ METADATA_KEYS = frozenset(
 
 
 def check_nm_pattern(n: int, m: int, owner: str = "") -> None:
-    """Raise ``ValueError`` unless ``n`` and ``m`` are integers with ``1 <= n <= m`` (the one N:M argument check).
+    """Check an N:M pattern: ``n`` and ``m`` integers with ``1 <= n <= m`` (the one N:M argument check).
 
-    ``owner`` (e.g. ``"BiMaskConfig"``) starts the message so the user knows which settings to fix.
+    Args:
+        n (`int`): Weights kept per group.
+        m (`int`): Group size.
+        owner (`str`, *optional*, defaults to `""`): Starts the message (e.g. ``"BiMaskConfig"``), so the
+            user knows which settings to fix.
+
+    Raises:
+        ValueError: If the pattern is not valid.
     """
     if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int)) or not 1 <= n <= m:
         raise ValueError(
@@ -79,7 +86,11 @@ class BiMaskConfig:
     """Configuration of N:M sparse training with Bi-directional Masks.
 
     Saved as ``bimask_config.json`` next to the model weights, so a sparse checkpoint records how it
-    was made and can be re-patched with the same settings.
+    was made and can be re-patched with the same settings. Each field is documented by its ``help``
+    (what ``--help`` shows); the fields a preset decides default to None ("not set").
+
+    Raises:
+        ValueError: If a field has a wrong type or value, or is set to a value other than its preset's.
     """
 
     n: int = field(default=2, metadata={"help": "Weights kept in every group of M (the N of N:M)."})
@@ -247,9 +258,18 @@ class BiMaskConfig:
             )
 
     def stem_is_sparse(self, stem: Any) -> bool:
-        """Whether the stem module ``stem`` (a Linear/Conv2d) is sparsified: ``sparse_stem``, or under
-        ``preset="paper"`` the paper's choice: its CIFAR models build their 3x3 stem conv with its N:M conv,
-        its ImageNet ResNets (7x7 stem) and DeiT (patch embedding) keep the stem dense."""
+        """Whether the stem module ``stem`` is sparsified.
+
+        That is ``sparse_stem``, or under ``preset="paper"`` the paper's choice: its CIFAR models build their
+        3x3 stem conv with its N:M conv, its ImageNet ResNets (7x7 stem) and DeiT (patch embedding) keep the
+        stem dense.
+
+        Args:
+            stem (`nn.Module`): The stem (a Linear/Conv2d).
+
+        Returns:
+            `bool`: True when the stem is sparsified.
+        """
         if self.sparse_stem is not None:
             return self.sparse_stem
         return tuple(getattr(stem, "kernel_size", ())) == (3, 3)
@@ -262,7 +282,11 @@ class BiMaskConfig:
         return f"{self.n}:{self.m}"
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-serialisable dict."""
+        """The fields as a JSON-serialisable dict.
+
+        Returns:
+            `dict[str, Any]`: Field name to value.
+        """
         return asdict(self)
 
     def differences(self, other: BiMaskConfig, fields: Iterable[str] | None = None) -> dict[str, tuple[Any, Any]]:
@@ -281,8 +305,20 @@ class BiMaskConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BiMaskConfig:
-        """Build a config from a dict of its fields; the metadata keys that bimask-hf saves next to them in
-        ``bimask_config.json`` (:data:`METADATA_KEYS`) are skipped, any other key is an error (a typo)."""
+        """Build a config from a dict of its fields.
+
+        The metadata keys that bimask-hf saves next to them in ``bimask_config.json`` (:data:`METADATA_KEYS`)
+        are skipped, any other key is an error (a typo).
+
+        Args:
+            data (`dict[str, Any]`): Field name to value.
+
+        Returns:
+            `BiMaskConfig`: The config.
+
+        Raises:
+            ValueError: For an unknown key (naming the closest field), or an invalid value.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - METADATA_KEYS)
         if unknown:
@@ -294,7 +330,15 @@ class BiMaskConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> str:
-        """Write ``bimask_config.json`` (sorted keys) into ``save_directory``; ``extra`` keys are stored too."""
+        """Write ``bimask_config.json`` (sorted keys) into ``save_directory``, creating it if needed.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): The folder.
+            **extra: Further keys stored next to the fields.
+
+        Returns:
+            `str`: The path of the written file.
+        """
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
         data = {**self.to_dict(), **extra}
@@ -305,7 +349,20 @@ class BiMaskConfig:
 
     @classmethod
     def load_json(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
-        """The raw contents of ``bimask_config.json`` from a folder, a file path or a Hub repo id."""
+        """The raw contents of ``bimask_config.json`` from a folder, a file path or a Hub repo id.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`): A folder holding the file, the file
+                itself, or a Hub repo id.
+            **hub_kwargs: Passed to ``huggingface_hub.hf_hub_download`` for a repo id (``revision``,
+                ``token``, ...).
+
+        Returns:
+            `dict[str, Any]`: The JSON object, metadata keys included.
+
+        Raises:
+            FileNotFoundError: If a folder has no ``bimask_config.json``.
+        """
         path = os.fspath(path_or_repo_id)
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
@@ -323,7 +380,15 @@ class BiMaskConfig:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> BiMaskConfig:
-        """Load ``bimask_config.json`` from a local folder or a Hub repo id."""
+        """Load ``bimask_config.json`` from a local folder or a Hub repo id.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`): As in :meth:`load_json`.
+            **hub_kwargs: As in :meth:`load_json`.
+
+        Returns:
+            `BiMaskConfig`: The config (metadata keys skipped).
+        """
         return cls.from_dict(cls.load_json(path_or_repo_id, **hub_kwargs))
 
 

@@ -37,19 +37,45 @@ __all__ = [
 
 
 def sparse_layers(model: nn.Module) -> dict[str, BiMaskLayer]:
-    """The Bi-Mask layers of ``model`` by qualified name."""
+    """The Bi-Mask layers of ``model`` by qualified name.
+
+    Args:
+        model (`nn.Module`): The model.
+
+    Returns:
+        `dict[str, BiMaskLayer]`: Qualified name to layer, in module order.
+    """
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, BiMaskLayer)}
 
 
 def layer_retention(mf: torch.Tensor, mb: torch.Tensor) -> float:
-    """``|Mb & Mf| / |Mf|``: the share of forward weights that also act in the backward pass (1.0 for an
-    empty ``Mf``; :func:`bimask_hf.masks.retention`)."""
+    """``|Mb & Mf| / |Mf|``: the share of forward weights that also act in the backward pass.
+
+    Args:
+        mf (`torch.Tensor`): The forward mask.
+        mb (`torch.Tensor`): The backward mask, same shape.
+
+    Returns:
+        `float`: The retention, 1.0 for an empty ``Mf`` (:func:`bimask_hf.masks.retention`).
+    """
     return retention(mf, mb)
 
 
 @dataclass
 class LayerReport:
-    """One row of :class:`SparsityReport`."""
+    """One row of :class:`SparsityReport`.
+
+    Args:
+        name (`str`): Qualified module name.
+        kind (`str`): ``"Linear"`` or ``"Conv2d"``.
+        shape (`tuple[int, ...]`): Weight shape.
+        mode (`str`): The mode the layer runs (``"dense"`` for a layer left dense, or the config's mode for
+            a merged one).
+        pattern (`str`): ``"2:4"``, ``"50% unstructured"``, or ``"-"``.
+        density (`float`): Kept share of the layer's weights.
+        retention (`float`, *optional*): Backward-mask retention, None where the mode has no backward mask.
+        reason (`str`, *optional*): Why a layer stayed dense.
+    """
 
     name: str
     kind: str
@@ -63,7 +89,16 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class SparsityStats:
-    """Aggregate sparsity of a model (see the module docstring for the two densities)."""
+    """Aggregate sparsity of a model (see the module docstring for the two densities).
+
+    Args:
+        sparse_density (`float`): Kept share of the weights of the sparse layers only.
+        model_density (`float`): Kept share of all listed ``Linear``/``Conv2d`` weights.
+        retention_mean (`float`, *optional*): Mean retention over the layers that have one, else None.
+        retention_min (`float`, *optional*): Lowest retention over those layers, else None.
+        num_sparse_layers (`int`): Layers not dense.
+        num_layers (`int`): Layers listed.
+    """
 
     sparse_density: float
     model_density: float
@@ -73,7 +108,14 @@ class SparsityStats:
     num_layers: int
 
     def to_logs(self, prefix: str = "sparsity/") -> dict[str, float]:
-        """The statistics as tracker metrics (``sparsity/sparse_density`` ...), leaving out unset ones."""
+        """The statistics as tracker metrics (``sparsity/sparse_density`` ...), leaving out unset ones.
+
+        Args:
+            prefix (`str`, *optional*, defaults to `"sparsity/"`): Starts every metric name.
+
+        Returns:
+            `dict[str, float]`: Metric name to value.
+        """
         logs = {
             f"{prefix}sparse_density": self.sparse_density,
             f"{prefix}model_density": self.model_density,
@@ -85,7 +127,14 @@ class SparsityStats:
 
 
 def sparsity_stats(rows: Iterable[LayerReport]) -> SparsityStats:
-    """The one place sparsity statistics are computed, from the rows of :func:`report`."""
+    """The one place sparsity statistics are computed, from the rows of :func:`report`.
+
+    Args:
+        rows (`Iterable[LayerReport]`): The table's rows.
+
+    Returns:
+        `SparsityStats`: The aggregate (densities 1.0 over no weights).
+    """
     rows = list(rows)
     sparse = [r for r in rows if r.mode != "dense"]
 
@@ -106,12 +155,17 @@ def sparsity_stats(rows: Iterable[LayerReport]) -> SparsityStats:
 
 @dataclass
 class SparsityReport:
-    """Per-layer table of a patched model; ``str()`` prints it, ``rows`` holds the data."""
+    """Per-layer table of a patched model; ``str()`` prints it, ``rows`` holds the data.
+
+    Args:
+        rows (`list[LayerReport]`, *optional*): The rows, one per ``Linear``/``Conv2d``.
+    """
 
     rows: list[LayerReport] = field(default_factory=list)
 
     @property
     def sparse_rows(self) -> list[LayerReport]:
+        """The rows of the layers that are not dense."""
         return [r for r in self.rows if r.mode != "dense"]
 
     @property
@@ -126,13 +180,20 @@ class SparsityReport:
 
     @property
     def retention_mean(self) -> float | None:
+        """Mean backward-mask retention (``stats.retention_mean``), None without any."""
         return self.stats.retention_mean
 
     @property
     def retention_min(self) -> float | None:
+        """Lowest backward-mask retention (``stats.retention_min``), None without any."""
         return self.stats.retention_min
 
     def to_dicts(self) -> list[dict]:
+        """The rows as plain dicts (shapes as lists), for JSON.
+
+        Returns:
+            `list[dict]`: One dict per row, keyed by the :class:`LayerReport` fields.
+        """
         return [dict(r.__dict__, shape=list(r.shape)) for r in self.rows]
 
     def __str__(self) -> str:
@@ -161,8 +222,15 @@ class SparsityReport:
 def report(model: nn.Module, config: BiMaskConfig | None = None) -> SparsityReport:
     """The per-layer table: name, kind, shape, mode, N:M, density, retention, and why a layer stayed dense.
 
-    Layers already merged by :func:`merge` are listed with the mode and pattern of ``config`` (default:
-    the model's own) and the density read from their zeros.
+    Layers already merged by :func:`merge` are listed with the mode and pattern of ``config`` and the
+    density read from their zeros.
+
+    Args:
+        model (`nn.Module`): A patched, or merged, model.
+        config (`BiMaskConfig`, *optional*): Mode and pattern of merged layers (default: the model's own).
+
+    Returns:
+        `SparsityReport`: One row per ``Linear``/``Conv2d``.
     """
     notes: dict[str, str] = getattr(model, "bimask_notes", {})
     merged = set(getattr(model, "bimask_sparse_layers", []))
@@ -231,9 +299,26 @@ def check_nm(
 ) -> list[str]:
     """Verify that a model's or state dict's weights follow ``n:m``; the core of :func:`bimask_hf.check_nm`.
 
-    Takes what :func:`bimask_hf.check_nm` takes except a path: that one (in ``hub.load``) reads a saved folder
-    or Hub id first and documents every argument. Returns the checked layer names; raises
-    :class:`NMPatternError` naming the first offending layer.
+    Takes what :func:`bimask_hf.check_nm` takes except a path: that one (in ``hub.load``) reads a saved
+    folder or Hub id first and documents every argument in full.
+
+    Args:
+        model_or_state_dict (`nn.Module` or `Mapping[str, torch.Tensor]`): As in :func:`bimask_hf.check_nm`,
+            but no path.
+        n (`int`, *optional*): As in :func:`bimask_hf.check_nm`.
+        m (`int`, *optional*): As in :func:`bimask_hf.check_nm`.
+        layers (`Iterable[str]`, *optional*): As in :func:`bimask_hf.check_nm`.
+        group_layout (`str`, *optional*): As in :func:`bimask_hf.check_nm`.
+        saved (`str`, `os.PathLike` or `Mapping`, *optional*): As in :func:`bimask_hf.check_nm`.
+
+    Returns:
+        `list[str]`: The checked layer names.
+
+    Raises:
+        NMPatternError: Naming the first offending layer.
+        TypeError: For a path.
+        ValueError: If N and M are not known, or no sparse layers are found or recorded.
+        KeyError: If a named layer is not in the state dict.
     """
     if isinstance(model_or_state_dict, (str, os.PathLike)):
         raise TypeError(

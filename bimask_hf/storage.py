@@ -64,11 +64,17 @@ def _incomplete_reason(path: str) -> str | None:
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` of ``output_dir`` that a run can resume from, else ``None``.
+    """The newest ``checkpoint-N`` of ``output_dir`` that a run can resume from.
 
     A checkpoint is complete when its ``trainer_state.json`` (the Trainer writes it last) parses and it
     holds model weights. Newer, incomplete checkpoints (a kill during the save) are skipped with a
     warning that says why; the one chosen is logged.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): The run's output folder.
+
+    Returns:
+        `str` or `None`: The checkpoint's path, or None when there is none (or no such folder).
     """
     folder = os.fspath(output_dir)
     if not os.path.isdir(folder):
@@ -105,8 +111,20 @@ def _describe(error: BaseException, folder: str) -> str | None:
 
 @contextlib.contextmanager
 def storage_errors(folder: str | os.PathLike) -> Iterator[None]:
-    """Turn disk-full (``ENOSPC``, torch's "unexpected pos", safetensors' os error 28) and read-only errors into
-    one :class:`StorageError`."""
+    """Turn disk-full and read-only errors raised inside the block into one :class:`StorageError`.
+
+    Disk-full reads as ``ENOSPC``, torch's "unexpected pos" or safetensors' os error 28; other errors pass
+    through unchanged.
+
+    Args:
+        folder (`str` or `os.PathLike`): The folder being written, named in the message.
+
+    Yields:
+        `None`: Control, for the writes.
+
+    Raises:
+        StorageError: For a full disk or a folder that cannot be written.
+    """
     from safetensors import SafetensorError
 
     try:
@@ -121,7 +139,14 @@ def storage_errors(folder: str | os.PathLike) -> Iterator[None]:
 
 
 def check_writable(folder: str | os.PathLike) -> None:
-    """Create ``folder`` if needed and write a probe file in it; :class:`StorageError` if that fails."""
+    """Create ``folder`` if needed and write a probe file in it.
+
+    Args:
+        folder (`str` or `os.PathLike`): The folder.
+
+    Raises:
+        StorageError: If that fails for lack of space or permission.
+    """
     path = os.fspath(folder)
     with storage_errors(path):
         os.makedirs(path, exist_ok=True)
@@ -161,9 +186,17 @@ def _new_folder(parent: str, prefix: str) -> str:
 
 
 def make_staging_folder(folder: str | os.PathLike) -> str:
-    """A new, marked staging folder for :func:`replace_folder_contents`: beside ``folder`` (same file
-    system, so the two can be swapped), or inside it where it cannot be swapped (see :func:`_inside`).
-    A save interrupted earlier is recovered first."""
+    """A new, marked staging folder for :func:`replace_folder_contents`.
+
+    It lies beside ``folder`` (same file system, so the two can be swapped), or inside it where it cannot
+    be swapped (see :func:`_inside`). A save interrupted earlier is recovered first.
+
+    Args:
+        folder (`str` or `os.PathLike`): The model folder to be replaced.
+
+    Returns:
+        `str`: The staging folder's path.
+    """
     target = os.fspath(folder)
     recover_interrupted_save(target)
     if _inside(target):
@@ -230,13 +263,19 @@ def replace_folder_contents(staging: str, folder: str, drop: Collection[str] = (
 
     The two folders are swapped in one atomic rename, so a kill at any moment leaves ``folder`` holding
     either the whole previous model or the whole new one, never a mix. Everything else the previous
-    folder held (checkpoints, logs) is then moved back into it, except the names in ``drop`` (weight
-    files of another format). Where the file system cannot swap, the old folder is renamed away and the
-    new one renamed into place (two steps). A save killed between the steps is finished or undone by the
-    next save of the folder (:func:`recover_interrupted_save`). A staging folder inside ``folder`` (the
-    working directory, or a parent that takes no new folder) moves in file by file: each file is whole,
-    but a kill midway mixes old and new files. Every file is flushed to the disk before the swap, and
-    the folders' entries after it, so a power loss cannot leave a swapped-in folder of empty files.
+    folder held (checkpoints, logs) is then moved back into it. Where the file system cannot swap, the old
+    folder is renamed away and the new one renamed into place (two steps). A save killed between the steps
+    is finished or undone by the next save of the folder (:func:`recover_interrupted_save`). A staging folder
+    inside ``folder`` (the working directory, or a parent that takes no new folder) moves in file by file:
+    each file is whole, but a kill midway mixes old and new files. Every file is flushed to the disk before
+    the swap, and the folders' entries after it, so a power loss cannot leave a swapped-in folder of empty
+    files.
+
+    Args:
+        staging (`str`): The staging folder holding the new model.
+        folder (`str`): The model folder.
+        drop (`Collection[str]`, *optional*, defaults to `()`): Names of the previous folder not moved back
+            (weight files of another format).
     """
     _fsync_tree(staging)
     try:
@@ -282,6 +321,9 @@ def recover_interrupted_save(folder: str | os.PathLike) -> None:
     A leftover staging folder that still has its marker was never swapped in: deleted. One without the
     marker is the previous model folder swapped out: its other entries (checkpoints) move back into
     ``folder``, or it becomes ``folder`` again if the kill came before the new one was in place.
+
+    Args:
+        folder (`str` or `os.PathLike`): The model folder.
     """
     target = os.fspath(folder)
     parent = os.path.dirname(os.path.abspath(target))
