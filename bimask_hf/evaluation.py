@@ -27,8 +27,18 @@ __all__ = ["cli", "evaluate_model", "load_for_eval", "main"]
 def load_for_eval(name_or_path: str) -> nn.Module:
     """A bimask-hf folder through :func:`load_sparse_model` (pattern verified), else the plain libraries.
 
-    A local folder or Hub id; timm-format folders (``timm`` ``save_for_hf``) load too. A missing folder,
-    a damaged ``bimask_config.json`` or a folder without a model raise errors naming the problem.
+    A missing folder, a damaged ``bimask_config.json`` or a folder without a model raise errors naming the
+    problem.
+
+    Args:
+        name_or_path (`str`): A local folder or Hub id; timm-format folders (``timm`` ``save_for_hf``) load
+            too.
+
+    Returns:
+        `nn.Module`: The model.
+
+    Raises:
+        FileNotFoundError: If it is neither a local folder nor a loadable Hub repo.
     """
     return _load_folder(name_or_path)[0]
 
@@ -71,13 +81,30 @@ def evaluate_model(
     progress: bool | None = None,
     **data_kwargs: Any,
 ) -> dict[str, Any]:
-    """``{"top1", "top5", "samples", "split"}`` of ``model`` on ``dataset``'s ``split`` (accuracy in percent).
+    """Top-1 / top-5 accuracy of ``model`` on ``dataset``'s ``split``.
 
     Images are preprocessed as the model was trained: the input size, channels, mean/std, interpolation
     and crop recorded in its folder (``config.json``'s ``pretrained_cfg`` or ``preprocessor_config.json``),
     else what the model itself says; ``image_size`` / ``in_chans`` / ``data_kwargs`` override them.
-    ``progress``: a bar over the batches (``None``: when stderr is a terminal and progress bars are on;
-    see :func:`bimask_hf.progress.progress_bar`).
+
+    Args:
+        model (`nn.Module` or `str`): A model, or a folder / Hub id loaded with :func:`load_for_eval`.
+        dataset (`str`): Dataset name, Hub id or ImageFolder path.
+        split (`str`, *optional*): Split to evaluate (default: the dataset's evaluation split).
+        batch_size (`int`, *optional*, defaults to 128): Batch size.
+        max_samples (`int`, *optional*): Evaluate on this many examples only.
+        image_size (`int`, *optional*): Overrides the recorded input size.
+        in_chans (`int`, *optional*): Overrides the recorded input channels.
+        device (`str`, *optional*): Where to run (default: ``"cuda"`` if available, else ``"cpu"``).
+        progress (`bool`, *optional*): A bar over the batches (None: when stderr is a terminal and progress
+            bars are on; see :func:`bimask_hf.progress.progress_bar`).
+        **data_kwargs: Further arguments of :func:`bimask_hf.data.load_image_classification_data`.
+
+    Returns:
+        `dict[str, Any]`: ``{"top1", "top5", "samples", "split"}`` (accuracy in percent).
+
+    Raises:
+        ValueError: If the dataset has no such evaluation split.
     """
     from .data import load_image_classification_data
     from .data.loading import _model_data_config
@@ -115,7 +142,14 @@ def evaluate_model(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command-line entry point (see the module docstring)."""
+    """Command-line entry point (see the module docstring).
+
+    Args:
+        argv (`list[str]`, *optional*): The arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        `dict[str, Any]`: ``{"top1", "top5", "samples"}``, as printed.
+    """
     parser = argparse.ArgumentParser(prog="bimask-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="local folder or Hub id of the model")
@@ -152,7 +186,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """The ``bimask-eval`` console script: exit status 0 on success; errors propagate (non-zero status)."""
+    """The ``bimask-eval`` console script.
+
+    Args:
+        argv (`list[str]`, *optional*): The arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        `int`: Exit status 0 on success; errors propagate (non-zero status).
+    """
     main(argv)
     return 0
 

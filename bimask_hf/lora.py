@@ -60,7 +60,14 @@ def _peft():  # noqa: ANN202 - imported lazily: peft is an optional dependency
 
 
 def is_peft_model(model: Any) -> bool:
-    """Whether ``model`` is a peft ``PeftModel`` (without importing peft when it is not installed)."""
+    """Whether ``model`` is a peft ``PeftModel`` (without importing peft when it is not installed).
+
+    Args:
+        model (`Any`): The model.
+
+    Returns:
+        `bool`: True for a ``PeftModel``.
+    """
     try:
         from peft import PeftModel
     except ImportError:
@@ -79,7 +86,18 @@ class NMSparseLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, module: nn.Linear, mask: torch.Tensor) -> NMSparseLinear:
-        """Wrap ``module`` (sharing its parameters) with the fixed boolean ``mask`` of its weight's shape."""
+        """Wrap ``module``, sharing its parameters, with a fixed mask of its weight.
+
+        Args:
+            module (`nn.Linear`): The layer.
+            mask (`torch.Tensor`): Boolean mask of the weight's shape (the entries an adapter may change).
+
+        Returns:
+            `NMSparseLinear`: The wrapped layer, in ``module``'s training mode.
+
+        Raises:
+            ValueError: If the shapes differ.
+        """
         if mask.shape != module.weight.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(module.weight.shape)}.")
         with torch.device("meta"):
@@ -296,13 +314,24 @@ def _saved_sparse_layers(model: nn.Module) -> list[str] | None:
 
 def prepare_sparse_base(model: nn.Module, sparse_layers: list[str] | None = None, *,
                         require_linear: bool = True) -> list[str]:
-    """Fix the masks of ``model``'s sparse layers in place (before LoRA is added); returns their names.
+    """Fix the masks of ``model``'s sparse layers in place (before LoRA is added).
 
     Bi-Mask layers (a model under training or from ``load_sparse_model``) are merged and keep their
-    current forward mask. Plain ``Linear`` layers named in ``sparse_layers`` -- by default those recorded
-    by :func:`bimask_hf.merge` or in the ``bimask_config.json`` of the folder or Hub repo the model was
-    loaded from by plain transformers or timm -- keep their stored zero pattern. Sparse ``Conv2d`` layers stay as they are (LoRA on them is not masked:
-    do not target them).
+    current forward mask. Plain ``Linear`` layers named in ``sparse_layers`` keep their stored zero pattern.
+    Sparse ``Conv2d`` layers stay as they are (LoRA on them is not masked: do not target them).
+
+    Args:
+        model (`nn.Module`): The sparse base model.
+        sparse_layers (`list[str]`, *optional*): Names of its sparse ``Linear`` layers; by default those
+            recorded by :func:`bimask_hf.merge` or in the ``bimask_config.json`` of the folder or Hub repo
+            the model was loaded from by plain transformers or timm.
+        require_linear (`bool`, *optional*, defaults to `True`): Raise when no sparse ``Linear`` is found.
+
+    Returns:
+        `list[str]`: The names of the layers whose masks were fixed, sorted.
+
+    Raises:
+        ValueError: If a named layer is not a module of ``model``, or none is found with ``require_linear``.
     """
     fixed: dict[str, torch.Tensor] = {}
     for name, layer in bimask_layers(model).items():
@@ -349,9 +378,22 @@ def get_peft_model(model: nn.Module, peft_config: Any, *args: Any, sparse_layers
                    **kwargs: Any) -> Any:
     """peft's ``get_peft_model`` for N:M sparse models: LoRA on sparse layers keeps their mask fixed.
 
-    Same signature as ``peft.get_peft_model`` plus ``sparse_layers`` (see :func:`prepare_sparse_base`).
-    Returns a real ``PeftModel``; adapters are never sparsified, peft's ``merge_and_unload()`` returns an
-    exactly N:M model. Only LoRA configs are supported.
+    Adapters are never sparsified; peft's ``merge_and_unload()`` returns an exactly N:M model.
+
+    Args:
+        model (`nn.Module`): The sparse base model (see :func:`prepare_sparse_base`).
+        peft_config (`peft.LoraConfig`): The LoRA config; only LoRA configs are supported.
+        *args: As in ``peft.get_peft_model``.
+        sparse_layers (`list[str]`, *optional*): See :func:`prepare_sparse_base`.
+        **kwargs: As in ``peft.get_peft_model``.
+
+    Returns:
+        `peft.PeftModel`: A real ``PeftModel``.
+
+    Raises:
+        TypeError: For a config other than ``LoraConfig``.
+        ValueError: For DoRA, for LoRA targeting sparse ``Conv2d`` layers, or without sparse ``Linear``
+            layers.
     """
     peft = _peft()
     if not isinstance(peft_config, peft.LoraConfig):
@@ -382,10 +424,19 @@ def load_peft_model(model: nn.Module, model_id: str | os.PathLike, *, sparse_lay
                     **kwargs: Any) -> Any:
     """``PeftModel.from_pretrained`` for adapters trained with :func:`get_peft_model` on a sparse base.
 
-    ``model`` is the sparse base as :func:`get_peft_model` takes it (from :func:`load_sparse_model`, or
-    loaded by plain transformers/timm from a folder or Hub repo saved by bimask-hf). ``model_id`` is the
-    adapter's folder or Hub repo; ``kwargs`` go to ``PeftModel.from_pretrained`` (``revision``,
-    ``subfolder``, ``is_trainable``, ...). The adapters keep the N:M masks fixed, as in training.
+    The adapters keep the N:M masks fixed, as in training.
+
+    Args:
+        model (`nn.Module`): The sparse base as :func:`get_peft_model` takes it (from
+            :func:`load_sparse_model`, or loaded by plain transformers/timm from a folder or Hub repo saved by
+            bimask-hf).
+        model_id (`str` or `os.PathLike`): The adapter's folder or Hub repo.
+        sparse_layers (`list[str]`, *optional*): See :func:`prepare_sparse_base`.
+        **kwargs: Passed to ``PeftModel.from_pretrained`` (``revision``, ``subfolder``, ``is_trainable``,
+            ...).
+
+    Returns:
+        `peft.PeftModel`: The model with the adapter loaded.
     """
     import warnings
 

@@ -25,7 +25,18 @@ __all__ = ["create_model", "check_model_name", "model_data_config"]
 
 
 def check_model_name(name_or_path: str) -> str:
-    """``"timm"`` or ``"transformers"`` for a usable model name; ``ValueError`` naming the fix otherwise."""
+    """The library a model name belongs to.
+
+    Args:
+        name_or_path (`str`): A timm architecture, or a transformers Hub id (``org/name``, ``hf-hub:...``) or
+            local folder.
+
+    Returns:
+        `str`: ``"timm"`` or ``"transformers"``.
+
+    Raises:
+        ValueError: For a name that is neither, naming the fix.
+    """
     if timm.is_model(name_or_path) and not os.path.isdir(name_or_path):
         return "timm"
     repo = name_or_path.removeprefix("hf-hub:")
@@ -38,8 +49,14 @@ def check_model_name(name_or_path: str) -> str:
 
 
 def model_data_config(name_or_path: str) -> str | dict[str, Any]:
-    """What ``load_image_classification_data(model=...)`` takes for a model name: a timm name as it is; for a
-    transformers folder or Hub id, the input size, mean and std that its config and image processor record.
+    """What ``load_image_classification_data(model=...)`` takes for a model name.
+
+    Args:
+        name_or_path (`str`): A timm architecture, or a transformers folder or Hub id.
+
+    Returns:
+        `str` or `dict[str, Any]`: A timm name as it is; for a transformers folder or Hub id, the input size,
+        mean and std that its config and image processor record (as far as they do).
     """
     if check_model_name(name_or_path) == "timm":
         return name_or_path
@@ -80,11 +97,25 @@ def create_model(
 ) -> nn.Module:
     """An image-classification model with a Trainer-friendly interface.
 
-    ``name_or_path`` is a timm architecture (``resnet18``, ``deit_small_patch16_224``, ``resnet32_cifar``,
-    ...), a ``timm/...`` or ``hf-hub:...`` id, or a transformers model id / local folder. ``pretrained``
-    loads Hub weights where the name allows (needs network for Hub ids); a local folder's weights are
-    always loaded. A new head is created when ``num_labels`` differs from the checkpoint's.
-    ``model_args`` are keyword arguments of the timm model, or config overrides of a transformers one.
+    Args:
+        name_or_path (`str`): A timm architecture (``resnet18``, ``deit_small_patch16_224``,
+            ``resnet32_cifar``, ...), a ``timm/...`` or ``hf-hub:...`` id, or a transformers model id / local
+            folder.
+        num_labels (`int`, *optional*): Number of classes; a new head is created when it differs from the
+            checkpoint's.
+        labels (`list[str]`, *optional*): Class names (sets ``num_labels`` and the label maps).
+        in_chans (`int`, *optional*, defaults to 3): Input channels of a timm model.
+        pretrained (`bool`, *optional*, defaults to `False`): Load Hub weights where the name allows (needs
+            network for Hub ids); a local folder's weights are always loaded.
+        model_args (`dict[str, Any]`, *optional*): Keyword arguments of the timm model, or config overrides of
+            a transformers one.
+
+    Returns:
+        `nn.Module`: A ``TimmWrapperForImageClassification`` for a timm name, else the
+        ``AutoModelForImageClassification`` of the id or folder.
+
+    Raises:
+        ValueError: Without ``num_labels`` or ``labels``, or for an unknown name.
     """
     if labels is not None:
         num_labels = len(labels)
