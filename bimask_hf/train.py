@@ -164,7 +164,23 @@ _WRONG = object()
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, Any]:
-    """Parse ``[recipe.yaml] [--flag value ...]`` into (model, data, training) argument dataclasses."""
+    """Parse ``[recipe.yaml] [--flag value ...]`` into argument dataclasses.
+
+    The recipe's values are the defaults and the command line wins; the paper scripts' flags are renamed
+    to ours first.
+
+    Args:
+        argv (`list[str]`, *optional*): The arguments, ``[recipe.yaml] [--flag value ...]`` (default:
+            ``sys.argv[1:]``).
+
+    Returns:
+        `tuple[ModelArguments, DataArguments, BiMaskTrainingArguments]`: The model, data and training
+        arguments.
+
+    Raises:
+        SystemExit: For a missing or misplaced recipe, unknown or mistyped recipe keys, contradicting or
+            ineffective flags, or evaluation only without weights.
+    """
     from .trainer import BiMaskTrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -226,7 +242,14 @@ def _decide_training(model_args: ModelArguments, train_args: Any, run_args: RunA
 
 
 def card_dataset(name: str) -> str:
-    """The Hub id a dataset name stands for (model cards name datasets by Hub id); local paths by folder name."""
+    """The Hub id a dataset name stands for (model cards name datasets by Hub id); local paths by folder name.
+
+    Args:
+        name (`str`): Dataset name, Hub id or local folder.
+
+    Returns:
+        `str`: The Hub id, the folder's name, or ``name`` itself.
+    """
     from .data import KNOWN_DATASETS
 
     spec = KNOWN_DATASETS.get(name)
@@ -236,7 +259,15 @@ def card_dataset(name: str) -> str:
 
 
 def card_dataset_name(name: str, max_samples: int | None = None) -> str:
-    """The dataset's name in a card's results: its Hub id, saying so when only a subset was evaluated."""
+    """The dataset's name in a card's results: its Hub id, saying so when only a subset was evaluated.
+
+    Args:
+        name (`str`): Dataset name, Hub id or local folder (shown as ``imagefolder <absolute path>``).
+        max_samples (`int`, *optional*): Size of the evaluated subset, if one was.
+
+    Returns:
+        `str`: The name shown in the card.
+    """
     shown = f"imagefolder {os.path.abspath(name)}" if os.path.isdir(name) else card_dataset(name)
     return f"{shown} (subset of {max_samples} images)" if max_samples is not None else shown
 
@@ -268,7 +299,20 @@ def _base_model(model_args: ModelArguments) -> str | None:
 
 
 def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any):  # type: ignore[no-untyped-def]
-    """Data, model and `BiMaskTrainer` for parsed arguments (everything `main` does before training)."""
+    """Data, model and `BiMaskTrainer` for parsed arguments (everything `main` does before training).
+
+    Args:
+        model_args (`ModelArguments`): Which network.
+        data_args (`DataArguments`): Which data, and how it is augmented.
+        train_args (`BiMaskTrainingArguments`): The training arguments.
+
+    Returns:
+        `tuple[ImageClassificationData, BiMaskTrainer]`: The loaded data and the trainer.
+
+    Raises:
+        ValueError: For a ``--pretrained_path`` that is neither a folder nor a Hub id, ``--model_args`` that
+            is not JSON, or ``--lora_r`` without ``--lora_target_modules``.
+    """
     from .data import load_image_classification_data
     from .hub.files import is_bimask_folder
     from .modeling import check_model_name, create_model, model_data_config
@@ -323,9 +367,17 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Any)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Train, evaluate top-1/top-5, and write a Hub-ready model folder to ``--output_dir``; returns the metrics.
+    """Train, evaluate top-1/top-5, and write a Hub-ready model folder to ``--output_dir``.
 
-    The console script is :func:`cli` (exit status 0 / non-zero); ``main`` is for Python callers.
+    The console script is :func:`cli` (exit status 0 / non-zero); ``main`` is for Python callers. With
+    evaluation only (``--eval_only``, ``--do_train false``) nothing is written.
+
+    Args:
+        argv (`list[str]`, *optional*): The arguments, ``[recipe.yaml] [--flag value ...]`` (default:
+            ``sys.argv[1:]``).
+
+    Returns:
+        `dict[str, float]`: The evaluation metrics (empty without an evaluation split).
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     model_args, data_args, train_args = parse_args(argv)
@@ -362,7 +414,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """The ``bimask-train`` console script: exit status 0 on success; errors propagate (non-zero status)."""
+    """The ``bimask-train`` console script.
+
+    Args:
+        argv (`list[str]`, *optional*): The arguments, ``[recipe.yaml] [--flag value ...]`` (default:
+            ``sys.argv[1:]``).
+
+    Returns:
+        `int`: Exit status 0 on success; errors propagate (non-zero status).
+    """
     main(argv)
     return 0
 
