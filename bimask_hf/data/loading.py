@@ -44,6 +44,18 @@ class ImageClassificationData:
     Examples come out as ``{"pixel_values": float tensor (C, H, W), "labels": int}``; ``collate_fn`` stacks
     them into a batch. Map-style datasets are not split across ranks (the Trainer's sampler does that);
     streaming ones are, see :func:`load_image_classification_data`.
+
+    Args:
+        train_dataset (`datasets.Dataset` or `datasets.IterableDataset`): The training split, transformed.
+        eval_dataset (`datasets.Dataset` or `datasets.IterableDataset`, *optional*): The evaluation split,
+            None when the dataset has none.
+        labels (`list[str]`): Class names, by class index.
+        train_transform (`Callable`): Image to tensor, with the recipe's augmentation.
+        eval_transform (`Callable`): Image to tensor, for evaluation.
+        collate_fn (`Callable`, *optional*, defaults to `collate_image_batch`): Stacks examples into a batch.
+        mixup_fn (`timm.data.Mixup`, *optional*): Mixup/CutMix for whole batches, None when off.
+        data_config (`dict[str, Any]`, *optional*): The evaluation preprocessing (see above).
+        eval_split (`str`, *optional*): The name of the split ``eval_dataset`` came from.
     """
 
     train_dataset: AnyDataset
@@ -218,10 +230,12 @@ def load_image_classification_data(
         model: a timm model, a transformers ``TimmWrapper*`` model, a timm model name, or a timm data
             config dict; its input size, mean/std, interpolation and crop_pct are used.
         streaming: return ``datasets.IterableDataset`` splits; ``None`` takes the dataset's default.
-        train_split, eval_split: split names; by default ``train`` and the first of the known eval split,
-            ``validation``, ``test``, ``val``. ``eval_dataset`` is ``None`` if there is none.
-        image_column, label_column: columns; by default the known ones, else the first ``datasets.Image``
-            and the first ``datasets.ClassLabel`` feature.
+        train_split: training split name; by default the known one, else ``train``.
+        eval_split: evaluation split name; by default the first of the known eval split, ``validation``,
+            ``test``, ``val``. ``eval_dataset`` is ``None`` if there is none.
+        image_column: image column; by default the known one, else the first ``datasets.Image`` feature.
+        label_column: label column; by default the known one, else the first ``datasets.ClassLabel``
+            feature.
         recipe: ``default`` (resize + normalise), ``cifar`` (pad-4 random crop + flip), ``imagenet``
             (random-resized crop + flip; eval resize and centre crop), ``deit`` (RandAugment, random
             erasing 0.25, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1).
@@ -229,26 +243,38 @@ def load_image_classification_data(
             or the dataset's native size (``default``).
         in_chans: 3 converts every image to RGB (grayscale is replicated), 1 to grayscale; by default
             the model's input channels, else 3.
-        mean, std: normalisation; by default the model's, else the dataset's, else ImageNet's (CIFAR-10's
+        mean: normalisation mean; by default the model's, else the dataset's, else ImageNet's (CIFAR-10's
             for the ``cifar`` recipe).
-        auto_augment, re_prob, mixup_alpha, cutmix_alpha, label_smoothing: override the recipe (``""`` /
-            ``0`` turn an augmentation off). Mixup is returned as ``mixup_fn`` to apply to whole batches.
-        crop_pct, crop_mode: the evaluation crop (timm's meaning: resize to ``size / crop_pct``, then crop
-            ``"center"``, or ``"squash"`` to the exact size); by default ``1.0`` / ``"squash"`` (a plain
-            resize) for ``default`` and ``cifar``, the model's (else ``0.875`` / ``"center"``) for
-            ``imagenet`` and ``deit``. ``data_config`` of the result records what was used.
+        std: normalisation std, chosen as ``mean``.
+        auto_augment: timm auto-augment policy, overriding the recipe's (``""`` turns it off).
+        re_prob: random-erasing probability, overriding the recipe's (``0`` turns it off).
+        mixup_alpha: Mixup alpha, overriding the recipe's (``0`` turns it off). Mixup and CutMix are
+            returned as ``mixup_fn`` to apply to whole batches.
+        cutmix_alpha: CutMix alpha, overriding the recipe's (``0`` turns it off).
+        label_smoothing: label smoothing of the Mixup/CutMix targets, overriding the recipe's.
+        crop_pct: the evaluation crop share (timm's meaning: resize to ``size / crop_pct``, then crop);
+            by default ``1.0`` for ``default`` and ``cifar``, the model's (else ``0.875``) for ``imagenet``
+            and ``deit``. ``data_config`` of the result records what was used.
+        crop_mode: ``"center"``, or ``"squash"`` to the exact size; by default ``"squash"`` (with
+            ``crop_pct=1.0``, a plain resize) for ``default`` and ``cifar``, the model's (else
+            ``"center"``) for ``imagenet`` and ``deit``.
         shuffle_buffer: shuffle buffer of the streaming train split (map-style datasets are shuffled by
             the DataLoader sampler instead).
         seed: seed of the streaming shuffle and of the ``max_*_samples`` subsets; must match on all ranks.
-        rank, world_size: the streaming training split is sharded with
+        rank: this process's rank: the streaming training split is sharded with
             ``datasets.distributed.split_dataset_by_node`` (each rank reads and decodes its share; the
             shuffle buffer and ``set_epoch`` reseeding then work per rank); by default from
             ``torch.distributed`` when initialised (``accelerate`` does so), else no split. `BiMaskTrainer`
             feeds such a split dataset to each rank as it is; a plain ``Trainer`` would split it again, so
             pass ``world_size=1`` there. The streaming evaluation split is never split (see above).
-        max_train_samples, max_eval_samples: keep a random subset (map-style) or the first ``n`` examples
-            after the shuffle (streaming).
+        world_size: the number of ranks, as ``rank``.
+        max_train_samples: keep a random subset (map-style) or the first ``n`` examples after the shuffle
+            (streaming) of the training split.
+        max_eval_samples: the same for the evaluation split.
         cache_dir: ``datasets`` cache folder for Hub and image-folder datasets.
+
+    Returns:
+        `ImageClassificationData`: The datasets, labels, transforms, collator, Mixup and ``data_config``.
 
     Raises:
         DataError: unknown name, missing local path or ``train/`` folder, missing split or column,

@@ -37,7 +37,14 @@ _DIGITS_TEST_SIZE = 360  # last 20 % of sklearn's 1,797 digits
 
 
 def fashion_mnist_available(directory: Path = FASHION_MNIST_DIR) -> bool:
-    """Whether the four gzip IDX files of Fashion-MNIST are present in ``directory``."""
+    """Whether the four gzip IDX files of Fashion-MNIST are present in ``directory``.
+
+    Args:
+        directory (`Path`, *optional*, defaults to `FASHION_MNIST_DIR`): The folder to look in.
+
+    Returns:
+        `bool`: True when all four files are there.
+    """
     return all((directory / name).is_file() for files in _FASHION_MNIST_FILES.values() for name in files)
 
 
@@ -58,8 +65,7 @@ def _grayscale_dataset(
     """Build a Dataset of ``L``-mode images from a ``(N, H, W)`` uint8 array.
 
     Each image is stored as a binary PGM (a 13-byte header plus the raw pixels): PIL decodes it like any
-    image file, and unlike PNG it costs nothing to encode, so 70k images build in well under a second
-    and no on-disk cache is needed.
+    image file, and unlike PNG it costs nothing to encode, so no on-disk cache is needed.
     """
     height, width = images.shape[1:]
     header = f"P5\n{width} {height}\n255\n".encode()
@@ -72,11 +78,15 @@ def load_fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> datasets.DatasetD
     """Load Fashion-MNIST (60k train / 10k test 28x28 images) from its gzip IDX files.
 
     Args:
-        directory: folder holding ``train-images-idx3-ubyte.gz`` and the three other files, as installed
-            by Debian's ``dataset-fashion-mnist`` package.
+        directory (`Path`, *optional*, defaults to `FASHION_MNIST_DIR`): Folder holding
+            ``train-images-idx3-ubyte.gz`` and the three other files, as installed by Debian's
+            ``dataset-fashion-mnist`` package.
 
     Returns:
-        A ``DatasetDict`` with ``train`` and ``test`` splits, columns ``image`` and ``label``.
+        `datasets.DatasetDict`: ``train`` and ``test`` splits, columns ``image`` and ``label``.
+
+    Raises:
+        DataError: If files are missing or malformed.
     """
     if not fashion_mnist_available(directory):
         raise DataError(
@@ -98,6 +108,12 @@ def load_digits_dataset() -> datasets.DatasetDict:
 
     The split is the fixed last 360 images, so results are reproducible without a seed. Pixel values
     (0..16) are scaled to 0..255.
+
+    Returns:
+        `datasets.DatasetDict`: ``train`` and ``test`` splits, columns ``image`` and ``label``.
+
+    Raises:
+        DataError: Without scikit-learn.
     """
     try:
         from sklearn.datasets import load_digits

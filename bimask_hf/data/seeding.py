@@ -23,8 +23,16 @@ __all__ = ["SeededExamples", "example_seed"]
 
 
 def example_seed(seed: int, epoch: int, index: int | Sequence[int]) -> int:
-    """A 63-bit seed for example ``index`` (or the batch of examples ``index``) in ``epoch`` of a run
-    seeded with ``seed``."""
+    """A 63-bit seed for example ``index`` (or the batch of examples ``index``) in ``epoch`` of a run.
+
+    Args:
+        seed (`int`): The run's seed.
+        epoch (`int`): The epoch.
+        index (`int` or `Sequence[int]`): An example's index, or the indices of a batch.
+
+    Returns:
+        `int`: A non-negative seed below ``2**63``.
+    """
     key = ",".join(map(str, index)) if isinstance(index, Sequence) else str(index)
     digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -46,13 +54,18 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 class SeededExamples(torch.utils.data.Dataset):
-    """A map-style dataset whose example ``i`` of epoch ``e`` is loaded (and augmented) with the torch,
-    ``random`` and numpy generators seeded by :func:`example_seed` ``(seed, e, i)``.
+    """A map-style dataset whose examples are loaded (and augmented) with seeded generators.
 
-    A data loader fetches a whole batch at once (``__getitems__``): the batch is then loaded under one
-    seed made from its indices, which costs far less than seeding each example and gives the same
-    batches the same draws as long as the batch size stays. The training loop calls :meth:`set_epoch`
-    before each epoch's data loader starts (``BiMaskTrainer`` does, from a callback).
+    Example ``i`` of epoch ``e`` is loaded with the torch, ``random`` and numpy generators seeded by
+    :func:`example_seed` ``(seed, e, i)``. A data loader fetches a whole batch at once (``__getitems__``):
+    the batch is then loaded under one seed made from its indices, which costs far less than seeding each
+    example and gives the same batches the same draws as long as the batch size stays. The training loop
+    calls :meth:`set_epoch` before each epoch's data loader starts (``BiMaskTrainer`` does, from a
+    callback).
+
+    Args:
+        dataset (`Any`): The map-style dataset to wrap.
+        seed (`int`): The run's seed.
     """
 
     def __init__(self, dataset: Any, seed: int) -> None:
@@ -61,7 +74,11 @@ class SeededExamples(torch.utils.data.Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw the augmentation of ``epoch`` from now on."""
+        """Draw the augmentation of ``epoch`` from now on.
+
+        Args:
+            epoch (`int`): The epoch about to start.
+        """
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

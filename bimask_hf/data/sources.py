@@ -26,7 +26,19 @@ _EVAL_SPLIT_CANDIDATES = ("validation", "test", "val", "valid")
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What we know about a named dataset: where it lives, its columns, splits and pixel statistics."""
+    """What we know about a named dataset: where it lives, its columns, splits and pixel statistics.
+
+    Args:
+        hub_id (`str`, *optional*): Hub dataset id, None for a dataset built locally.
+        image_column (`str`): Image column.
+        label_column (`str`): Label column.
+        train_split (`str`, *optional*, defaults to `"train"`): Training split.
+        eval_split (`str`, *optional*, defaults to `"test"`): Evaluation split.
+        streaming (`bool`, *optional*, defaults to `False`): Whether it streams by default.
+        image_size (`int`, *optional*): Native image size.
+        mean (`tuple[float, ...]`, *optional*, defaults to ImageNet's): Per-channel pixel mean.
+        std (`tuple[float, ...]`, *optional*, defaults to ImageNet's): Per-channel pixel std.
+    """
 
     hub_id: str | None
     image_column: str
@@ -117,11 +129,18 @@ def open_source(
     """Load the raw splits behind ``name_or_path`` and the known spec of that dataset, if any.
 
     Args:
-        name_or_path: a known name (``cifar10``, ``cifar100``, ``imagenet-1k``, ``fashion_mnist``,
+        name_or_path (`str`): A known name (``cifar10``, ``cifar100``, ``imagenet-1k``, ``fashion_mnist``,
             ``digits``), a Hub dataset id (``owner/name``) or a local image folder.
-        streaming: return ``IterableDataset`` splits; ``None`` uses the dataset's default (only
-            ImageNet-1k streams by default).
-        cache_dir: ``datasets`` cache folder for Hub and image-folder datasets.
+        streaming (`bool`, *optional*): Return ``IterableDataset`` splits; None uses the dataset's default
+            (only ImageNet-1k streams by default).
+        cache_dir (`str`, *optional*): ``datasets`` cache folder for Hub and image-folder datasets.
+
+    Returns:
+        `tuple[Mapping[str, Dataset | IterableDataset], DatasetSpec | None]`: The splits by name, and the
+        spec (None for a dataset not in :data:`KNOWN_DATASETS`).
+
+    Raises:
+        DataError: For a name that is none of these.
     """
     canonical = _canonical_name(name_or_path)
     spec = KNOWN_DATASETS.get(canonical) if canonical else None
@@ -151,7 +170,23 @@ def open_source(
 def resolve_splits(
     splits: RawSplits, spec: DatasetSpec | None, train_split: str | None, eval_split: str | None
 ) -> tuple[str, str | None]:
-    """Pick the train and eval split names; the eval split is ``None`` when the dataset has none."""
+    """Pick the train and eval split names.
+
+    Args:
+        splits (`Mapping[str, Dataset | IterableDataset]`): The available splits.
+        spec (`DatasetSpec`, *optional*): The dataset's known spec.
+        train_split (`str`, *optional*): Explicit training split (default: the spec's, else ``"train"``).
+        eval_split (`str`, *optional*): Explicit evaluation split (``val`` and ``validation`` are accepted for
+            each other); by default the spec's, else the first of ``validation``, ``test``, ``val``,
+            ``valid``.
+
+    Returns:
+        `tuple[str, str | None]`: The training split and the evaluation split (None when the dataset has
+        none).
+
+    Raises:
+        DataError: If an explicit split does not exist.
+    """
     available = list(splits)
     train = train_split or (spec.train_split if spec else "train")
     if train not in splits:
@@ -176,7 +211,20 @@ def resolve_columns(
     image_column: str | None,
     label_column: str | None,
 ) -> tuple[str, str]:
-    """Pick the image and label columns: explicit names, the known spec, else the first Image/ClassLabel."""
+    """Pick the image and label columns: explicit names, the known spec, else the first Image/ClassLabel.
+
+    Args:
+        features (`datasets.Features`, *optional*): The dataset's features.
+        spec (`DatasetSpec`, *optional*): The dataset's known spec.
+        image_column (`str`, *optional*): Explicit image column.
+        label_column (`str`, *optional*): Explicit label column.
+
+    Returns:
+        `tuple[str, str]`: The image and label column names.
+
+    Raises:
+        DataError: If the features are unknown, or a column is not found.
+    """
     if features is None:
         raise DataError(
             "The dataset does not declare its features, so its columns cannot be checked; "

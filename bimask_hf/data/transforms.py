@@ -36,7 +36,15 @@ ImageTransform = Callable[[Any], torch.Tensor]
 
 @dataclass(frozen=True)
 class RecipeSettings:
-    """Augmentation settings; ``None`` fields take the recipe's default (see :data:`RECIPE_DEFAULTS`)."""
+    """Augmentation settings; ``None`` fields take the recipe's default (see :data:`RECIPE_DEFAULTS`).
+
+    Args:
+        auto_augment (`str`, *optional*): timm auto-augment policy string (``""``: none).
+        re_prob (`float`, *optional*): Random-erasing probability.
+        mixup_alpha (`float`, *optional*): Mixup alpha (0: off).
+        cutmix_alpha (`float`, *optional*): CutMix alpha (0: off).
+        label_smoothing (`float`, *optional*): Label smoothing of the Mixup/CutMix soft targets.
+    """
 
     auto_augment: str | None = None
     re_prob: float | None = None
@@ -55,7 +63,18 @@ RECIPE_DEFAULTS: dict[str, RecipeSettings] = {
 
 
 def resolve_settings(recipe: str, overrides: RecipeSettings) -> RecipeSettings:
-    """Fill the ``None`` fields of ``overrides`` from the recipe's defaults."""
+    """Fill the ``None`` fields of ``overrides`` from the recipe's defaults.
+
+    Args:
+        recipe (`str`): One of :data:`RECIPES`.
+        overrides (`RecipeSettings`): The settings given; ``None`` fields are not set.
+
+    Returns:
+        `RecipeSettings`: Every field set.
+
+    Raises:
+        DataError: For an unknown recipe.
+    """
     if recipe not in RECIPES:
         raise DataError(f"Unknown recipe {recipe!r}; choose one of {list(RECIPES)}.")
     chosen = {
@@ -67,7 +86,13 @@ def resolve_settings(recipe: str, overrides: RecipeSettings) -> RecipeSettings:
 
 
 class ConvertImageMode:
-    """Convert an image (PIL or array) to a PIL image of ``mode``: ``"RGB"`` for 3-channel models, ``"L"`` for 1."""
+    """Convert an image (PIL or array) to a PIL image of ``mode``.
+
+    ``"RGB"`` for 3-channel models, ``"L"`` for 1-channel ones.
+
+    Args:
+        mode (`str`): The PIL mode.
+    """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -87,6 +112,9 @@ class ApplyImageTransform:
 
     Works on a batch of lists (``Dataset.with_transform``) and on one example
     (``IterableDataset.map``). A class rather than a closure so DataLoader workers can pickle it.
+
+    Args:
+        image_transform (`Callable`): Image to ``(C, H, W)`` tensor.
     """
 
     def __init__(self, image_transform: ImageTransform) -> None:
@@ -103,7 +131,14 @@ class ApplyImageTransform:
 
 
 def collate_image_batch(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack examples into ``{"pixel_values": (B, C, H, W) float, "labels": (B,) long}``."""
+    """Stack examples into a batch.
+
+    Args:
+        examples (`Sequence[dict[str, Any]]`): Examples with ``pixel_values`` and ``labels``.
+
+    Returns:
+        `dict[str, torch.Tensor]`: ``{"pixel_values": (B, C, H, W) float, "labels": (B,) long}``.
+    """
     return {
         "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]),
         "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
@@ -111,7 +146,18 @@ def collate_image_batch(examples: Sequence[dict[str, Any]]) -> dict[str, torch.T
 
 
 def match_channels(stats: Sequence[float], in_chans: int) -> tuple[float, ...]:
-    """Adapt per-channel mean/std to ``in_chans`` (average 3 to 1, repeat 1 to 3)."""
+    """Adapt per-channel mean/std to ``in_chans`` (average 3 to 1, repeat 1 to 3).
+
+    Args:
+        stats (`Sequence[float]`): Per-channel mean or std.
+        in_chans (`int`): Channels the model takes.
+
+    Returns:
+        `tuple[float, ...]`: One value per channel.
+
+    Raises:
+        DataError: If the statistics cannot be adapted.
+    """
     stats = tuple(float(s) for s in stats)
     if len(stats) == in_chans:
         return stats
@@ -176,7 +222,24 @@ def build_transforms(
     ``default`` and ``cifar``), ``"center"`` resizes the short side to ``size / crop_pct`` and centre-crops
     (the default of ``imagenet`` and ``deit``, with ``crop_pct=0.875``). A saved folder's ``pretrained_cfg``
     describes the same transform, so transformers' image processors reproduce it.
-    ``settings.auto_augment`` / ``settings.re_prob`` add RandAugment / random erasing to any recipe.
+
+    Args:
+        recipe (`str`): One of :data:`RECIPES`.
+        image_size (`tuple[int, int]`): Output height and width.
+        in_chans (`int`): 1 or 3.
+        mean (`Sequence[float]`): Normalisation mean (adapted with :func:`match_channels`).
+        std (`Sequence[float]`): Normalisation std (adapted with :func:`match_channels`).
+        settings (`RecipeSettings`): Resolved settings; ``auto_augment`` / ``re_prob`` add RandAugment /
+            random erasing to any recipe.
+        interpolation (`str`, *optional*, defaults to `"bilinear"`): Resize interpolation.
+        crop_pct (`float`, *optional*): Evaluation crop share (default per recipe, see above).
+        crop_mode (`str`, *optional*): Evaluation crop mode (default per recipe, see above).
+
+    Returns:
+        `tuple[Callable, Callable]`: The training and evaluation transforms.
+
+    Raises:
+        DataError: If ``in_chans`` is not 1 or 3.
     """
     if in_chans not in (1, 3):
         raise DataError(f"in_chans={in_chans} is not supported; images are loaded as RGB (3) or L (1).")
@@ -220,10 +283,17 @@ def build_transforms(
 
 
 def build_mixup(settings: RecipeSettings, num_classes: int) -> Mixup | None:
-    """timm ``Mixup`` for batches when Mixup or CutMix is on, else ``None``.
+    """timm ``Mixup`` for batches when Mixup or CutMix is on.
 
     It mixes a ``(B, C, H, W)`` batch and turns the ``(B,)`` labels into ``(B, num_classes)`` soft targets
     (with ``label_smoothing``); the batch size must be even.
+
+    Args:
+        settings (`RecipeSettings`): Resolved settings.
+        num_classes (`int`): Number of classes.
+
+    Returns:
+        `timm.data.Mixup` or `None`: The mixer, or None when both alphas are 0.
     """
     if not (settings.mixup_alpha or settings.cutmix_alpha):
         return None
