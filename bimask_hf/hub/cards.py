@@ -53,6 +53,12 @@ def card_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """``{"top1": ..., "top5": ...}`` from a metrics dict (``top1``, ``eval_top1``, ``accuracy``... keys).
 
     Values are kept as given; the convention (as in the paper's tables) is percent.
+
+    Args:
+        metrics (`Mapping[str, Any]`): Metrics, e.g. the Trainer's ``evaluate()`` result.
+
+    Returns:
+        `dict[str, float]`: The top-1 and top-5 values found (either may be missing).
     """
     found: dict[str, float] = {}
     for name, aliases in _METRIC_KEYS.items():
@@ -199,22 +205,47 @@ def create_model_card(
 ) -> ModelCard:
     """Build the model card of a Bi-Mask sparse model.
 
-    ``model_or_report`` is a patched model, a merged one, or its :class:`SparsityReport` (the per-layer
-    table). ``metrics`` holds ``top1``/``top5`` (percent) and the ``dataset`` / ``split`` they were
-    measured on (``dataset_name`` optional; the dataset defaults to the first of ``datasets``); they
-    become the card's ``model-index`` and results table (results on a dataset without a name go in the
-    table only, as an "unnamed dataset"). ``library_name`` defaults to ``"timm"`` for timm
-    models and TimmWrapper, ``"transformers"`` otherwise (it must be given with a report). ``repo_id``
-    is used in the loading examples: the Hub repo the folder is pushed to; without one they read
-    ``<namespace>/<model_name>``, a placeholder to replace. ``pipeline`` says whether the folder's image
-    processor lets ``pipeline("image-classification")`` load it (only then is it shown), and
-    ``trained_preprocessing`` whether that processor is the training run's evaluation transform.
-    ``training_data`` names the data the model was trained on (a Hub id or a local folder). ``custom_architecture`` (default: found in a
-    model, not in a report) names a timm architecture bimask-hf registers, and ``in_chans`` other than 3 means
-    bimask-hf's image processor: either makes the examples ``import bimask_hf``. ``training_results`` are the
-    rows of transformers' training-results table (``transformers.modelcard.parse_log_history``);
-    ``framework_versions`` default to the installed bimask-hf, transformers, timm, PyTorch and datasets.
-    ``lora_from`` names the sparse model a merged LoRA fine-tune started from (the card says so, tag ``lora``).
+    Args:
+        model_or_report (`nn.Module` or `SparsityReport`): A patched model, a merged one, or its
+            :class:`SparsityReport` (the per-layer table).
+        config (`BiMaskConfig`): The configuration the model was trained with.
+        model_name (`str`): The model's name (a repo id is used as it is in the examples).
+        base_model (`str`, *optional*): The model the training started from.
+        datasets (`str` or `list[str]`, *optional*): Hub ids of the training data.
+        metrics (`Mapping[str, Any]`, *optional*): ``top1``/``top5`` (percent) and the ``dataset`` / ``split``
+            they were measured on (``dataset_name`` optional; the dataset defaults to the first of
+            ``datasets``); they become the card's ``model-index`` and results table (results on a dataset
+            without a name go in the table only, as an "unnamed dataset").
+        training_args (`Mapping[str, Any]`, *optional*): ``TrainingArguments`` as a dict; the card lists the
+            fields that define the recipe.
+        license (`str`, *optional*, defaults to `"apache-2.0"`): The license.
+        library_name (`str`, *optional*): Defaults to ``"timm"`` for timm models and TimmWrapper,
+            ``"transformers"`` otherwise (it must be given with a report).
+        repo_id (`str`, *optional*): The Hub repo the folder is pushed to, used in the loading examples;
+            without one they read ``<namespace>/<model_name>``, a placeholder to replace.
+        compressed (`bool`, *optional*, defaults to `False`): Whether the weights are N:M-compressed (no
+            pipeline example then).
+        custom_architecture (`str`, *optional*): A timm architecture bimask-hf registers (default: found in
+            a model, not in a report); it makes the examples ``import bimask_hf``.
+        in_chans (`int`, *optional*, defaults to 3): Input channels; other than 3 means bimask-hf's image
+            processor, which makes the examples ``import bimask_hf``.
+        training_results (`list[dict[str, Any]]`, *optional*): Rows of transformers' training-results table
+            (``transformers.modelcard.parse_log_history``).
+        framework_versions (`list[tuple[str, str]]`, *optional*): Defaults to the installed versions of
+            bimask-hf, transformers, timm, PyTorch, datasets and accelerate.
+        lora_from (`str`, *optional*): The sparse model a merged LoRA fine-tune started from (the card says
+            so, tag ``lora``).
+        pipeline (`bool`, *optional*, defaults to `True`): Whether the folder's image processor lets
+            ``pipeline("image-classification")`` load it (only then is it shown).
+        trained_preprocessing (`bool`, *optional*, defaults to `False`): Whether that processor is the
+            training run's evaluation transform.
+        training_data (`str`, *optional*): The data the model was trained on (a Hub id or a local folder).
+
+    Returns:
+        `huggingface_hub.ModelCard`: The card.
+
+    Raises:
+        ValueError: For a report without ``library_name``.
     """
     layer_report = _as_report(model_or_report, config)
     if library_name is None:
@@ -327,7 +358,21 @@ def update_card_results(
     """Write new top-1 / top-5 results into ``folder/README.md``: its ``model-index`` and results table.
 
     Results for other datasets or splits are kept; those for ``(dataset, split)`` are replaced. A card
-    whose table markers were edited away gets a new "Results" section. Returns the saved card.
+    whose table markers were edited away gets a new "Results" section.
+
+    Args:
+        folder (`str` or `os.PathLike`): A local model folder with a card.
+        metrics (`Mapping[str, Any]`): Metrics holding top-1 and/or top-5 (see :func:`card_metrics`).
+        dataset (`str`): The dataset's Hub id.
+        split (`str`): The split evaluated.
+        dataset_name (`str`, *optional*): The dataset's name in the results.
+
+    Returns:
+        `huggingface_hub.ModelCard`: The saved card.
+
+    Raises:
+        FileNotFoundError: If the folder has no card.
+        ValueError: If ``metrics`` holds no top-1/top-5 value.
     """
     path = os.path.join(os.fspath(folder), CARD_NAME)
     if not os.path.isfile(path):

@@ -22,7 +22,15 @@ HUB_PATTERNS = ["*.json", "*.safetensors", CARD_NAME]
 
 
 def corrupt(path: str, detail: str) -> CorruptCheckpointError:
-    """The error for a damaged weight file, telling the user how to recover."""
+    """The error for a damaged weight file, telling the user how to recover.
+
+    Args:
+        path (`str`): The damaged file.
+        detail (`str`): What is wrong with it.
+
+    Returns:
+        `CorruptCheckpointError`: The error, to raise.
+    """
     return CorruptCheckpointError(
         f"Weight file {path!r} is corrupted or truncated ({detail}). Re-download it "
         "(e.g. load_sparse_model(..., force_download=True) or delete it from the Hub cache) "
@@ -31,7 +39,19 @@ def corrupt(path: str, detail: str) -> CorruptCheckpointError:
 
 
 def weight_files(folder: str) -> list[str]:
-    """Names of the safetensors weight files in ``folder`` (single file, shards, or N:M-compressed)."""
+    """Names of the safetensors weight files in ``folder`` (single file, shards, or N:M-compressed).
+
+    Args:
+        folder (`str`): A local model folder.
+
+    Returns:
+        `list[str]`: File names relative to ``folder``.
+
+    Raises:
+        CorruptCheckpointError: If the shard index is unreadable.
+        FileNotFoundError: If listed shards are missing, or there are no safetensors weights (pickle
+            checkpoints are never loaded).
+    """
     if os.path.isfile(os.path.join(folder, NM_WEIGHTS_NAME)):
         return [NM_WEIGHTS_NAME]
     if os.path.isfile(os.path.join(folder, SAFE_WEIGHTS_NAME)):
@@ -61,7 +81,17 @@ def tensor_shapes(folder: str, files: list[str]) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of every tensor in the safetensors ``files`` of ``folder``; validates each file.
 
     safetensors checks that the header parses and that the data it describes is all present, which
-    catches truncated downloads and overwritten headers; failures become :class:`CorruptCheckpointError`.
+    catches truncated downloads and overwritten headers.
+
+    Args:
+        folder (`str`): A local model folder.
+        files (`list[str]`): Weight files in it (see :func:`weight_files`).
+
+    Returns:
+        `dict[str, tuple[int, ...]]`: Tensor name to shape.
+
+    Raises:
+        CorruptCheckpointError: If a file fails safetensors' checks.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -80,7 +110,18 @@ def tensor_shapes(folder: str, files: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def read_json(path: str, what: str) -> dict[str, Any]:
-    """Parse a JSON file, with an error naming the file if it is damaged."""
+    """Parse a JSON file, with an error naming the file if it is damaged.
+
+    Args:
+        path (`str`): The file.
+        what (`str`): What the file is, for the message (e.g. ``"Bi-Mask config"``).
+
+    Returns:
+        `dict[str, Any]`: The parsed JSON.
+
+    Raises:
+        CorruptCheckpointError: If the file is not valid JSON.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -93,9 +134,16 @@ def read_json(path: str, what: str) -> dict[str, Any]:
 def is_bimask_folder(folder: str | os.PathLike, **hub_kwargs: Any) -> bool:
     """Whether ``folder`` was written by bimask-hf (it holds ``bimask_config.json``).
 
-    A local folder is looked at; any other name that can be a Hub repo id is asked for that one file
-    (``hub_kwargs`` go to ``hf_hub_download``): a missing file or repo, an invalid id or an unreachable
-    Hub answer ``False``, so the caller loads it as a plain transformers/timm model and reports that error.
+    A local folder is looked at; any other name that can be a Hub repo id is asked for that one file:
+    a missing file or repo, an invalid id or an unreachable Hub answer ``False``, so the caller loads it
+    as a plain transformers/timm model and reports that error.
+
+    Args:
+        folder (`str` or `os.PathLike`): A local folder or Hub repo id.
+        **hub_kwargs: Passed to ``hf_hub_download`` for a repo id.
+
+    Returns:
+        `bool`: True for a bimask-hf folder.
     """
     path = os.fspath(folder)
     if os.path.isdir(path) or _looks_like_path(path):
@@ -116,10 +164,18 @@ def is_bimask_folder(folder: str | os.PathLike, **hub_kwargs: Any) -> bool:
 
 
 def read_bimask_meta(folder: str, source: str) -> dict[str, Any]:
-    """The ``bimask_config.json`` of a resolved ``folder`` (``source`` names it as the user gave it).
+    """The ``bimask_config.json`` of a resolved ``folder``.
 
-    Raises ``FileNotFoundError`` if the folder was not saved by bimask-hf, and
-    :class:`CorruptCheckpointError` if the file is unreadable.
+    Args:
+        folder (`str`): The local folder (a Hub repo already downloaded).
+        source (`str`): The folder or repo id as the user gave it, for messages.
+
+    Returns:
+        `dict[str, Any]`: The file's contents, metadata keys included.
+
+    Raises:
+        FileNotFoundError: If the folder was not saved by bimask-hf.
+        CorruptCheckpointError: If the file is unreadable.
     """
     if not is_bimask_folder(folder):
         raise FileNotFoundError(
@@ -135,10 +191,21 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_folder(repo_id_or_dir: str | os.PathLike, **hub_kwargs: Any) -> str:
-    """A local folder as is, or a Hub repo id downloaded with ``snapshot_download`` (its local path).
+    """A local folder as is, or a Hub repo id downloaded with ``snapshot_download``.
 
     Only configs, safetensors files and the card are fetched. The endpoint is read from ``HF_ENDPOINT``
     at call time (``huggingface_hub`` reads it once at import), unless ``endpoint=`` is given.
+
+    Args:
+        repo_id_or_dir (`str` or `os.PathLike`): A local folder or Hub repo id.
+        **hub_kwargs: Passed to ``snapshot_download`` (``revision``, ``token``, ``endpoint``, ...).
+
+    Returns:
+        `str`: The local folder's path.
+
+    Raises:
+        NotADirectoryError: For a file.
+        FileNotFoundError: For a local path that does not exist.
     """
     name = os.fspath(repo_id_or_dir)
     if os.path.isdir(name):

@@ -39,9 +39,20 @@ def load_plain_model(folder: str, model_class: Any = None) -> nn.Module:
     """Load ``folder`` with transformers or timm alone, chosen from ``config.json``.
 
     A transformers config (``model_type``, TimmWrapper's ``timm_wrapper`` included) goes to
-    ``model_class.from_pretrained`` (default ``AutoModelForImageClassification``); a bare timm config
-    (``architecture`` and no ``model_type``) to ``timm.create_model("local-dir:<folder>", pretrained=True)``
-    unless ``model_class`` is given. Only safetensors weights are read.
+    ``AutoModelForImageClassification.from_pretrained``; a bare timm config (``architecture`` and no
+    ``model_type``) to ``timm.create_model("local-dir:<folder>", pretrained=True)``. Only safetensors
+    weights are read.
+
+    Args:
+        folder (`str`): A local model folder.
+        model_class (`Any`, *optional*): A class with ``from_pretrained`` to load any folder with instead.
+
+    Returns:
+        `nn.Module`: The plain (unpatched) model.
+
+    Raises:
+        FileNotFoundError: If the folder has no ``config.json``.
+        ValueError: If the config is neither transformers' nor timm's and no ``model_class`` is given.
     """
     path = os.path.join(folder, MODEL_CONFIG_NAME)
     if not os.path.isfile(path):
@@ -132,20 +143,32 @@ def load_sparse_model(
     """Load a model saved by :func:`save_sparse_model` from a folder or a Hub repo, ready to fine-tune.
 
     The model is built by the plain libraries (see :func:`load_plain_model`), every saved sparse layer
-    is checked to hold its N:M pattern (:class:`NMPatternError` names the first layer that does not,
-    unless ``resparsify=True``, which re-prunes it through the forward mask), and the model is patched
-    with :func:`bimask_hf.sparsify` using the saved config restricted to the saved layers.
-    ``hub_kwargs`` (``revision``, ``cache_dir``, ``token``, ``force_download``, ``local_files_only``,
-    ``endpoint``...) go to ``huggingface_hub.snapshot_download``; ``HF_ENDPOINT`` is honoured.
-    N:M-compressed folders are decompressed bit-exactly. A damaged weight file raises
-    :class:`CorruptCheckpointError` naming it.
+    is checked to hold its N:M pattern, and the model is patched with :func:`bimask_hf.sparsify` using the
+    saved config restricted to the saved layers. N:M-compressed folders are decompressed bit-exactly.
+    Download options are ignored for a local folder, as transformers does; ``HF_ENDPOINT`` is honoured.
 
-    ``config`` (or its fields as keywords: ``n=``, ``m=``, ``mode=``, ...) says how the loaded model is
-    to be fine-tuned: its mode, decay and permutation settings replace the saved ones, while N, M,
-    density, group layout and layer selection must equal the folder's (they are what its weights are);
-    :class:`~bimask_hf.errors.ConflictingSettingsError` names both values otherwise. Download options
-    are ignored for a local folder, as transformers does, but a ``revision`` (which a folder cannot
-    select) and unknown keywords raise ``TypeError``.
+    Args:
+        repo_id_or_dir (`str` or `os.PathLike`): A local folder or Hub repo id.
+        resparsify (`bool`, *optional*, defaults to `False`): Re-prune a layer that does not hold its N:M
+            pattern through the forward mask, instead of raising.
+        model_class (`Any`, *optional*): A class with ``from_pretrained`` to build the model with.
+        config (`BiMaskConfig`, *optional*): How the loaded model is to be fine-tuned: its mode, decay and
+            permutation settings replace the saved ones, while N, M, density, group layout and layer
+            selection must equal the folder's (they are what its weights are).
+        **kwargs: ``BiMaskConfig`` fields (``n=``, ``m=``, ``mode=``, ...; as ``config``, on top of it), and
+            the options of ``huggingface_hub.snapshot_download`` (``revision``, ``cache_dir``, ``token``,
+            ``force_download``, ``local_files_only``, ``endpoint``, ...).
+
+    Returns:
+        `nn.Module`: The patched model (unpatched if the folder records no sparse layers).
+
+    Raises:
+        NMPatternError: Naming the first saved layer that is not N:M (without ``resparsify``).
+        CorruptCheckpointError: Naming a damaged weight file.
+        ConflictingSettingsError: Naming both values when ``config`` asks for another pattern or layers.
+        TypeError: For unknown keywords, a ``config`` that is not a ``BiMaskConfig``, or a ``revision``
+            (which a folder cannot select) with a local folder.
+        FileNotFoundError: If the folder was not saved by bimask-hf.
     """
     source = os.fspath(repo_id_or_dir)
     asked, hub_kwargs = _split_keywords(source, config, kwargs)
@@ -237,15 +260,30 @@ def check_nm(
 ) -> list[str]:
     """Verify that weights follow ``n:m`` (at most ``n`` nonzeros in every group of ``m``).
 
-    For a model, the layers checked are its Bi-Mask layers (their forward weights ``W * Mf``) and the
-    layers recorded by :func:`merge`, unless ``layers`` names them; for a state dict, the named layers
-    (``"<layer>"`` or ``"<layer>.weight"``), by default every 2-D/4-D ``.weight`` whose K allows the pattern.
     A folder (or Hub id) written by :func:`save_sparse_model` is checked as saved: its ``bimask_config.json``
     gives N, M, the group layout and the sparse layers, and its weights (compressed ones too) are read.
-    ``saved`` (such a folder, or the loaded ``bimask_config.json`` dict) does the same for a model or state
-    dict: N, M, layout and, unless ``layers`` is given, the recorded sparse layers (a TimmWrapper's
-    ``timm_model.`` prefix is matched either way). Explicit ``n`` / ``m`` / ``group_layout`` win.
-    Returns the checked layer names; raises :class:`NMPatternError` naming the first offending layer.
+    Explicit ``n`` / ``m`` / ``group_layout`` win over what the folder or ``saved`` records.
+
+    Args:
+        model_or_state_dict (`nn.Module`, `Mapping[str, torch.Tensor]`, `str` or `os.PathLike`): A model, a
+            state dict, or a saved folder / Hub id.
+        n (`int`, *optional*): Most nonzeros per group (default: the saved N).
+        m (`int`, *optional*): Group size (default: the saved M).
+        layers (`Iterable[str]`, *optional*): The layers to check. By default, for a model its Bi-Mask layers
+            (their forward weights ``W * Mf``) and the layers recorded by :func:`merge`; for a state dict
+            (names ``"<layer>"`` or ``"<layer>.weight"``) every 2-D/4-D ``.weight`` whose K allows the
+            pattern; with ``saved``, the recorded sparse layers (a TimmWrapper's ``timm_model.`` prefix is
+            matched either way).
+        group_layout (`str`, *optional*): ``"channels_last"`` (default) or ``"flat"``, or the saved one.
+        saved (`str`, `os.PathLike` or `Mapping`, *optional*): A folder saved by bimask-hf, or its loaded
+            ``bimask_config.json`` dict, whose N, M, layout and sparse layers apply to a model or state dict.
+
+    Returns:
+        `list[str]`: The checked layer names.
+
+    Raises:
+        NMPatternError: Naming the first offending layer.
+        ValueError: If N and M are not known, or no sparse layers are found or recorded.
     """
     if isinstance(model_or_state_dict, (str, os.PathLike)):
         model_or_state_dict, saved_meta = load_folder_for_check(model_or_state_dict)

@@ -128,8 +128,18 @@ def _write_image_processor(model: nn.Module, folder: str, data_config: dict[str,
 
 
 def write_preprocessing(model: nn.Module, folder: str, family: str, data_config: Mapping[str, Any]) -> None:
-    """Record ``data_config`` in ``folder``: ``config.json``'s ``pretrained_cfg`` for timm models and
-    TimmWrapper, a ``preprocessor_config.json`` for other transformers models."""
+    """Record ``data_config`` in ``folder``.
+
+    timm models and TimmWrapper get it in ``config.json``'s ``pretrained_cfg``, other transformers models
+    a ``preprocessor_config.json``.
+
+    Args:
+        model (`nn.Module`): The saved model.
+        folder (`str`): The folder it was saved to.
+        family (`str`): ``"timm"`` or ``"transformers"`` (:func:`bimask_hf.families.model_family`).
+        data_config (`Mapping[str, Any]`): timm's data config (``input_size``, ``mean``, ``std``,
+            ``interpolation``, ``crop_pct``, ``crop_mode``).
+    """
     config = _clean(data_config)
     if family == "timm" or is_timm_wrapper(model):
         _update_timm_config(folder, config)
@@ -138,7 +148,14 @@ def write_preprocessing(model: nn.Module, folder: str, family: str, data_config:
 
 
 def read_preprocessing(folder: str) -> dict[str, Any] | None:
-    """The data config recorded in a saved folder (see the module docstring), or ``None`` if it has none."""
+    """The data config recorded in a saved folder (see the module docstring).
+
+    Args:
+        folder (`str`): A local model folder.
+
+    Returns:
+        `dict[str, Any]` or `None`: timm's data config, or None if the folder records none.
+    """
     config_path = os.path.join(folder, MODEL_CONFIG_NAME)
     model_config = read_json(config_path, "Model config") if os.path.isfile(config_path) else {}
     if isinstance(model_config.get("pretrained_cfg"), dict):
@@ -182,8 +199,18 @@ def read_preprocessing(folder: str) -> dict[str, Any] | None:
 
 
 def pipeline_loads(folder: str, channels: int = 3) -> bool:
-    """Whether ``pipeline("image-classification", model=folder)`` gets an image processor that prepares
-    images the way the model takes them: recorded preprocessing, for ``channels``-channel inputs."""
+    """Whether ``pipeline("image-classification", model=folder)`` gets a fitting image processor.
+
+    That is one that prepares images the way the model takes them: recorded preprocessing, for
+    ``channels``-channel inputs.
+
+    Args:
+        folder (`str`): A local model folder.
+        channels (`int`, *optional*, defaults to 3): Input channels of the model.
+
+    Returns:
+        `bool`: True when the pipeline loads such a processor.
+    """
     from ..models.image_processor import IMAGE_PROCESSOR_TYPE
 
     config_path = os.path.join(folder, MODEL_CONFIG_NAME)
