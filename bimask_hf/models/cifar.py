@@ -136,6 +136,14 @@ class ZeroPadShortcut(nn.Module):
 
     It has no parameters, so a sparsifier never sees it and the block's parameter count stays that of
     its two convolutions.
+
+    Args:
+        in_chs (`int`): Input channels.
+        out_chs (`int`): Output channels, at least ``in_chs``.
+        stride (`int`): Spatial subsampling.
+
+    Raises:
+        ValueError: If ``out_chs < in_chs``.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
@@ -147,12 +155,24 @@ class ZeroPadShortcut(nn.Module):
         self.pad_after = out_chs - in_chs - self.pad_before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x`` subsampled spatially and padded with zero channels on both sides."""
+        """Return ``x`` subsampled spatially and padded with zero channels on both sides.
+
+        Args:
+            x (`torch.Tensor`): ``(B, in_chs, H, W)``.
+
+        Returns:
+            `torch.Tensor`: ``(B, out_chs, ceil(H / stride), ceil(W / stride))``.
+        """
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 
     def extra_repr(self) -> str:
+        """The stride and channel padding, for the module's ``repr``.
+
+        Returns:
+            `str`: E.g. ``"stride=2, pad=(8, 8)"``.
+        """
         return f"stride={self.stride}, pad=({self.pad_before}, {self.pad_after})"
 
 
@@ -179,7 +199,17 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(_CifarClassifierBase):
-    """CIFAR ResNet: 3x3 stem ``conv1``, stages ``layer1..3`` of basic blocks, classifier ``fc``."""
+    """CIFAR ResNet: 3x3 stem ``conv1``, stages ``layer1..3`` of basic blocks, classifier ``fc``.
+
+    Args:
+        blocks_per_stage (`int`, *optional*, defaults to 5): Basic blocks per stage (5: ResNet-32).
+        base_width (`int`, *optional*, defaults to 32): Width of the first stage; the others are 2x and 4x
+            (16 gives the classic networks).
+        num_classes (`int`, *optional*, defaults to 10): Classes of the classifier (0 removes it).
+        in_chans (`int`, *optional*, defaults to 3): Input channels.
+        global_pool (`str`, *optional*, defaults to `"avg"`): timm pooling type before the classifier.
+        drop_rate (`float`, *optional*, defaults to 0.0): Dropout before the classifier.
+    """
 
     _classifier_name = "fc"
 
@@ -212,11 +242,25 @@ class CifarResNet(_CifarClassifierBase):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
-        """Regexes grouping parameters into stem and blocks (timm layer-decay API)."""
+        """Regexes grouping parameters into stem and blocks (timm layer-decay API).
+
+        Args:
+            coarse (`bool`, *optional*, defaults to `False`): One group per stage instead of per block.
+
+        Returns:
+            `dict`: ``{"stem": ..., "blocks": ...}``.
+        """
         return dict(stem=r"^conv1|bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images ``(B, C, H, W)`` to the last feature map ``(B, 4*base_width, H/4, W/4)``."""
+        """Map images ``(B, C, H, W)`` to the last feature map ``(B, 4*base_width, H/4, W/4)``.
+
+        Args:
+            x (`torch.Tensor`): The images.
+
+        Returns:
+            `torch.Tensor`: The feature map.
+        """
         x = self.act1(self.bn1(self.conv1(x)))
         return self._run_blocks([self.layer1, self.layer2, self.layer3], x)
 
@@ -231,7 +275,16 @@ _VGG19_LAYOUT: tuple[int | str, ...] = (
 
 
 class CifarVGG(_CifarClassifierBase):
-    """VGG with batch norm for 32x32 inputs: ``features`` (stem ``features.0``), ``global_pool``, ``head``."""
+    """VGG with batch norm for 32x32 inputs: ``features`` (stem ``features.0``), ``global_pool``, ``head``.
+
+    Args:
+        layout (`Sequence[int | str]`, *optional*, defaults to VGG-19's): Conv widths, ``"M"`` for a 2x2
+            max-pool.
+        num_classes (`int`, *optional*, defaults to 10): Classes of the classifier (0 removes it).
+        in_chans (`int`, *optional*, defaults to 3): Input channels.
+        global_pool (`str`, *optional*, defaults to `"avg"`): timm pooling type before the classifier.
+        drop_rate (`float`, *optional*, defaults to 0.0): Dropout before the classifier.
+    """
 
     _classifier_name = "head"
 
@@ -265,11 +318,26 @@ class CifarVGG(_CifarClassifierBase):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
-        """Regexes grouping parameters into stem and blocks (timm layer-decay API)."""
+        """Regexes grouping parameters into stem and blocks (timm layer-decay API).
+
+        Args:
+            coarse (`bool`, *optional*, defaults to `False`): One group per stage instead of per
+                block (the same groups either way here).
+
+        Returns:
+            `dict`: ``{"stem": ..., "blocks": ...}``.
+        """
         return dict(stem=r"^features\.[01]\.", blocks=r"^features\.(\d+)")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images ``(B, C, H, W)`` to the last feature map ``(B, 512, H/16, W/16)``."""
+        """Map images ``(B, C, H, W)`` to the last feature map ``(B, 512, H/16, W/16)``.
+
+        Args:
+            x (`torch.Tensor`): The images.
+
+        Returns:
+            `torch.Tensor`: The feature map.
+        """
         return self._run_blocks(list(self.features), x)
 
 
@@ -317,7 +385,16 @@ class InvertedResidual(nn.Module):
 
 
 class CifarMobileNetV2(_CifarClassifierBase):
-    """MobileNetV2 for 32x32 inputs: stem ``conv_stem``, ``blocks``, ``conv_head``, classifier ``classifier``."""
+    """MobileNetV2 for 32x32 inputs: stem ``conv_stem``, ``blocks``, ``conv_head``, classifier ``classifier``.
+
+    Args:
+        num_classes (`int`, *optional*, defaults to 10): Classes of the classifier (0 removes it).
+        in_chans (`int`, *optional*, defaults to 3): Input channels.
+        stem_chs (`int`, *optional*, defaults to 32): Channels of the stem.
+        num_features (`int`, *optional*, defaults to 1280): Channels of ``conv_head``.
+        global_pool (`str`, *optional*, defaults to `"avg"`): timm pooling type before the classifier.
+        drop_rate (`float`, *optional*, defaults to 0.0): Dropout before the classifier.
+    """
 
     _classifier_name = "classifier"
 
@@ -351,11 +428,26 @@ class CifarMobileNetV2(_CifarClassifierBase):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
-        """Regexes grouping parameters into stem and blocks (timm layer-decay API)."""
+        """Regexes grouping parameters into stem and blocks (timm layer-decay API).
+
+        Args:
+            coarse (`bool`, *optional*, defaults to `False`): One group per stage instead of per
+                block (the same groups either way here).
+
+        Returns:
+            `dict`: ``{"stem": ..., "blocks": ...}``.
+        """
         return dict(stem=r"^conv_stem|bn1", blocks=[(r"^blocks\.(\d+)", None), (r"^conv_head|bn2", (99999,))])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images ``(B, C, H, W)`` to the last feature map ``(B, num_features, H/8, W/8)``."""
+        """Map images ``(B, C, H, W)`` to the last feature map ``(B, num_features, H/8, W/8)``.
+
+        Args:
+            x (`torch.Tensor`): The images.
+
+        Returns:
+            `torch.Tensor`: The feature map.
+        """
         x = self.act1(self.bn1(self.conv_stem(x)))
         x = self._run_blocks(list(self.blocks), x)
         return self.act2(self.bn2(self.conv_head(x)))
@@ -405,35 +497,107 @@ def _create(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs
 
 @register_model
 def resnet8_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-8 for CIFAR (1 block per stage): a tiny model for tests and smoke runs."""
+    """ResNet-8 for CIFAR (1 block per stage): a tiny model for tests and smoke runs.
+
+    Args:
+        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
+            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
+        **kwargs: Arguments of :class:`CifarResNet` and of timm's ``build_model_with_cfg``.
+
+    Returns:
+        `CifarResNet`: The model.
+
+    Raises:
+        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
+    """
     return _create(CifarResNet, "resnet8_cifar", pretrained, **dict(dict(blocks_per_stage=1), **kwargs))
 
 
 @register_model
 def resnet20_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-20 for CIFAR (3 blocks per stage)."""
+    """ResNet-20 for CIFAR (3 blocks per stage).
+
+    Args:
+        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
+            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
+        **kwargs: Arguments of :class:`CifarResNet` and of timm's ``build_model_with_cfg``.
+
+    Returns:
+        `CifarResNet`: The model.
+
+    Raises:
+        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
+    """
     return _create(CifarResNet, "resnet20_cifar", pretrained, **dict(dict(blocks_per_stage=3), **kwargs))
 
 
 @register_model
 def resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-32 for CIFAR (5 blocks per stage), the Bi-Mask paper's CIFAR ResNet."""
+    """ResNet-32 for CIFAR (5 blocks per stage), the Bi-Mask paper's CIFAR ResNet.
+
+    Args:
+        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
+            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
+        **kwargs: Arguments of :class:`CifarResNet` and of timm's ``build_model_with_cfg``.
+
+    Returns:
+        `CifarResNet`: The model.
+
+    Raises:
+        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
+    """
     return _create(CifarResNet, "resnet32_cifar", pretrained, **dict(dict(blocks_per_stage=5), **kwargs))
 
 
 @register_model
 def resnet56_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-56 for CIFAR (9 blocks per stage)."""
+    """ResNet-56 for CIFAR (9 blocks per stage).
+
+    Args:
+        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
+            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
+        **kwargs: Arguments of :class:`CifarResNet` and of timm's ``build_model_with_cfg``.
+
+    Returns:
+        `CifarResNet`: The model.
+
+    Raises:
+        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
+    """
     return _create(CifarResNet, "resnet56_cifar", pretrained, **dict(dict(blocks_per_stage=9), **kwargs))
 
 
 @register_model
 def vgg19_cifar(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
-    """VGG-19 with batch norm for CIFAR."""
+    """VGG-19 with batch norm for CIFAR.
+
+    Args:
+        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
+            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
+        **kwargs: Arguments of :class:`CifarVGG` and of timm's ``build_model_with_cfg``.
+
+    Returns:
+        `CifarVGG`: The model.
+
+    Raises:
+        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
+    """
     return _create(CifarVGG, "vgg19_cifar", pretrained, **kwargs)
 
 
 @register_model
 def mobilenetv2_cifar(pretrained: bool = False, **kwargs: Any) -> CifarMobileNetV2:
-    """MobileNetV2 (width 1.0) with CIFAR strides."""
+    """MobileNetV2 (width 1.0) with CIFAR strides.
+
+    Args:
+        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
+            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
+        **kwargs: Arguments of :class:`CifarMobileNetV2` and of timm's ``build_model_with_cfg``.
+
+    Returns:
+        `CifarMobileNetV2`: The model.
+
+    Raises:
+        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
+    """
     return _create(CifarMobileNetV2, "mobilenetv2_cifar", pretrained, **kwargs)

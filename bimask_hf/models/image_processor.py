@@ -29,7 +29,14 @@ _MODES = {1: "L", 3: "RGB"}
 class BiMaskImageProcessor(TimmWrapperImageProcessor):
     """timm's evaluation transform from ``pretrained_cfg``, after converting images to the model's channels.
 
-    ``pretrained_cfg["input_size"][0]`` is 1 (images become grayscale, ``"L"``) or 3 (``"RGB"``).
+    Args:
+        pretrained_cfg (`dict[str, Any]`): timm's pretrained config; ``pretrained_cfg["input_size"][0]`` is 1
+            (images become grayscale, ``"L"``) or 3 (``"RGB"``).
+        architecture (`str`, *optional*): The timm architecture, as ``TimmWrapperImageProcessor`` takes it.
+        **kwargs: Passed to ``TimmWrapperImageProcessor``.
+
+    Raises:
+        ValueError: For a model of other than 1 or 3 channels.
     """
 
     def __init__(self, pretrained_cfg: dict[str, Any], architecture: str | None = None, **kwargs: Any) -> None:
@@ -40,13 +47,28 @@ class BiMaskImageProcessor(TimmWrapperImageProcessor):
         self.image_mode = _MODES[channels]
 
     def to_dict(self) -> dict[str, Any]:
-        """Serializable fields (the transforms are rebuilt from ``pretrained_cfg``)."""
+        """Serializable fields (the transforms are rebuilt from ``pretrained_cfg``).
+
+        Returns:
+            `dict[str, Any]`: ``TimmWrapperImageProcessor``'s fields, without the image mode.
+        """
         output = super().to_dict()
         output.pop("image_mode", None)
         return output
 
     def preprocess(self, images: Any, return_tensors: str | None = "pt") -> BatchFeature:  # type: ignore[override]
-        """Convert each image to the model's mode (``L`` or ``RGB``), then apply timm's evaluation transform."""
+        """Convert each image to the model's mode (``L`` or ``RGB``), then apply timm's evaluation transform.
+
+        Args:
+            images (`Any`): A PIL image, array or tensor, or a list of them (a 4-D tensor is a batch).
+            return_tensors (`str`, *optional*, defaults to `"pt"`): Only ``"pt"``.
+
+        Returns:
+            `BatchFeature`: ``{"pixel_values": (B, C, H, W) tensor}``.
+
+        Raises:
+            ValueError: For ``return_tensors`` other than ``"pt"``.
+        """
         if return_tensors != "pt":
             raise ValueError(f"return_tensors for BiMaskImageProcessor must be 'pt', got {return_tensors!r}.")
         if isinstance(images, torch.Tensor):
