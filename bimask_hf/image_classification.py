@@ -45,6 +45,16 @@ class SeededEpochCallback(TrainerCallback):
         self.examples: SeededExamples | None = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        """Set the epoch of the run's :class:`SeededExamples`, before the epoch's data loader starts.
+
+        The loader's workers fork when it starts, so they see the new epoch.
+
+        Args:
+            args (`TrainingArguments`): The run's arguments.
+            state (`TrainerState`): The run's state; ``state.epoch`` is the epoch starting.
+            control (`TrainerControl`): The Trainer's control flags (unchanged).
+            **kwargs: The Trainer's other callback arguments.
+        """
         if self.examples is not None:  # before the epoch's data loader starts (and forks its workers)
             self.examples.set_epoch(int(state.epoch or 0))
 
@@ -115,7 +125,18 @@ class ImageClassificationTrainer(Trainer):
             )
 
     def train(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """The Trainer's ``train``, after :meth:`check_channels`."""
+        """The Trainer's ``train``, after :meth:`check_channels`.
+
+        Args:
+            *args: The Trainer's ``train`` arguments.
+            **kwargs: The Trainer's ``train`` keyword arguments.
+
+        Returns:
+            `transformers.trainer_utils.TrainOutput`: What the Trainer's ``train`` returns.
+
+        Raises:
+            ValueError: If the training images' channels differ from the model's.
+        """
         self.check_channels()
         return super().train(*args, **kwargs)
 
@@ -125,6 +146,19 @@ class ImageClassificationTrainer(Trainer):
 
         The Trainer would silently report no accuracy, e.g. for a streamed or plain torch eval set without a
         ``labels`` field. ``predict`` on unlabeled data stays allowed.
+
+        Args:
+            dataloader (`torch.utils.data.DataLoader`): The batches.
+            description (`str`): ``"Evaluation"`` or ``"Prediction"`` (the Trainer's).
+            prediction_loss_only (`bool`, *optional*): As in the Trainer (default: the arguments').
+            *args: The Trainer's other arguments.
+            **kwargs: The Trainer's other keyword arguments.
+
+        Returns:
+            `transformers.trainer_utils.EvalLoopOutput`: The Trainer's output.
+
+        Raises:
+            ValueError: For an evaluation with metrics whose batches have no labels.
         """
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, *args, **kwargs)
         loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
@@ -144,6 +178,11 @@ class ImageClassificationTrainer(Trainer):
 
         The augmentation of an example then depends on the seed, the epoch and its index only: a resumed run
         draws the same crops as the run it continues. The Trainer removes unused columns in its collator.
+        Streamed sets, and runs with persistent workers (which would keep epoch 0's crops), get the Trainer's
+        own loader.
+
+        Returns:
+            `torch.utils.data.DataLoader`: The training loader.
         """
         import datasets
 
@@ -162,7 +201,19 @@ class ImageClassificationTrainer(Trainer):
 
     # ---- loss --------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
-        """Adds mixup/cutmix with soft-target cross-entropy; otherwise the Trainer's loss (label smoothing too)."""
+        """Mixup/cutmix with soft-target cross-entropy; otherwise the Trainer's loss (label smoothing too).
+
+        An odd training batch, which timm's ``Mixup`` cannot mix, is trained on one-hot targets.
+
+        Args:
+            model (`nn.Module`): The model.
+            inputs (`dict[str, torch.Tensor]`): The batch (``pixel_values``, ``labels``).
+            return_outputs (`bool`, *optional*, defaults to `False`): Also return the model's outputs.
+            num_items_in_batch (`int`, *optional*): As in the Trainer.
+
+        Returns:
+            `torch.Tensor` or `tuple`: The loss, or ``(loss, outputs)`` with ``return_outputs``.
+        """
         if self.mixup_fn is not None and model.training and "labels" in inputs:
             inputs = dict(inputs)
             labels = inputs.pop("labels")
@@ -182,6 +233,12 @@ class ImageClassificationTrainer(Trainer):
         """Exclude every normalisation layer (BatchNorm too, not only LayerNorm) and biases from weight decay.
 
         ``exclude_norm_from_weight_decay=False`` in the arguments keeps the Trainer's own choice.
+
+        Args:
+            model (`nn.Module`): The model.
+
+        Returns:
+            `list[str]`: Names of the parameters that get weight decay.
         """
         names = super().get_decay_parameter_names(model)
         if not getattr(self.args, "exclude_norm_from_weight_decay", True):
