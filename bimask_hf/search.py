@@ -240,8 +240,11 @@ def _swap_gains(
     matrix-vector products and one bilinear form, for all ``M*M`` swaps of all pairs at once.
 
     Args:
-        rows_g, rows_h: ``(P, M, K)`` 0/1 float rows of the paired groups.
-        counts_g, counts_h: ``(P, K)`` their column counts.
+        rows_g: ``(P, M, K)`` 0/1 float rows of the first group of each pair.
+        rows_h: ``(P, M, K)`` 0/1 float rows of the second group of each pair.
+        counts_g: ``(P, K)`` column counts of the first groups.
+        counts_h: ``(P, K)`` column counts of the second groups.
+        n: The N of the backward mask.
 
     Returns:
         ``(P, M, M)`` gains (exact integers stored as floats).
