@@ -507,8 +507,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{settings.epochs:g} epoch(s), {len(seeds)} seed(s); bars: sample SD (n-1); dashed: dense mean")
         diffs = [d for p in patterns for a, b in COMPARISONS if (d := paired(rows, a, b, p)) is not None]
         paired_path = plot_path.with_name(plot_path.stem + "_paired.png")
-        plot_paired(diffs, paired_path, title=f"paired top-1 differences over seeds, {settings.arch} on Fashion-MNIST")
-        print(f"plots: {plot_path}, {paired_path}")
+        if diffs:  # a single method, or a single seed, pairs nothing
+            plot_paired(diffs, paired_path, title=f"paired top-1 differences over seeds, {settings.arch} on "
+                        "Fashion-MNIST")
+        print(f"plots: {plot_path}" + (f", {paired_path}" if diffs else " (no paired differences to plot)"))
     return 0
 
 

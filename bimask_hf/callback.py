@@ -11,22 +11,27 @@ The callback reads the model the Trainer passes to its events and the :class:`~b
 that :func:`~bimask_hf.patching.sparsify` attached to it, and does the per-step work of the method:
 permutation refreshes every ``permutation_interval`` optimizer steps (seeded by the step, identical on
 every rank), the in-place projection of ``post`` mode (and of ``pre`` mode on FSDP2 shards), and the
-``sparsity/*`` metrics in the Trainer's training logs. Checkpoints need nothing from it: the permutations
-are buffers of the model, so they are saved and resumed with the weights.
+``sparsity/*`` metrics in the Trainer's training logs. The permutations are buffers of the model, so they
+are saved and resumed with the weights; the callback records in each checkpoint the settings it was trained
+with, refuses to resume one with contradicting settings, and loads a transformers model's weights again by
+name where transformers 5 saved them under other keys (ViT, ...) than the Trainer loads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch.nn as nn
 from transformers import TrainerCallback
 
-from .checks import stop_if_diverged
+from .checks import CHECKPOINT_CONFIG_NAME, check_resume, save_checkpoint_config, stop_if_diverged
+from .compat import live_key_names, load_checkpoint_weights
 from .config import STRUCTURE_FIELDS, BiMaskConfig
 from .distributed import describe_setup, is_sharded
 from .lora import is_peft_model
@@ -96,6 +101,21 @@ def check_config_agrees(
     return updated
 
 
+def _resumed_checkpoint(args: Any, step: int) -> str | None:
+    """The checkpoint folder a run resumed at ``step`` from: ``args.resume_from_checkpoint``, else
+    ``<output_dir>/checkpoint-<step>``, whichever holds the Trainer's state at that step."""
+    candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
+    candidates.append(os.path.join(args.output_dir, f"checkpoint-{step}"))
+    for folder in candidates:
+        try:
+            with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as f:
+                if json.load(f).get("global_step") == step:
+                    return folder
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class BiMaskCallback(TrainerCallback):
     """Per-step Bi-Mask work in a `transformers.Trainer`: permutation refresh, projection, sparsity logs.
 
@@ -117,6 +137,9 @@ class BiMaskCallback(TrainerCallback):
             :func:`~bimask_hf.distributed.describe_setup`).
         fixed_masks: LoRA fine-tuning: masks are fixed, nothing to refresh or project. Default: whether the
             model is a peft model.
+        reload_checkpoints: When a run resumes, and after the Trainer loaded its best model, load a
+            transformers model's weights again by name if transformers saved them under other keys than the
+            Trainer loads. ``BiMaskTrainer`` turns it off: it loads them by name itself.
     """
 
     def __init__(
@@ -126,6 +149,7 @@ class BiMaskCallback(TrainerCallback):
         print_report: bool = True,
         setup: Callable[[], str] | None = None,
         fixed_masks: bool | None = None,
+        reload_checkpoints: bool = True,
     ) -> None:
         self.model: nn.Module | None = None
         self.requested_config = config
@@ -133,6 +157,7 @@ class BiMaskCallback(TrainerCallback):
         self.print_report = print_report
         self.setup = setup
         self.fixed_masks = fixed_masks
+        self.reload_checkpoints = reload_checkpoints
         self.search_seconds = 0.0
         self.ahead_of_trackers = False
         self.starting = False
@@ -194,6 +219,8 @@ class BiMaskCallback(TrainerCallback):
                 "BiMaskCallback was added after the report_to trackers %s, which then log no sparsity/* metrics: "
                 "add it with bimask_hf.BiMaskCallback.add_to(trainer) (or train with BiMaskTrainer).", args.report_to,
             )
+        if state.global_step > 0:  # the Trainer restored a checkpoint's state: this run resumes
+            self._resume(args, state)
         self.starting = True  # the first step begins with the start-of-training work
         # While training, the model's save_pretrained writes the training state (dense weights and
         # permutations) that the Trainer's checkpoints need to resume exactly; after it, the exact N:M folder.
@@ -201,7 +228,48 @@ class BiMaskCallback(TrainerCallback):
         self.checkpoint_format.enter_context(training_state(self.model))
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        best = state.best_model_checkpoint
+        # The Trainer has just loaded the best checkpoint by raw key names (load_best_model_at_end).
+        if args.load_best_model_at_end and best is not None and os.path.isdir(best) and self._reloads(args):
+            load_checkpoint_weights(best, self.model)
         self.end_training()
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        # What a resumed run must agree with (BiMaskTrainer writes it while saving; a plain Trainer here).
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if (args.should_save and self.config is not None and os.path.isdir(folder)
+                and not os.path.isfile(os.path.join(folder, CHECKPOINT_CONFIG_NAME))):
+            save_checkpoint_config(folder, self.config)
+
+    def _reloads(self, args: Any) -> bool:
+        """Whether the Trainer's own checkpoint loading missed weights that this callback must load by name."""
+        if not self.reload_checkpoints or self.model is None or self.fixed_masks:
+            return False
+        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):  # their own checkpoint formats
+            return False
+        if any(is_sharded(p) for p in self.model.parameters()):
+            return False
+        plain = getattr(self.model, "module", self.model)  # DDP
+        return bool(live_key_names(plain, plain.state_dict())) if hasattr(plain, "config") else False
+
+    def _resume(self, args: Any, state: Any) -> None:
+        """Check the resumed checkpoint's settings and load renamed weights by name."""
+        folder = _resumed_checkpoint(args, state.global_step)
+        if folder is None:
+            if self._reloads(args):
+                raise ValueError(
+                    f"This run resumed at step {state.global_step}, but its checkpoint folder is neither "
+                    f"{args.output_dir}/checkpoint-{state.global_step} nor args.resume_from_checkpoint, so "
+                    "BiMaskCallback cannot load this transformers model's renamed weights from it. Resume from a "
+                    "checkpoint inside --output_dir, or set TrainingArguments(resume_from_checkpoint=<folder>)."
+                )
+            logger.warning("Resumed at step %d from a checkpoint outside %s: its N:M settings are not checked.",
+                           state.global_step, args.output_dir)
+            return
+        if not self.fixed_masks:
+            check_resume(folder, self.config)
+        if self._reloads(args):
+            load_checkpoint_weights(folder, self.model)
 
     def end_training(self) -> None:
         """Leave the training state: ``save_pretrained`` writes the exact N:M folder again (idempotent)."""

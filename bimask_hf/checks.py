@@ -35,13 +35,30 @@ RESUME_FIELDS = (*PATTERN_FIELDS, "mode", "permutation_search", "tie_break")
 def config_differences(
     saved: BiMaskConfig, asked: BiMaskConfig, fields: tuple[str, ...] = RESUME_FIELDS
 ) -> dict[str, tuple[Any, Any]]:
-    """``{field: (saved value, asked value)}`` for each of ``fields`` on which the two configs differ."""
+    """The fields on which two configs differ.
+
+    Args:
+        saved: The config a checkpoint or folder was made with.
+        asked: The config a call asks for.
+        fields: The fields to compare (default :data:`RESUME_FIELDS`).
+
+    Returns:
+        ``{field: (saved value, asked value)}`` for each of ``fields`` on which the two differ.
+    """
     return {name: (getattr(saved, name), getattr(asked, name)) for name in fields
             if getattr(saved, name) != getattr(asked, name)}
 
 
 def describe(differences: dict[str, tuple[Any, Any]], side: int) -> str:
-    """One side (0 or 1) of :func:`config_differences` as ``"n=2, m=4"``."""
+    """One side of :func:`config_differences` as ``"n=2, m=4"``.
+
+    Args:
+        differences: What :func:`config_differences` returned.
+        side: 0 for the saved values, 1 for the asked ones.
+
+    Returns:
+        The ``name=value`` pairs of that side, comma-separated.
+    """
     return ", ".join(f"{name}={pair[side]!r}" for name, pair in differences.items())
 
 
@@ -58,7 +75,12 @@ def _flags(differences: dict[str, tuple[Any, Any]], side: int) -> str:
 
 
 def save_checkpoint_config(folder: str | os.PathLike, config: BiMaskConfig) -> None:
-    """Record in a checkpoint folder the config it was trained with, for :func:`check_resume`."""
+    """Record in a checkpoint folder the config it was trained with, for :func:`check_resume`.
+
+    Args:
+        folder: The checkpoint folder (created if an FSDP rank has not made it yet).
+        config: The config of the run saving it.
+    """
     # An FSDP sharded checkpoint may not have created its folder on this rank yet when save_model returns.
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, CHECKPOINT_CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -70,12 +92,12 @@ def check_resume(checkpoint: str | os.PathLike, config: BiMaskConfig) -> None:
     """Refuse to resume ``checkpoint`` with a config that contradicts the one it was trained with.
 
     Args:
-        checkpoint: a ``checkpoint-N`` folder; its :data:`CHECKPOINT_CONFIG_NAME` comes from
+        checkpoint: A ``checkpoint-N`` folder; its :data:`CHECKPOINT_CONFIG_NAME` comes from
             :func:`save_checkpoint_config`.
-        config: the config of the run that resumes it.
+        config: The config of the run that resumes it.
 
     Raises:
-        ConflictingSettingsError: one of :data:`RESUME_FIELDS` differs (N, M, density, mode, group layout,
+        ConflictingSettingsError: One of :data:`RESUME_FIELDS` differs (N, M, density, mode, group layout,
             permutation search, tie order, sparse-layer selection); the message names both values and the
             flags that resume as trained.
     """
@@ -100,8 +122,13 @@ def check_resume(checkpoint: str | os.PathLike, config: BiMaskConfig) -> None:
 def nonfinite_names(tensors: dict[str, torch.Tensor], collective: bool = False) -> list[str]:
     """The names of ``tensors`` holding NaN or inf (a ``DTensor``: this rank's shard; meta tensors skipped).
 
-    With ``collective``, ranks of a distributed run agree (one all-reduce): a name is reported everywhere
-    if it is non-finite on any rank, so that every rank stops together.
+    Args:
+        tensors: ``{name: tensor}``.
+        collective: Make the ranks of a distributed run agree (one all-reduce): a name is reported
+            everywhere if it is non-finite on any rank, so that every rank stops together.
+
+    Returns:
+        The names, in the order of ``tensors``.
     """
     names = [name for name, tensor in tensors.items() if not tensor.is_meta]
     if not names:
@@ -119,8 +146,12 @@ def stop_if_diverged(model: torch.nn.Module, step: int) -> None:
     The Trainer's own handling of a non-finite loss (``logging_nan_inf_filter`` in the logs, a skipped
     fp16 step) is left as it is: only an update that wrote NaN/inf into the weights stops the run.
 
+    Args:
+        model: The model after an optimizer step (every rank calls this: the check is collective).
+        step: The optimizer step just taken, for the message.
+
     Raises:
-        NonFiniteError: naming the step, the first parameters affected, and what to change.
+        NonFiniteError: Naming the step, the first parameters affected, and what to change.
     """
     bad = nonfinite_names({n: p for n, p in model.named_parameters() if p.requires_grad}, collective=True)
     if bad:

@@ -9,12 +9,10 @@ release that breaks one is noticed here, not in a user's run.
    checkpoint key names (``vit.encoder.layer.0.attention.attention.query``), which differ from the module
    names (``vit.layers.0.attention.q_proj``), and the Trainer loads checkpoints with a non-strict
    ``load_state_dict`` of the raw keys: a resumed run would silently restart from its initial weights and
-   permutations. The Trainer has no public hook between reading a checkpoint and loading it.
-2. ``Trainer._get_dataloader`` (overridden by :class:`PerRankStreamMixin`), which calls
-   ``Trainer._get_collator_with_removed_columns``. A streamed dataset already cut per rank with
-   ``datasets.distributed.split_dataset_by_node`` must be read as it is on each rank; Accelerate's
-   ``prepare`` would split it a second time, and the Trainer's three public ``get_*_dataloader`` methods all
-   build their loader in ``_get_dataloader`` (which also applies the column-removing collator).
+   permutations. The Trainer has no public hook between reading a checkpoint and loading it. (A plain
+   ``Trainer`` with :class:`~bimask_hf.callback.BiMaskCallback` gets the same result from public hooks: the
+   callback loads the weights again by name when training begins and after the best model was loaded,
+   which ``BiMaskTrainer`` avoids doing twice.)
 """
 
 from __future__ import annotations
@@ -26,12 +24,11 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from .distributed import is_split_per_rank
 from .errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointKeysMixin", "PerRankStreamMixin", "live_key_names", "load_checkpoint_weights"]
+__all__ = ["CheckpointKeysMixin", "live_key_names", "load_checkpoint_weights"]
 
 
 def live_key_names(model: Any, live: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -117,28 +114,3 @@ class CheckpointKeysMixin:
     def _own_loader_applies(self) -> bool:
         # FSDP and DeepSpeed checkpoints are their own formats, loaded by the Trainer.
         return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)  # type: ignore[attr-defined]
-
-
-class PerRankStreamMixin:
-    """Data loaders of streamed datasets already split per rank, read as they are on each rank (entry 2)."""
-
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,  # type: ignore[no-untyped-def]
-                        dataloader_key=None):
-        if not is_split_per_rank(dataset, self.args.world_size):  # type: ignore[attr-defined]
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn=sampler_fn,  # type: ignore[misc]
-                                           is_training=is_training, dataloader_key=dataloader_key)
-        from accelerate.data_loader import prepare_data_loader
-        from torch.utils.data import DataLoader
-
-        args = self.args  # type: ignore[attr-defined]
-        loader = DataLoader(
-            dataset, batch_size=batch_size, num_workers=args.dataloader_num_workers,
-            collate_fn=self._get_collator_with_removed_columns(self.data_collator, description=description),  # type: ignore[attr-defined]
-            pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers,
-            prefetch_factor=args.dataloader_prefetch_factor,
-        )
-        # One process's view: no second split, batches put on this rank's device as Accelerate's would be.
-        return prepare_data_loader(
-            loader, self.accelerator.device, num_processes=1, process_index=0, put_on_device=True,  # type: ignore[attr-defined]
-            dispatch_batches=False, non_blocking=self.accelerator.non_blocking,  # type: ignore[attr-defined]
-        )

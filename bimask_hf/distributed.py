@@ -11,6 +11,7 @@ Every function here that may gather is a collective: all ranks call it in the sa
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from .progress import progress_bar
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "PerRankStreamMixin",
     "is_sharded",
     "full_tensor",
     "shard_like",
@@ -297,3 +299,85 @@ def gather_full_model(model: nn.Module, template: nn.Module | None, keep: bool) 
         return None
     template.load_state_dict(state, assign=True)
     return template
+
+
+def _forward_columns(trainer: Any) -> list[str]:
+    """The batch keys the model's ``forward`` takes, plus the label names (what the Trainer keeps)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(trainer.model)
+    if hasattr(model, "get_base_model"):  # peft: the base model's forward names the inputs
+        model = model.get_base_model()
+    return [*inspect.signature(model.forward).parameters, *sorted({"label", "label_ids", *trainer.label_names})]
+
+
+class PerRankStreamMixin:
+    """Data loaders of streamed datasets already split per rank, read as they are on each rank.
+
+    A dataset cut with ``datasets.distributed.split_dataset_by_node`` must be read whole on each rank:
+    Accelerate's ``prepare`` would split it a second time. Every other dataset goes to the Trainer's own
+    loaders unchanged.
+    """
+
+    def get_train_dataloader(self) -> Any:
+        """The Trainer's training loader, or this rank's whole share of a per-rank stream.
+
+        Returns:
+            A ``DataLoader``.
+        """
+        dataset = self.train_dataset  # type: ignore[attr-defined]
+        if dataset is None or not is_split_per_rank(dataset, self.args.world_size):  # type: ignore[attr-defined]
+            return super().get_train_dataloader()  # type: ignore[misc]
+        return self._per_rank_loader(dataset, "Training", self.args.train_batch_size)  # type: ignore[attr-defined]
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """The Trainer's evaluation loader, or this rank's whole share of a per-rank stream.
+
+        Args:
+            eval_dataset: A dataset, the name of one of ``eval_dataset``'s, or None for ``eval_dataset``.
+
+        Returns:
+            A ``DataLoader``.
+        """
+        dataset = eval_dataset
+        if isinstance(eval_dataset, str):
+            dataset = self.eval_dataset[eval_dataset]  # type: ignore[attr-defined]
+        elif eval_dataset is None:
+            dataset = self.eval_dataset  # type: ignore[attr-defined]
+        if dataset is None or not is_split_per_rank(dataset, self.args.world_size):  # type: ignore[attr-defined]
+            return super().get_eval_dataloader(eval_dataset)  # type: ignore[misc]
+        return self._per_rank_loader(dataset, "Evaluation", self.args.eval_batch_size)  # type: ignore[attr-defined]
+
+    def get_test_dataloader(self, test_dataset: Any) -> Any:
+        """The Trainer's test loader, or this rank's whole share of a per-rank stream.
+
+        Args:
+            test_dataset: The dataset to predict on.
+
+        Returns:
+            A ``DataLoader``.
+        """
+        if not is_split_per_rank(test_dataset, self.args.world_size):  # type: ignore[attr-defined]
+            return super().get_test_dataloader(test_dataset)  # type: ignore[misc]
+        return self._per_rank_loader(test_dataset, "test", self.args.eval_batch_size)  # type: ignore[attr-defined]
+
+    def _per_rank_loader(self, dataset: Any, description: str, batch_size: int) -> Any:
+        from accelerate.data_loader import prepare_data_loader
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import RemoveColumnsCollator
+
+        args = self.args  # type: ignore[attr-defined]
+        collate = self.data_collator  # type: ignore[attr-defined]
+        if args.remove_unused_columns:  # as the Trainer does for a dataset without column names
+            collate = RemoveColumnsCollator(collate, _forward_columns(self), logger=logger, description=description,
+                                            model_name=type(self.model).__name__)  # type: ignore[attr-defined]
+        loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=args.dataloader_num_workers, collate_fn=collate,
+            pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+        )
+        # One process's view: no second split, batches put on this rank's device as Accelerate's would be.
+        return prepare_data_loader(
+            loader, self.accelerator.device, num_processes=1, process_index=0, put_on_device=True,  # type: ignore[attr-defined]
+            dispatch_batches=False, non_blocking=self.accelerator.non_blocking,  # type: ignore[attr-defined]
+        )

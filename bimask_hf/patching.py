@@ -16,7 +16,8 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -253,6 +254,25 @@ def sparsify(model: nn.Module, config: BiMaskConfig | None = None, **overrides) 
 # ``save_for_hf`` (which ``push_to_hf_hub`` calls) gets the merged weights from a state-dict hook.
 _TRAINING_STATE = "_bimask_training_state"  # on each Bi-Mask layer: > 0 inside training_state()
 _SAVE_OVERRIDES = ("save_pretrained", "push_to_hub")
+# name -> function(model, ...): the publishing versions of _SAVE_OVERRIDES. The Hub layer registers them
+# (``bimask_hf.hub.save``, loaded with transformers by ``bimask_hf.registration``), so that this layer
+# never imports the one above it.
+_SAVE_ROUTES: dict[str, Callable[..., Any]] = {}
+
+
+def register_save_routes(**routes: Callable[..., Any]) -> None:
+    """Route ``save_pretrained`` / ``push_to_hub`` of sparsified transformers models to these functions.
+
+    Args:
+        **routes: ``save_pretrained=`` and ``push_to_hub=`` functions taking the model first.
+
+    Raises:
+        ValueError: A name other than ``save_pretrained`` or ``push_to_hub``.
+    """
+    unknown = set(routes) - set(_SAVE_OVERRIDES)
+    if unknown:
+        raise ValueError(f"Only {_SAVE_OVERRIDES} can be routed, not {sorted(unknown)}.")
+    _SAVE_ROUTES.update(routes)
 _TIMM_EXPORTS = {"save_for_hf"}  # timm's Hub export, which timm.models.push_to_hf_hub calls
 
 
@@ -291,11 +311,11 @@ def _install_save_hooks(model: nn.Module) -> None:
         from .families import model_family
 
         if model_family(model) == "transformers":
-            from .hub import save as hub_save
-
-            # functools.partial (not a closure) so that deepcopy and pickling of the model keep working.
-            model.save_pretrained = functools.partial(hub_save.sparse_save_pretrained, model)  # type: ignore[method-assign]
-            model.push_to_hub = functools.partial(hub_save.sparse_push_to_hub, model)  # type: ignore[method-assign]
+            if set(_SAVE_ROUTES) != set(_SAVE_OVERRIDES):  # transformers is loaded, so the Hub layer is too
+                raise RuntimeError("bimask_hf.hub.save did not register its save routes; import bimask_hf first.")
+            for name, route in _SAVE_ROUTES.items():
+                # functools.partial (not a closure) so that deepcopy and pickling of the model keep working.
+                setattr(model, name, functools.partial(route, model))
 
 
 def _remove_save_overrides(model: nn.Module) -> None:

@@ -4,7 +4,9 @@
 timm, and the 1-channel image processor with transformers' ``AutoImageProcessor``, the moment the library is
 imported (or at once, if it already is), so ``timm.create_model("resnet32_cifar")`` and ``pipeline(folder)``
 work after ``import bimask_hf`` in any order. Importing ``bimask_hf.models.cifar`` /
-``bimask_hf.models.image_processor`` registers them explicitly.
+``bimask_hf.models.image_processor`` registers them explicitly. With transformers also loads
+``bimask_hf.hub.save``, which routes ``save_pretrained`` / ``push_to_hub`` of sparsified models to
+:func:`~bimask_hf.hub.save_sparse_model`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any
 
 __all__ = ["register_when_imported"]
 
-# library -> the module of bimask-hf that registers with it
-_REGISTRARS = {"timm": "bimask_hf.models.cifar", "transformers": "bimask_hf.models.image_processor"}
+# library -> the modules of bimask-hf that register with it (the Hub layer's save routes go with transformers:
+# a sparsified transformers model's save_pretrained / push_to_hub publish its exact N:M folder)
+_REGISTRARS = {"timm": ("bimask_hf.models.cifar",),
+               "transformers": ("bimask_hf.models.image_processor", "bimask_hf.hub.save")}
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
@@ -46,7 +50,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
             self.pending.pop(fullname, None)
             if not self.pending and self in sys.meta_path:
                 sys.meta_path.remove(self)
-            importlib.import_module(registrar)
+            for name in registrar:
+                importlib.import_module(name)
 
         spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec
@@ -60,6 +65,7 @@ def register_when_imported() -> None:
     sys.meta_path.insert(0, finder)
     for library, registrar in _REGISTRARS.items():
         if library in sys.modules and finder.pending.pop(library, None) is not None:
-            importlib.import_module(registrar)
+            for name in registrar:
+                importlib.import_module(name)
     if not finder.pending and finder in sys.meta_path:
         sys.meta_path.remove(finder)

@@ -25,9 +25,10 @@ from transformers.trainer_utils import number_of_arguments
 
 from .callback import BiMaskCallback, check_config_agrees
 from .checks import check_resume, save_checkpoint_config
-from .compat import CheckpointKeysMixin, PerRankStreamMixin
+from .compat import CheckpointKeysMixin
 from .config import ARGUMENT_FIELDS, BiMaskConfig, BiMaskConfigArguments
 from .distributed import (
+    PerRankStreamMixin,
     check_setup,
     describe_setup,
     enable_cpu_fsdp,
@@ -200,6 +201,7 @@ class BiMaskTrainer(CheckpointKeysMixin, PerRankStreamMixin, ImageClassification
         self.bimask_callback = BiMaskCallback(
             config=bimask_config,
             setup=lambda: describe_setup(self.accelerator), fixed_masks=self.is_lora,
+            reload_checkpoints=False,  # CheckpointKeysMixin loads them by name in the first place
         )
         super().__init__(model, args, *trainer_args, mixup_fn=mixup_fn, **kwargs)
         check_setup(self.accelerator, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import bimask_hf as bh
 from bimask_hf import BiMaskTrainer, BiMaskTrainingArguments, create_model
+from bimask_hf.checks import CHECKPOINT_CONFIG_NAME
 from bimask_hf.config import PERMUTATION_KEY
+from bimask_hf.errors import ConflictingSettingsError
 
 # Runs whose only differences are the trainer classes: no clipping, plain SGD, a constant rate, data in order.
 RUN = dict(max_steps=4, per_device_train_batch_size=16, learning_rate=0.05, report_to="none", use_cpu=True,
@@ -155,3 +160,76 @@ def test_bimask_trainer_refuses_arguments_that_contradict_the_model(tmp_path, sm
     assert trainer.bimask_config.n == 2 and trainer.bimask_config.permutation_interval == 3
     assert model.bimask_config == trainer.bimask_config
     assert {layer.decay for layer in bh.sparse_layers(model).values()} == {1e-3}
+
+
+# ---- checkpoints under a plain Trainer ------------------------------------------------------------
+
+def _vit(data, seed, n=2):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    set_seed(seed)
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=64, image_size=16, patch_size=4,
+                                                num_labels=len(data.labels)))
+    return bh.sparsify(model, bh.BiMaskConfig(**{**CONFIG, "n": n}))
+
+
+class _Snapshots(TrainerCallback):
+    """The model's state at every checkpoint save, by step."""
+
+    def __init__(self):
+        self.states = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.states[state.global_step] = _state(model)
+
+
+def _vit_run(tmp_path, data, seed, resume=None, **overrides):
+    run = {**RUN, "save_strategy": "steps", "save_steps": 2, **overrides}
+    args = TrainingArguments(output_dir=str(tmp_path / "vit"), **run)
+    snapshots = _Snapshots()
+    trainer = Trainer(model=_vit(data, seed), args=args, train_dataset=data.eval_dataset,
+                      eval_dataset=data.eval_dataset, data_collator=data.collate_fn,
+                      callbacks=[bh.BiMaskCallback(), snapshots])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, snapshots
+
+
+def test_plain_trainer_resumes_a_renamed_transformers_model_exactly(tmp_path, small_digits):
+    """transformers 5 saves ViT under other key names than its modules, and the plain Trainer loads checkpoints
+    by raw names (non-strict): without the callback's reload a resumed run restarts from its fresh weights."""
+    straight, _ = _vit_run(tmp_path, small_digits, seed=0)
+    checkpoint = tmp_path / "vit" / "checkpoint-2"
+    saved = json.loads((checkpoint / CHECKPOINT_CONFIG_NAME).read_text())
+    assert (saved["n"], saved["m"], saved["permutation_search"]) == (2, 4, "random")
+    expected = _state(straight.model)
+    perms = [k for k in expected if k.endswith(PERMUTATION_KEY)]
+    assert perms and any(not torch.equal(expected[k], torch.arange(len(expected[k]))) for k in perms)
+    for resume in (str(checkpoint), True):  # a folder, and the newest checkpoint (checkpoint-4 after the 1st)
+        if resume is True:
+            shutil.rmtree(tmp_path / "vit" / "checkpoint-4")
+        resumed, _ = _vit_run(tmp_path, small_digits, seed=1, resume=resume)  # other initial weights
+        state = _state(resumed.model)
+        for key, value in expected.items():
+            assert torch.equal(state[key], value), key
+
+
+def test_plain_trainer_refuses_to_resume_with_other_settings(tmp_path, small_digits):
+    _vit_run(tmp_path, small_digits, seed=0, max_steps=2)
+    model = _vit(small_digits, 0, n=1)
+    args = TrainingArguments(output_dir=str(tmp_path / "vit"), **RUN)
+    trainer = Trainer(model=model, args=args, train_dataset=small_digits.eval_dataset,
+                      data_collator=small_digits.collate_fn, callbacks=[bh.BiMaskCallback()])
+    with pytest.raises(ConflictingSettingsError, match=r"trained with n=2, but this run asks for n=1"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "vit" / "checkpoint-2"))
+
+
+def test_plain_trainer_keeps_the_best_checkpoint_of_a_renamed_model(tmp_path, small_digits):
+    trainer, snapshots = _vit_run(tmp_path, small_digits, seed=0, eval_strategy="steps", eval_steps=2,
+                                  load_best_model_at_end=True, metric_for_best_model="loss",
+                                  greater_is_better=True)  # the higher loss is "best": not the last step
+    best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best != trainer.state.global_step, "the best checkpoint is the last one: this test checks nothing"
+    state = _state(trainer.model)
+    for key, value in snapshots.states[best].items():
+        assert torch.equal(state[key], value), key

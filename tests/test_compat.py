@@ -25,14 +25,14 @@ def test_private_trainer_members_keep_the_signatures_compat_overrides():
     assert _parameters(Trainer._load_from_checkpoint) == ["self", "resume_from_checkpoint", "model"]
     assert _parameters(Trainer._load_best_model) == ["self"]
     assert "self._load_from_checkpoint(resume_from_checkpoint)" in inspect.getsource(Trainer.train)
-    # Entry 2: every public get_*_dataloader builds its loader in _get_dataloader, with the column-removing collator.
-    assert _parameters(Trainer._get_dataloader) == [
-        "self", "dataset", "description", "batch_size", "sampler_fn", "is_training", "dataloader_key"]
-    for public in (Trainer.get_train_dataloader, Trainer.get_eval_dataloader, Trainer.get_test_dataloader):
-        assert "self._get_dataloader(" in inspect.getsource(public), public.__name__
-    assert "_get_collator_with_removed_columns" in inspect.getsource(Trainer._get_dataloader)
-    assert _parameters(Trainer._get_collator_with_removed_columns) == ["self", "data_collator", "description"]
+    # Per-rank streams use public hooks only: the loaders' public methods and the public column remover.
+    assert _parameters(Trainer.get_train_dataloader) == ["self"]
+    assert _parameters(Trainer.get_eval_dataloader) == ["self", "eval_dataset"]
+    assert _parameters(Trainer.get_test_dataloader) == ["self", "test_dataset"]
+    from transformers.trainer_utils import RemoveColumnsCollator
 
+    assert _parameters(RemoveColumnsCollator.__init__) == [
+        "self", "data_collator", "signature_columns", "logger", "model_name", "description"]
 
 def test_the_trainer_still_loads_checkpoints_by_raw_key_names(tmp_path):
     """Entry 1's reason: save_pretrained renames ViT keys and the Trainer's loader does not map them back."""
@@ -51,7 +51,34 @@ def test_the_trainer_uses_only_the_compat_module_for_private_members():
     own = {name for name, _ in inspect.getmembers(trainer.BiMaskTrainer) if name.startswith("_")
            and not name.startswith("__") and name in trainer.BiMaskTrainer.__dict__}
     assert own <= {"_save_hub_folder", "_save_lora", "_upload", "_card_data"}, own  # BiMaskTrainer's own helpers
-    overridden = {name for cls in (compat.CheckpointKeysMixin, compat.PerRankStreamMixin)
+    # Every class of the package in BiMaskTrainer's MRO: the private Trainer members they override.
+    overridden = {name for cls in trainer.BiMaskTrainer.__mro__ if cls.__module__.startswith("bimask_hf.")
                   for name in cls.__dict__ if name.startswith("_") and not name.startswith("__")
                   and hasattr(Trainer, name)}
-    assert overridden == {"_load_from_checkpoint", "_load_best_model", "_get_dataloader"}
+    assert overridden == {"_load_from_checkpoint", "_load_best_model"}  # at most three (issue 21), all in compat
+    assert {name for name in compat.CheckpointKeysMixin.__dict__ if hasattr(Trainer, name)
+            and not name.startswith("__")} == overridden
+
+
+def test_no_module_but_compat_touches_a_private_trainer_or_accelerator_member():
+    """``obj._member`` for a private member of ``Trainer`` or ``Accelerator`` appears only in compat.py."""
+    import re
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    private = {name for cls in (Trainer, Accelerator) for name in dir(cls)
+               if name.startswith("_") and not name.startswith("__")}
+    # instance attributes the Trainer and Accelerator set in __init__ (not on the class)
+    private |= {"_train_batch_size", "_signature_columns", "_dataloaders", "_eval_dataloaders", "_models",
+                "_optimizers", "_schedulers", "_remove_unused_columns", "_finish_current_push"}
+    package = Path(compat.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "compat.py":
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for name in re.findall(r"\.(_[a-z][a-z0-9_]*)\b", line):
+                if name in private:
+                    found.append(f"{path.relative_to(package)}:{number}: {name}")
+    assert not found, found

@@ -26,11 +26,7 @@ LAYERS = [
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 # Known imports against the layers, each with why it is still there; the tests fail on any other one.
-KNOWN_UPWARD = {
-    ("bimask_hf.patching", "bimask_hf.hub.save"):
-        "sparsify installs save_pretrained / push_to_hub overrides that call save_sparse_model (imported when "
-        "sparsify runs); to go once the overrides are installed from the hub layer",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:
@@ -136,3 +132,16 @@ def test_the_cifar_models_are_registered_when_transformers_came_first():
             "print(timm.is_model('resnet8_cifar'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True"], out
+
+
+def test_save_pretrained_of_a_sparsified_transformers_model_publishes_in_either_import_order():
+    """patching never imports the Hub layer: hub.save registers the save routes when transformers loads."""
+    model = ("from transformers import ViTConfig, ViTForImageClassification\n"
+             "m = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, "
+             "intermediate_size=64, image_size=16, patch_size=4))\n"
+             "bimask_hf.sparsify(m, bimask_hf.BiMaskConfig())\n"
+             "print(m.save_pretrained.func.__name__, m.push_to_hub.func.__name__)\n")
+    for first in ("import bimask_hf, transformers\n", "import transformers, bimask_hf\n"):
+        out = subprocess.run([sys.executable, "-c", first + model], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out == ["sparse_save_pretrained", "sparse_push_to_hub"], (first, out)

@@ -19,7 +19,7 @@ from ..config import BiMaskConfig
 from ..families import is_timm_wrapper, model_family
 from ..inspection import SparsityReport, check_nm, report, sparse_layers
 from ..modes import mode_spec
-from ..patching import merge
+from ..patching import merge, register_save_routes
 from ..storage import make_staging_folder, replace_folder_contents, storage_errors
 from .files import (
     CARD_NAME,
@@ -400,3 +400,6 @@ def _write_folder(export: nn.Module, model: nn.Module, folder: str, target: str,
     card_kwargs.setdefault("trained_preprocessing", data_config is not None)
     card = create_model_card(layer_report if layer_report is not None else export, config, metrics=metrics, **card_kwargs)
     card.save(os.path.join(folder, CARD_NAME))
+
+
+register_save_routes(save_pretrained=sparse_save_pretrained, push_to_hub=sparse_push_to_hub)
