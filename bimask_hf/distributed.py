@@ -58,13 +58,27 @@ def _dtensor_type() -> type | None:
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 / tensor-parallel shard of a larger tensor)."""
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 / tensor-parallel shard of a larger tensor).
+
+    Args:
+        tensor (`torch.Tensor`): The tensor.
+
+    Returns:
+        `bool`: True for a ``DTensor``.
+    """
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered from all ranks for a ``DTensor`` (a collective), else ``tensor`` itself."""
+    """The whole tensor: gathered from all ranks for a ``DTensor`` (a collective), else ``tensor`` itself.
+
+    Args:
+        tensor (`torch.Tensor`): A tensor or a ``DTensor`` shard.
+
+    Returns:
+        `torch.Tensor`: The full tensor.
+    """
     if is_sharded(tensor):
         return tensor.full_tensor()  # type: ignore[attr-defined]
     return tensor
@@ -74,6 +88,13 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` laid out as ``like``: this rank's shard as a ``DTensor`` when ``like`` is one, else ``full``.
 
     ``full`` must be the same on every rank (it is cut locally, nothing is sent).
+
+    Args:
+        full (`torch.Tensor`): The full tensor.
+        like (`torch.Tensor`): A tensor or ``DTensor`` whose layout to copy.
+
+    Returns:
+        `torch.Tensor`: ``full``, or this rank's shard of it.
     """
     if not is_sharded(like):
         return full
@@ -83,14 +104,26 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def rank_and_world_size() -> tuple[int, int]:
-    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one.
+
+    Returns:
+        `tuple[int, int]`: The rank and the world size.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def assign_layers(costs: Sequence[float], world_size: int) -> list[int]:
-    """The rank that searches each layer: largest first onto the least-loaded rank (same on every rank)."""
+    """The rank that searches each layer: largest first onto the least-loaded rank (same on every rank).
+
+    Args:
+        costs (`Sequence[float]`): Cost of each layer's search (its size).
+        world_size (`int`): Number of ranks.
+
+    Returns:
+        `list[int]`: The owning rank of each layer, in the order of ``costs``.
+    """
     loads = [0.0] * world_size
     owners = [0] * len(costs)
     for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
@@ -101,12 +134,21 @@ def assign_layers(costs: Sequence[float], world_size: int) -> list[int]:
 
 
 def enable_cpu_fsdp(accelerator: Any) -> bool:
-    """Turn a multi-process CPU run launched for FSDP into an FSDP run; True if it did.
+    """Turn a multi-process CPU run launched for FSDP into an FSDP run.
 
     ``accelerate launch`` with an FSDP config and ``ACCELERATE_USE_CPU=1`` starts the processes with
     ``ACCELERATE_USE_FSDP=true``, but Accelerate only turns FSDP on for accelerator devices and falls
     back to CPU DDP silently. FSDP2's ``fully_shard`` itself trains on CPU over gloo, so the state is
     switched to FSDP with the plugin the launcher's ``FSDP_*`` variables describe.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): The run's accelerator.
+
+    Returns:
+        `bool`: True if it switched the run to FSDP.
+
+    Raises:
+        UnsupportedSetupError: If the launcher asks for an FSDP version other than 2.
     """
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, str_to_bool
 
@@ -133,7 +175,15 @@ def enable_cpu_fsdp(accelerator: Any) -> bool:
 
 
 def describe_setup(accelerator: Any = None) -> str:
-    """The run's distributed setup in a few words, e.g. ``"DDP x2 (cpu)"``, ``"FSDP2 x4 on 2 machines (cuda)"``."""
+    """The run's distributed setup in a few words.
+
+    Args:
+        accelerator (`accelerate.Accelerator`, *optional*): The run's accelerator; Accelerate's
+            ``PartialState`` without one.
+
+    Returns:
+        `str`: E.g. ``"single process (cpu)"``, ``"DDP x2 (cpu)"``, ``"FSDP2 x4 on 2 machines (cuda)"``.
+    """
     _, world = rank_and_world_size()
     if accelerator is None:
         from accelerate.state import PartialState
@@ -170,8 +220,18 @@ def search_permutations_shared(
     Layers go to ranks by :func:`assign_layers` (weighted by size); each owner searches with the
     layer's own generator (seeded from the step and the layer's index, not the rank), then broadcasts
     the result, so every rank ends with the permutations a single process would find. A collective:
-    all ranks call it with the same layers. Returns the seconds this rank spent searching. ``progress``:
-    a bar over the layers on the main process (:func:`bimask_hf.progress.progress_bar`'s ``enabled``).
+    all ranks call it with the same layers.
+
+    Args:
+        layers (`Sequence[BiMaskLayer]`): The layers.
+        generators (`Sequence[torch.Generator]`): One generator per layer.
+        method (`str`): The search (one of :data:`bimask_hf.search.METHODS`).
+        num_candidates (`int`): Candidates of the random searches.
+        progress (`bool`, *optional*, defaults to `False`): A bar over the layers on the main process
+            (:func:`bimask_hf.progress.progress_bar`'s ``enabled``).
+
+    Returns:
+        `float`: The seconds this rank spent searching.
     """
     rank, world = rank_and_world_size()
     owners = assign_layers([float(layer.weight.numel()) for layer in layers], world)
@@ -244,6 +304,13 @@ def is_split_per_rank(dataset: Any, world_size: int) -> bool:
     """Whether ``dataset`` is a streamed dataset that ``split_dataset_by_node`` cut for ``world_size`` ranks.
 
     Such a dataset is read as it is on each rank; Accelerate would otherwise split it a second time.
+
+    Args:
+        dataset (`Any`): The training dataset.
+        world_size (`int`): Number of ranks.
+
+    Returns:
+        `bool`: True for such a dataset (always False on one rank).
     """
     if world_size <= 1:
         return False
@@ -261,6 +328,12 @@ def meta_copy(model: nn.Module) -> nn.Module:
     Non-persistent buffers (not in a state dict) are copied for real, so loading a full state dict
     with ``assign=True`` makes the copy complete. Made before FSDP2 wraps the model, it is the plain
     module :func:`gather_full_model` loads the gathered weights into, at no memory cost.
+
+    Args:
+        model (`nn.Module`): The model.
+
+    Returns:
+        `nn.Module`: The copy.
     """
     memo: dict[int, Any] = {}
     for tensor in model.state_dict(keep_vars=True).values():
