@@ -188,7 +188,14 @@ class BiMaskCallback(TrainerCallback):
         return callback
 
     def bind(self, model: nn.Module) -> None:
-        """Act on ``model`` from now on (the Trainer's model; with ``model_init`` a new one per run)."""
+        """Act on ``model`` from now on.
+
+        Args:
+            model: The Trainer's model (with ``model_init``, a new one per run).
+
+        Raises:
+            ValueError: ``model`` has no Bi-Mask layers, or other settings than ``config``.
+        """
         if self.fixed_masks is None:
             self.fixed_masks = is_peft_model(model)
         if self.fixed_masks:  # LoRA: the masks stay as they are; the config only names the pattern

@@ -177,6 +177,19 @@ def sparsify(model: nn.Module, config: BiMaskConfig | None = None, **overrides) 
     do not allow the pattern stay dense and :func:`report` says why. Patterns that match nothing
     raise ``ValueError`` listing the layer names that exist. A model that already has Bi-Mask layers
     is returned unchanged if ``config`` agrees with the one it was patched with.
+
+    Args:
+        model: A timm or transformers model (any ``nn.Module`` with ``Linear``/``Conv2d`` layers).
+        config: The settings (default ``BiMaskConfig()``: 2:4 Bi-Mask).
+        **overrides: ``BiMaskConfig`` fields that replace ``config``'s (``sparsify(model, n=1, m=4)``).
+
+    Returns:
+        ``model``, patched in place, with the config attached as ``model.bimask_config``.
+
+    Raises:
+        TypeError: An override that is no ``BiMaskConfig`` field.
+        ValueError: Nothing to sparsify, targets that match no layer, or a model already sparsified with
+            another config.
     """
     config = config or BiMaskConfig()
     if overrides:
@@ -285,6 +298,12 @@ def training_state(model: nn.Module) -> Iterator[nn.Module]:
     model card). A training checkpoint must instead keep the dense weights and the permutations so that
     a resumed run continues exactly: ``BiMaskTrainer`` saves its checkpoints inside this context, and
     a custom loop saving with ``save_pretrained`` should too.
+
+    Args:
+        model: A model patched by :func:`sparsify`.
+
+    Yields:
+        ``model``, whose saves keep the training state until the block exits (nested blocks are counted).
     """
     layers = list(sparse_layers(model).values())
     for layer in layers:
@@ -363,6 +382,15 @@ def merge(model: nn.Module) -> nn.Module:
     computes what the patched one did and its zeros compare and compress as zeros. Raises if a weight is
     not finite. Records the merged layer names in ``model.bimask_sparse_layers`` (used by
     :func:`check_nm` and the Hub helpers).
+
+    Args:
+        model: A model patched by :func:`sparsify`.
+
+    Returns:
+        ``model``, with plain layers, in place.
+
+    Raises:
+        ValueError: A Bi-Mask layer's weight holds NaN or inf.
     """
     layers = sparse_layers(model)
     for name, layer in layers.items():
@@ -387,7 +415,11 @@ merge_and_unload = merge
 
 
 def project_(model: nn.Module) -> None:
-    """Prune every Bi-Mask layer's parameter in place (``post`` mode calls this after each step)."""
+    """Prune every Bi-Mask layer's parameter in place (``post`` mode calls this after each step).
+
+    Args:
+        model: A model patched by :func:`sparsify`.
+    """
     for layer in sparse_layers(model).values():
         layer.project_()
 
@@ -409,12 +441,20 @@ def refresh_permutations(
     The generator of each layer is seeded from ``(seed, step, layer index)``. With several processes
     each rank searches its share of the layers and broadcasts the results
     (:func:`bimask_hf.distributed.search_permutations_shared`), so all ranks end with the permutations
-    a single process finds; call it on every rank. Returns ``seconds`` (this rank's search time),
-    ``retention_mean`` and ``retention_min`` after the refresh.
+    a single process finds; call it on every rank.
 
-    ``progress`` shows a bar over the layers on the main process: ``None`` (default) when stderr is a
-    terminal and progress bars are on (``transformers.utils.logging.disable_progress_bar()`` turns them
-    off), ``True`` always, ``False`` never.
+    Args:
+        model: A model patched by :func:`sparsify` (wrapped by DDP/FSDP2 or not).
+        step: The training step; seeds the search (with ``seed`` and the layer's index).
+        method: The search (default ``model.bimask_config.permutation_search``).
+        num_candidates: Candidates of the ``random`` search (default ``model.bimask_config.num_permutations``).
+        seed: The seed (default ``model.bimask_config.seed``).
+        progress: A bar over the layers on the main process: ``None`` (default) when stderr is a terminal
+            and progress bars are on (``transformers.utils.logging.disable_progress_bar()`` turns them off),
+            ``True`` always, ``False`` never.
+
+    Returns:
+        ``{"seconds": this rank's search time, "retention_mean": ..., "retention_min": ...}`` after the refresh.
     """
     config: BiMaskConfig = getattr(model, "bimask_config", None) or BiMaskConfig()
     method = method or config.permutation_search

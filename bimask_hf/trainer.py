@@ -112,7 +112,11 @@ class BiMaskTrainingArguments(TrainingArguments, BiMaskConfigArguments):
         self.bimask_config = self.to_bimask_config()  # validates early, with BiMaskConfig's messages
 
     def to_bimask_config(self) -> BiMaskConfig:
-        """The `BiMaskConfig` these arguments describe."""
+        """The `BiMaskConfig` these arguments describe.
+
+        Returns:
+            The config, with the Trainer's ``seed`` as the search's seed.
+        """
         return BiMaskConfig(**{name: getattr(self, name) for name in ARGUMENT_FIELDS}, seed=self.seed)
 
 

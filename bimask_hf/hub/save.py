@@ -147,7 +147,7 @@ def save_sparse_model(
     repo_id: str | None = None,
     **hub_kwargs: Any,
 ) -> str:
-    """Save a Bi-Mask model as a folder that plain transformers / timm load; returns the folder path.
+    """Save a Bi-Mask model as a folder that plain transformers / timm load.
 
     The caller's model is not touched: a deep copy is merged (:func:`bimask_hf.merge`), so pruned
     weights are exactly ``+0.0`` in the safetensors file and no ``bimask_permutation`` buffer is
@@ -155,26 +155,39 @@ def save_sparse_model(
     ``save_pretrained``; bare timm models with timm's Hub export (``config.json`` with ``architecture``),
     readable by ``timm.create_model("hf-hub:...")`` and ``AutoModelForImageClassification``.
     ``bimask_config.json`` records the config, the ``sparse_layers``, the ``pattern`` and the library
-    version; ``README.md`` is a model card (:func:`create_model_card`, fed by ``card_data`` — its keyword
-    arguments — and ``metrics``, e.g. ``{"top1": 77.4, "top5": 93.7, "dataset": "imagenet-1k",
-    "split": "validation"}``).
+    version; ``README.md`` is a model card (:func:`create_model_card`).
 
-    With ``compressed=True`` the weights go to ``model.nm.safetensors`` with N:M layers stored as kept
-    values + bit-packed indices (a 2:4 fp16 layer takes 0.56 of its dense size); such a folder is read
-    by :func:`load_sparse_model` only. Weights are always safetensors; ``safe_serialization=False`` is
-    accepted for Trainer compatibility but nothing is ever pickled.
+    Args:
+        model: A model patched by :func:`bimask_hf.sparsify` (wrapped by DDP or ``torch.compile`` or not).
+        save_directory: The folder; replaced atomically when it exists.
+        config: The settings to record (default ``model.bimask_config``).
+        compressed: Write the weights to ``model.nm.safetensors`` with N:M layers stored as kept values +
+            bit-packed indices (a 2:4 fp16 layer takes 0.56 of its dense size); such a folder is read by
+            :func:`load_sparse_model` only.
+        card_data: Model-card fields (:func:`create_model_card`'s keyword arguments).
+        metrics: Evaluation results for the card, e.g. ``{"top1": 77.4, "top5": 93.7, "dataset":
+            "imagenet-1k", "split": "validation"}``.
+        safe_serialization: Accepted for Trainer compatibility; weights are always safetensors, never pickled.
+        data_config: The preprocessing the model was trained with (``ImageClassificationData.data_config``:
+            input size, channels, mean/std, interpolation, crop): timm and TimmWrapper folders record it as
+            the ``pretrained_cfg`` of ``config.json``, other transformers models as
+            ``preprocessor_config.json``, so ``transformers.pipeline("image-classification", model=folder)``
+            and ``bimask-eval`` preprocess images the way training evaluated them. Default: the
+            preprocessing of the folder the model was loaded from (:func:`load_sparse_model` records it) or
+            a timm model's own ``pretrained_cfg``.
+        push_to_hub: Then upload the folder to the Hub repo ``repo_id``, created if needed; the card's
+            snippets name the pushed repo.
+        repo_id: The repo (default: the folder's name under your namespace).
+        **hub_kwargs: ``token``, ``private``, ``revision``, ``commit_message``, ``create_pr``, ``endpoint``
+            for ``huggingface_hub`` (``HF_ENDPOINT`` is read at call time).
 
-    ``data_config`` is the preprocessing the model was trained with (``ImageClassificationData.data_config``:
-    input size, channels, mean/std, interpolation, crop): timm and TimmWrapper folders record it as the
-    ``pretrained_cfg`` of ``config.json``, other transformers models as ``preprocessor_config.json``, so
-    ``transformers.pipeline("image-classification", model=folder)`` and ``bimask-eval`` preprocess images
-    the way training evaluated them. Without it, the preprocessing of the folder the model was loaded
-    from (:func:`load_sparse_model` records it) or a timm model's own ``pretrained_cfg`` is kept.
+    Returns:
+        The folder's path.
 
-    With ``push_to_hub=True`` the folder is then uploaded to the Hub repo ``repo_id`` (default: the
-    folder's name under your namespace), created if needed; the card's snippets name the pushed repo.
-    ``hub_kwargs`` (``token``, ``private``, ``revision``, ``commit_message``, ``create_pr``, ``endpoint``)
-    go to ``huggingface_hub``; ``HF_ENDPOINT`` is read at call time.
+    Raises:
+        TypeError: An unknown keyword.
+        ValueError: Hub keywords without ``push_to_hub=True``, no config, or ``compressed=True`` for an
+            unstructured model.
     """
     unknown = sorted(set(hub_kwargs) - set(_HUB_KEYWORDS))
     if unknown:
@@ -259,8 +272,22 @@ def _create_repo(repo_id: str, *, token: Any = None, private: bool | None = None
 def push_folder(folder: str, repo_id: str, *, token: Any = None, private: bool | None = None,
                 revision: str | None = None, commit_message: str | None = None,
                 commit_description: str | None = None, create_pr: bool = False, endpoint: str | None = None) -> Any:
-    """Upload a folder written by :func:`save_sparse_model` to ``repo_id`` (created if needed); returns
-    ``huggingface_hub``'s ``CommitInfo``."""
+    """Upload a folder written by :func:`save_sparse_model` to ``repo_id`` (created if needed).
+
+    Args:
+        folder: The folder.
+        repo_id: The Hub repo.
+        token: A Hub token (default: the logged-in one).
+        private: Create the repo private.
+        revision: The branch (created if needed).
+        commit_message: The commit message.
+        commit_description: The commit description.
+        create_pr: Open a pull request instead of committing.
+        endpoint: The Hub endpoint (default ``HF_ENDPOINT``).
+
+    Returns:
+        ``huggingface_hub``'s ``CommitInfo``.
+    """
     api = _hub_api(token, endpoint)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None:
@@ -295,6 +322,18 @@ def sparse_save_pretrained(model: nn.Module, save_directory: str | os.PathLike, 
     model card and the preprocessing the model was loaded with. Keywords that only shape transformers'
     files (``max_shard_size``, ``safe_serialization``) are accepted; ``push_to_hub=True`` with ``repo_id``,
     ``token``, ``private``, ``commit_message`` uploads the folder as well.
+
+    Args:
+        model: The sparsified transformers model (the method's ``self``).
+        save_directory: The folder.
+        *args: Refused (``save_sparse_model`` takes none).
+        is_main_process: Only the main process writes.
+        state_dict: Refused: the folder holds the merged weights.
+        push_to_hub: Also upload the folder.
+        **kwargs: ``save_pretrained``'s other keywords (Hub ones with ``push_to_hub``).
+
+    Returns:
+        The folder's path; None off the main process.
     """
     plain = _plain_call(model, "save_pretrained")
     if plain is not None:
@@ -323,7 +362,23 @@ def sparse_push_to_hub(model: nn.Module, repo_id: str, *, commit_message: str | 
                        revision: str | None = None, create_pr: bool = False, max_shard_size: Any = None,
                        tags: list[str] | None = None) -> Any:
     """``model.push_to_hub`` of a transformers model under Bi-Mask training: the folder of
-    :func:`save_sparse_model` (bimask-hf's model card included, with ``tags`` added) is uploaded."""
+    :func:`save_sparse_model` (bimask-hf's model card included, with ``tags`` added) is uploaded.
+
+    Args:
+        model: The sparsified transformers model (the method's ``self``).
+        repo_id: The Hub repo (under your namespace when it names none).
+        commit_message: The commit message.
+        commit_description: The commit description.
+        private: Create the repo private.
+        token: A Hub token.
+        revision: The branch.
+        create_pr: Open a pull request instead of committing.
+        max_shard_size: Accepted for ``push_to_hub``'s signature.
+        tags: Tags added to the card.
+
+    Returns:
+        ``huggingface_hub``'s ``CommitInfo``.
+    """
     import tempfile
 
     plain = _plain_call(model, "push_to_hub")
