@@ -31,7 +31,7 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 from .checks import CHECKPOINT_CONFIG_NAME, check_resume, save_checkpoint_config, stop_if_diverged
-from .compat import live_key_names, load_checkpoint_weights
+from .compat import calling_callback_handler, live_key_names, load_checkpoint_weights
 from .config import STRUCTURE_FIELDS, BiMaskConfig
 from .distributed import describe_setup, is_sharded
 from .lora import is_peft_model
@@ -125,8 +125,9 @@ class BiMaskCallback(TrainerCallback):
 
     The ``sparsity/*`` metrics are added to every training log (``loss`` / ``train_loss``) in place, so
     ``trainer.state.log_history`` and the callbacks after this one see them. The Trainer calls the trackers
-    named in ``report_to`` before the callbacks given in ``callbacks=``; :meth:`add_to` puts the callback
-    ahead of them, so the trackers log the metrics too (``BiMaskTrainer`` does this itself).
+    named in ``report_to`` before the callbacks given in ``callbacks=``, so the callback moves itself ahead
+    of them when the Trainer is built (or, after ``trainer.add_callback``, when training begins), and the
+    trackers log the metrics too; :meth:`add_to` does the same explicitly.
 
     Args:
         model: Deprecated way to give the model up front; the Trainer's own model is used once training begins.
@@ -177,15 +178,26 @@ class BiMaskCallback(TrainerCallback):
             The callback added.
         """
         callback = callback if callback is not None else cls()
-        callbacks = trainer.callback_handler.callbacks
-        if callback in callbacks:
-            callbacks.remove(callback)
-        # Right after the Trainer's flow callback, which decides when to log, before everything that logs.
-        callbacks.insert(min(1, len(callbacks)), callback)
-        callback.ahead_of_trackers = True
+        callback._move_ahead(trainer.callback_handler.callbacks)
         if trainer.model is not None:
             callback.bind(trainer.model)
         return callback
+
+    def _move_ahead(self, callbacks: list[Any]) -> None:
+        """Put this callback right after the Trainer's flow callback (which decides when to log), before
+        everything that logs. Safe while ``callbacks`` is being iterated by an event: the callbacks after
+        this one keep their positions, so each is still called once."""
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(min(1, len(callbacks)), self)
+        self.ahead_of_trackers = True
+
+    def _get_ahead_of_trackers(self) -> None:
+        """Given as ``Trainer(callbacks=[...])`` or ``add_callback``: move ahead of the ``report_to`` trackers."""
+        if not self.ahead_of_trackers:
+            handler = calling_callback_handler(self)
+            if handler is not None:
+                self._move_ahead(handler.callbacks)
 
     def bind(self, model: nn.Module) -> None:
         """Act on ``model`` from now on.
@@ -215,12 +227,14 @@ class BiMaskCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
         if model is not None:  # a wrong or unsparsified model fails when the Trainer is built, not mid-run
             self.bind(model)
+        self._get_ahead_of_trackers()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
         if model is not None:
             self.bind(model)
         if self.model is None:
             raise ValueError("BiMaskCallback got no model from the Trainer; pass the sparsified model to it.")
+        self._get_ahead_of_trackers()  # added with trainer.add_callback after the Trainer was built
         if args.report_to and not self.ahead_of_trackers and state.is_world_process_zero:
             logger.warning(
                 "BiMaskCallback was added after the report_to trackers %s, which then log no sparsity/* metrics: "

@@ -13,12 +13,19 @@ release that breaks one is noticed here, not in a user's run.
    ``Trainer`` with :class:`~bimask_hf.callback.BiMaskCallback` gets the same result from public hooks: the
    callback loads the weights again by name when training begins and after the best model was loaded,
    which ``BiMaskTrainer`` avoids doing twice.)
+2. The ``CallbackHandler`` that calls an event, found on the stack (:func:`calling_callback_handler`). The
+   Trainer calls the ``report_to`` trackers before the callbacks a user passes, so a ``BiMaskCallback``
+   given as ``Trainer(callbacks=[...])`` would add its ``sparsity/*`` metrics to a log the trackers have
+   already written. No event receives the handler; ``CallbackHandler.call_event`` calls every callback's
+   event with the handler as its ``self``, and the callback moves itself ahead of the trackers in the
+   handler's public ``callbacks`` list. If the handler is not found, the callback warns instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -28,7 +35,7 @@ from .errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointKeysMixin", "live_key_names", "load_checkpoint_weights"]
+__all__ = ["CheckpointKeysMixin", "calling_callback_handler", "live_key_names", "load_checkpoint_weights"]
 
 
 def live_key_names(model: Any, live: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -94,6 +101,27 @@ def load_checkpoint_weights(folder: str, model: Any) -> bool:
             "the checkpoint was trained with."
         )
     return True
+
+
+def calling_callback_handler(callback: Any) -> Any:
+    """The transformers ``CallbackHandler`` calling an event of ``callback`` now (entry 2).
+
+    Args:
+        callback: The callback whose event method calls this.
+
+    Returns:
+        The handler (whose ``callbacks`` list holds ``callback``), or None when none is on the stack.
+    """
+    frame = sys._getframe(1)
+    for _ in range(6):  # the event method, then CallbackHandler.call_event, then its on_<event>
+        if frame is None:
+            return None
+        handler = frame.f_locals.get("self")
+        if (type(handler).__name__ == "CallbackHandler" and hasattr(handler, "call_event")
+                and any(c is callback for c in getattr(handler, "callbacks", ()))):
+            return handler
+        frame = frame.f_back
+    return None
 
 
 class CheckpointKeysMixin:

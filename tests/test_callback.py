@@ -233,3 +233,29 @@ def test_plain_trainer_keeps_the_best_checkpoint_of_a_renamed_model(tmp_path, sm
     state = _state(trainer.model)
     for key, value in snapshots.states[best].items():
         assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("how", ["callbacks=", "add_callback"])
+def test_metrics_reach_a_tracker_when_the_callback_is_given_as_any_other(tmp_path, small_digits, how, monkeypatch):
+    """The Trainer calls report_to trackers before user callbacks: the callback must get ahead of them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    model = bh.sparsify(_model(small_digits), bh.BiMaskConfig(**CONFIG))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), **{**RUN, "report_to": ["tensorboard"]})
+    callback = bh.BiMaskCallback()
+    trainer = Trainer(model=model, args=args, train_dataset=small_digits.eval_dataset,
+                      data_collator=small_digits.collate_fn, callbacks=[callback] if how == "callbacks=" else None)
+    if how == "add_callback":
+        trainer.add_callback(callback)
+    trainer.train()
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("BiMaskCallback") < names.index("TensorBoardCallback"), names
+    assert names.count("BiMaskCallback") == 1
+    events = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert acc.Scalars("train/sparsity/sparse_density")[-1].value == pytest.approx(0.5), acc.Tags()["scalars"]
+    # every training log: the two of logging_steps=2 and the summary with train_loss
+    assert len(acc.Scalars("train/loss")) == 2 and len(acc.Scalars("train/sparsity/retention_mean")) == 3

@@ -82,3 +82,21 @@ def test_no_module_but_compat_touches_a_private_trainer_or_accelerator_member():
                 if name in private:
                     found.append(f"{path.relative_to(package)}:{number}: {name}")
     assert not found, found
+
+
+def test_callback_events_are_called_by_the_handler_iterating_its_public_list():
+    """Entry 2: CallbackHandler.call_event is on the stack of every event, as ``self``, looping over ``callbacks``."""
+    from transformers.trainer_callback import CallbackHandler, TrainerCallback
+
+    source = inspect.getsource(CallbackHandler.call_event)
+    assert "for callback in self.callbacks:" in source and "getattr(callback, event)(" in source
+    found = []
+
+    class Probe(TrainerCallback):
+        def on_init_end(self, args, state, control, **kwargs):
+            found.append(compat.calling_callback_handler(self))
+
+    probe = Probe()
+    trainer = Trainer(model=tiny_vit(), callbacks=[probe])
+    assert found == [trainer.callback_handler]
+    assert compat.calling_callback_handler(probe) is None  # not inside an event
