@@ -237,3 +237,30 @@ def test_cpu_fsdp2_computes_in_the_launchers_bf16():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sharded=True weight_in_forward=torch.bfloat16 output=torch.bfloat16" in proc.stdout
+
+
+def test_saving_a_sharded_model_is_refused_with_the_way_to_gather_it(tmp_path):
+    """A plain Trainer under FSDP2 leaves a sharded model: saving its slices would write a fraction of it."""
+    code = f"""
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import bimask_hf as bh
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+model = bh.sparsify(bh.create_model("resnet8_cifar", labels=[str(i) for i in range(4)],
+                                    model_args={{"base_width": 8}}), bh.BiMaskConfig())
+template = bh.distributed.meta_copy(model)
+fully_shard(model)
+try:
+    bh.save_sparse_model(model, {str(tmp_path / "sharded")!r})
+except ValueError as error:
+    print("REFUSED:", error)
+full = bh.distributed.gather_full_model(model, template, keep=True)
+bh.save_sparse_model(full, {str(tmp_path / "full")!r})
+print(bh.check_nm({str(tmp_path / "full")!r}) is not None)
+dist.destroy_process_group()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REFUSED: save_sparse_model got an FSDP2-sharded model" in out.stdout and "gather_full_model" in out.stdout
+    assert not (tmp_path / "sharded").exists()
+    assert out.stdout.strip().endswith("True")

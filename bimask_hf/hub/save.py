@@ -16,6 +16,7 @@ from accelerate.utils import extract_model_from_parallel
 
 from ..compression import NM_WEIGHTS_NAME, is_nm_compressible, save_nm_safetensors
 from ..config import BiMaskConfig
+from ..distributed import is_sharded
 from ..families import is_timm_wrapper, model_family
 from ..inspection import SparsityReport, check_nm, report, sparse_layers
 from ..modes import mode_spec
@@ -186,8 +187,8 @@ def save_sparse_model(
 
     Raises:
         TypeError: An unknown keyword.
-        ValueError: Hub keywords without ``push_to_hub=True``, no config, or ``compressed=True`` for an
-            unstructured model.
+        ValueError: Hub keywords without ``push_to_hub=True``, no config, ``compressed=True`` for an
+            unstructured model, or an FSDP2-sharded model (gather it first).
     """
     unknown = sorted(set(hub_kwargs) - set(_HUB_KEYWORDS))
     if unknown:
@@ -206,6 +207,14 @@ def save_sparse_model(
             stacklevel=2,
         )
     model = extract_model_from_parallel(model, keep_torch_compile=False)  # DDP, DataParallel, torch.compile
+    if any(is_sharded(p) for p in model.parameters()):
+        # each rank holds a slice of every weight: merging and writing them would save a fraction of the model
+        raise ValueError(
+            "save_sparse_model got an FSDP2-sharded model: each rank holds only a slice of its weights. Gather them "
+            "first on every rank: full = bimask_hf.distributed.gather_full_model(model, template, keep=is_main) "
+            "with template = bimask_hf.distributed.meta_copy(model) made before the model was sharded, then save "
+            "`full` on the main process; or train with bimask_hf.BiMaskTrainer, whose save_model does this."
+        )
     config = config or getattr(model, "bimask_config", None)
     if config is None:
         raise ValueError("save_sparse_model needs a BiMaskConfig: pass config=... or call bimask_hf.sparsify first.")
