@@ -328,6 +328,13 @@ def _float_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = N
     return product.to(torch.int32) if out is None else out.copy_(product)
 
 
+def _matmul_path(a: torch.Tensor) -> str:
+    """The matmul that scores swaps of ``a``'s device: the forced one, else the faster one."""
+    if _forced_path is not None:
+        return _forced_path
+    return "int8" if a.device.type == "cpu" and _int8_matmul_faster() else "float"
+
+
 def _mm01(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, term_max: int = 1) -> torch.Tensor:
     """``a @ b`` for small non-negative integer matrices (2-D, or 3-D batched), exact, as int32 (into ``out``
     when given); ``term_max`` bounds every product ``a[i, k] * b[k, j]`` (and every entry fits int8).
@@ -335,16 +342,33 @@ def _mm01(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, ter
     The int8 GEMM runs where it is the faster one (a CPU with VNNI or AMX, :func:`_int8_matmul_faster`),
     a float matmul elsewhere and on GPUs; both give the same integers (:func:`matmul_path` forces one).
     """
-    path = _forced_path
-    if path is None:
-        path = "int8" if a.device.type == "cpu" and _int8_matmul_faster() else "float"
-    if path == "float":
+    if _matmul_path(a) == "float":
         return _float_matmul(a, b, out, term_max)
     if a.dim() == 2:
         return _int8_matmul(a, b, out)
     out = torch.empty(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.int32, device=a.device) if out is None else out
     for i in range(a.shape[0]):  # int8 GEMMs are 2-D only
         _int8_matmul(a[i], b[i], out[i])
+    return out
+
+
+def _gram01(a: torch.Tensor) -> torch.Tensor:
+    """``a @ a.T`` of a 2-D 0/1 matrix with entries exact (int32 on the int8 path, float on the float path).
+
+    The float path converts ``a`` once and, the product being symmetric, computes three of its four
+    quadrants (the fourth is the transpose of one of them).
+    """
+    if _matmul_path(a) == "int8":
+        return _int8_matmul(a, a.T)
+    dtype = torch.float32 if a.shape[-1] <= _FLOAT32_EXACT else torch.float64
+    converted = a.to(dtype)
+    rows, half = a.shape[0], a.shape[0] // 2
+    top, bottom = converted[:half], converted[half:]
+    out = torch.empty(rows, rows, dtype=dtype, device=a.device)
+    torch.mm(top, top.T, out=out[:half, :half])
+    torch.mm(bottom, bottom.T, out=out[half:, half:])
+    torch.mm(bottom, top.T, out=out[half:, :half])
+    out[:half, half:] = out[half:, :half].T
     return out
 
 
@@ -596,7 +620,7 @@ def _all_split_gains(rows01: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor
     ).sum(1)
     onehot = codes.unsqueeze(1) == torch.arange(2**m, device=rows01.device).view(1, -1, 1)  # (G, 2^m, K)
     onehot = onehot.reshape(groups * 2**m, cols)
-    joint = _mm01(onehot, onehot.T).reshape(groups, 2**m, groups, 2**m).permute(0, 2, 1, 3)
+    joint = _gram01(onehot).reshape(groups, 2**m, groups, 2**m).permute(0, 2, 1, 3)
     # float64: histogram counts must stay exact even where float32 matmuls run as TF32
     gains = joint.reshape(groups * groups, 4**m).double() @ _split_gain_table(n, m).to(rows01.device).double()
     value, index = gains.max(dim=1)

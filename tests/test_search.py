@@ -362,3 +362,14 @@ def test_float_matmul_counts_stay_exact_past_float32_integers() -> None:
         assert torch.equal(search._mm01(a, b, term_max=127 * 127).long(), exact)
     with pytest.raises(ValueError, match="int8"):
         search.matmul_path("int4").__enter__()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 64])
+def test_gram_of_zero_one_rows_is_exact_on_both_paths(rows) -> None:
+    """The re-split scores' joint histograms: ``a @ a.T``, the float path building it from three quadrants."""
+    gen = torch.Generator().manual_seed(rows)
+    a = (torch.rand(rows, 300, generator=gen) < 0.4).to(torch.int8)
+    exact = a.long() @ a.long().T
+    for path in ("int8", "float"):
+        with search.matmul_path(path):
+            assert torch.equal(search._gram01(a).long(), exact), path
