@@ -122,8 +122,8 @@ def _library() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
         named = f"CC={os.environ['CC']} is not an executable" if os.environ.get("CC") else "no C compiler found"
-        logger.warning("bimask-hf: %s; eager CPU masks use tensor ops (same masks, 2-7x slower mask work). To fix: "
-                       "%s.", named, _FIX)
+        logger.warning("bimask-hf: %s; eager CPU masks use tensor ops (same masks, slower mask work: "
+                       "docs/benchmarks.md, section 5). To fix: %s.", named, _FIX)
         return None
     try:
         identity = _compiler_identity(cc)
@@ -142,7 +142,8 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as err:
         detail = (getattr(err, "stderr", "") or str(err)).strip()
         logger.warning("bimask-hf: could not build or load the C mask kernels with %s (%s); eager CPU masks use "
-                       "tensor ops (same masks, 2-7x slower mask work). To fix: %s.", cc, detail, _FIX)
+                       "tensor ops (same masks, slower mask work: docs/benchmarks.md, section 5). To fix: %s.",
+                       cc, detail, _FIX)
         return None
     lib.bm_forward_mask.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64]
     lib.bm_backward_mask.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64]
