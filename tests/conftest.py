@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 def _digits(max_train_samples: int, max_eval_samples: int):
@@ -22,3 +23,26 @@ def digits():
 def small_digits():
     """The digits with 64 training and 32 evaluation examples (the evaluation set is not augmented)."""
     return _digits(64, 32)
+
+
+@pytest.fixture
+def mask_path(monkeypatch):
+    """Route the layers' masks through one path: ``select("kernels")`` (the C kernels, their calls recorded in
+    the list it returns; skipped without a C compiler), ``"tensor-ops"`` (kernels switched off) or ``"graph"``
+    (what runs under torch.compile)."""
+    from bimask_hf import kernels
+
+    def select(path: str) -> list[str]:
+        calls: list[str] = []
+        if path == "kernels":
+            if not kernels.available():
+                pytest.skip("no C compiler: the C kernels are not built here")
+            for name in ("forward_mask", "backward_mask"):
+                real = getattr(kernels, name)
+                monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+        if path == "tensor-ops":
+            monkeypatch.setattr(kernels, "_switched_off", True)  # what kernels.disabled() sets
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: path == "graph")
+        return calls
+
+    return select

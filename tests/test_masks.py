@@ -146,27 +146,17 @@ def test_step_mask_dtype_per_path(monkeypatch):
                                           ((16, 16, 3, 3), "flat"), ((16, 32, 1, 1), "channels_last")])
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32])
 @pytest.mark.parametrize("path", ["kernels", "tensor-ops", "graph"])
-def test_step_masks_match_the_references(monkeypatch, n, m, shape, layout, dtype, path):
+def test_step_masks_match_the_references(mask_path, n, m, shape, layout, dtype, path):
     """The training step's masks (eager: the one-pass C kernels, or without them float counts over
     contiguous slices and gathers with index_select; under torch.compile: a gather-and-compare path with
     no in-place slices or scatter) keep exactly the reference's entries on integer weights full of ties,
     in the dtype asked for, from a forward mask of any dtype."""
-    from bimask_hf import kernels
     from bimask_hf.masks import backward_mask_for_weight, nm_mask_for_weight
 
     gen = torch.Generator().manual_seed(n * 100 + m)
     w = torch.randint(-3, 4, shape, generator=gen).float()
     perm = torch.randperm(shape[0], generator=gen)
-    if path == "kernels":
-        if not kernels.available():
-            pytest.skip("no C compiler: the C kernels are not built here")
-        calls = []
-        for name in ("forward_mask", "backward_mask"):
-            real = getattr(kernels, name)
-            monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    if path == "tensor-ops":
-        monkeypatch.setattr(kernels, "_switched_off", True)  # what kernels.disabled() sets
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: path == "graph")
+    calls = mask_path(path)
     mf = nm_mask_for_weight(w, n, m, layout, dtype=dtype)
     mb = backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype)
     assert mf.dtype == mb.dtype == dtype and mf.shape == mb.shape == w.shape

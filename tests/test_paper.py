@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 import bimask_hf as bh
-from bimask_hf import kernels
 from bimask_hf.masks import backward_mask_for_weight, nm_mask_for_weight, permutation_retention
 
 from .reference import ref_paper_backward_mask, ref_paper_forward_mask
@@ -23,29 +22,15 @@ def _tie_heavy(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(seed)).float()
 
 
-def _select_path(monkeypatch: pytest.MonkeyPatch, path: str) -> list[str]:
-    calls: list[str] = []
-    if path == "kernels":
-        if not kernels.available():
-            pytest.skip("no C compiler: the C kernels are not built here")
-        for name in ("forward_mask", "backward_mask"):
-            real = getattr(kernels, name)
-            monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
-    if path == "tensor-ops":
-        monkeypatch.setattr(kernels, "_switched_off", True)  # what kernels.disabled() sets
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: path == "graph")
-    return calls
-
-
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
 @pytest.mark.parametrize("shape", SHAPES, ids=["linear", "conv", "stem"])
 @pytest.mark.parametrize("path", ["kernels", "tensor-ops", "graph"])
-def test_paper_tie_order_masks_equal_the_reference(monkeypatch, n, m, shape, path):
+def test_paper_tie_order_masks_equal_the_reference(mask_path, n, m, shape, path):
     """Mf and Mb with tie_break="high" in the flat layout are bit-identical to the paper's ranking (stable
     ascending sort, drop the first M - N; Mb ranks |W * Mf|) on the C-kernel, tensor-op and graph paths."""
     w = _tie_heavy(shape, n * 100 + m)
     perm = torch.randperm(shape[0], generator=torch.Generator().manual_seed(m))
-    calls = _select_path(monkeypatch, path)
+    calls = mask_path(path)
     dtype = STEP_DTYPE[path]
     mf = nm_mask_for_weight(w, n, m, "flat", dtype=dtype, tie_break="high")
     mb = backward_mask_for_weight(w, mf, perm, n, m, dtype=dtype, tie_break="high")
@@ -151,10 +136,10 @@ def test_preset_sparsifies_3x3_stems_across_rows_and_keeps_7x7_stems_dense():
 
 
 @pytest.mark.parametrize("path", ["kernels", "tensor-ops"])
-def test_paper_linear_gradients_follow_the_formulas(monkeypatch, path):
+def test_paper_linear_gradients_follow_the_formulas(mask_path, path):
     """Under the preset a Linear on (B, T, C) inputs: dL/dx = g (W * Mb), dL/dW = g^T x + B * decay *
     (1 - Mf) * W (the decay once per sample, as the paper's DeiT code), with the paper's masks."""
-    _select_path(monkeypatch, path)
+    mask_path(path)
     config = bh.BiMaskConfig(preset="paper", decay=0.01)
     layer = bh.BiMaskLinear.from_dense(nn.Linear(16, 8, bias=False), config)
     with torch.no_grad():
