@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
+from transformers.trainer_callback import CallbackHandler
 
 from .errors import CorruptCheckpointError
 
@@ -117,8 +118,7 @@ def calling_callback_handler(callback: Any) -> Any:
         if frame is None:
             return None
         handler = frame.f_locals.get("self")
-        if (type(handler).__name__ == "CallbackHandler" and hasattr(handler, "call_event")
-                and any(c is callback for c in getattr(handler, "callbacks", ()))):
+        if isinstance(handler, CallbackHandler) and any(c is callback for c in handler.callbacks):
             return handler
         frame = frame.f_back
     return None

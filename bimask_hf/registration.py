@@ -25,6 +25,11 @@ _REGISTRARS = {"timm": ("bimask_hf.models.cifar",),
                "transformers": ("bimask_hf.models.image_processor", "bimask_hf.hub.save")}
 
 
+def _register(registrars: tuple[str, ...]) -> None:
+    for name in registrars:
+        importlib.import_module(name)
+
+
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself: it wraps the real loader of a library so that the registrar runs after it."""
 
@@ -50,8 +55,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
             self.pending.pop(fullname, None)
             if not self.pending and self in sys.meta_path:
                 sys.meta_path.remove(self)
-            for name in registrar:
-                importlib.import_module(name)
+            _register(registrar)
 
         spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec
@@ -65,7 +69,6 @@ def register_when_imported() -> None:
     sys.meta_path.insert(0, finder)
     for library, registrar in _REGISTRARS.items():
         if library in sys.modules and finder.pending.pop(library, None) is not None:
-            for name in registrar:
-                importlib.import_module(name)
+            _register(registrar)
     if not finder.pending and finder in sys.meta_path:
         sys.meta_path.remove(finder)
