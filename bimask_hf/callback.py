@@ -31,7 +31,7 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 from .checks import CHECKPOINT_CONFIG_NAME, check_resume, save_checkpoint_config, stop_if_diverged
-from .compat import calling_callback_handler, live_key_names, load_checkpoint_weights
+from .compat import calling_callback_handler, load_checkpoint_weights, saves_renamed_keys
 from .config import STRUCTURE_FIELDS, BiMaskConfig
 from .distributed import describe_setup, is_sharded
 from .lora import is_peft_model
@@ -270,8 +270,7 @@ class BiMaskCallback(TrainerCallback):
             return False
         if any(is_sharded(p) for p in self.model.parameters()):
             return False
-        plain = getattr(self.model, "module", self.model)  # DDP
-        return bool(live_key_names(plain, plain.state_dict())) if hasattr(plain, "config") else False
+        return saves_renamed_keys(self.model)
 
     def _resume(self, args: Any, state: Any) -> None:
         """Check the resumed checkpoint's settings and load renamed weights by name."""

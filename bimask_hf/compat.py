@@ -36,7 +36,8 @@ from .errors import CorruptCheckpointError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointKeysMixin", "calling_callback_handler", "live_key_names", "load_checkpoint_weights"]
+__all__ = ["CheckpointKeysMixin", "calling_callback_handler", "live_key_names", "load_checkpoint_weights",
+           "saves_renamed_keys"]
 
 
 def live_key_names(model: Any, live: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -59,6 +60,21 @@ def live_key_names(model: Any, live: dict[str, torch.Tensor]) -> dict[str, str]:
     by_tensor = {id(tensor): key for key, tensor in live.items()}
     saved = revert_weight_conversion(model, dict(live))
     return {name: by_tensor[id(tensor)] for name, tensor in saved.items() if id(tensor) in by_tensor}
+
+
+def saves_renamed_keys(model: Any) -> bool:
+    """Whether transformers saves ``model``'s weights under other keys than its module names (ViT, ...).
+
+    Args:
+        model: A model (wrapped or not).
+
+    Returns:
+        True for a transformers model whose ``save_pretrained`` renames some keys.
+    """
+    from transformers import PreTrainedModel
+
+    plain = extract_model_from_parallel(model)
+    return isinstance(plain, PreTrainedModel) and bool(live_key_names(plain, plain.state_dict()))
 
 
 def load_checkpoint_weights(folder: str, model: Any) -> bool:
