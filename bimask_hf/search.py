@@ -266,7 +266,7 @@ def _pair_at_random(
     return order[:half], order[half : 2 * half]
 
 
-#: Largest count a float32 matmul of non-negative integers holds exactly (see :func:`_mm01`).
+#: Largest integer magnitude float32 matmuls of small integers keep exact (see :func:`_exact_operands`).
 _FLOAT32_EXACT = 2**24
 
 #: Operand sizes of the one-time int8-versus-float matmul timing (:func:`_int8_matmul_faster`).
@@ -278,6 +278,10 @@ _forced_path: str | None = None
 
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch._int_mm(a.to(torch.int8), b.to(torch.int8), out=out)
+
+
+def _float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a.float(), b.float())
 
 
 @functools.lru_cache(maxsize=1)
@@ -301,7 +305,7 @@ def _int8_matmul_faster() -> bool:
     torch.set_num_threads(1)
     try:
         for warm_up in (True, False, False, False):  # interleaved, so load from elsewhere hits both alike
-            for name, fn in (("int8", _int8_matmul), ("float", _float_matmul)):
+            for name, fn in (("int8", _int8_matmul), ("float", _float32_matmul)):
                 start = time.perf_counter()
                 fn(a, b)
                 if not warm_up:
@@ -313,21 +317,6 @@ def _int8_matmul_faster() -> bool:
     return best["int8"] < best["float"]
 
 
-def _float_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, term_max: int = 1) -> torch.Tensor:
-    """``a @ b`` (2-D, or 3-D batched) of non-negative integer matrices by a float matmul, exact, as int32.
-
-    Every entry is a sum of ``K`` products of at most ``term_max``. In float32 each product and each partial
-    sum, in whatever order and blocking the BLAS adds them (fused multiply-adds included), is a non-negative
-    integer no larger than the final sum; while that is at most ``K * term_max <= 2**24`` every such integer
-    is a float32 number, so no step rounds and the result is exact. The operands the search passes are 0, 1
-    and powers of two up to 64, which bfloat16 and TF32 (``torch.set_float32_matmul_precision``) also hold
-    exactly, and both accumulate in float32. Larger bounds take float64 (exact to ``2**53``).
-    """
-    dtype = torch.float32 if a.shape[-1] * term_max <= _FLOAT32_EXACT else torch.float64
-    product = torch.matmul(a.to(dtype), b.to(dtype))
-    return product.to(torch.int32) if out is None else out.copy_(product)
-
-
 def _matmul_path(a: torch.Tensor) -> str:
     """The matmul that scores swaps of ``a``'s device: the forced one, else the faster one."""
     if _forced_path is not None:
@@ -335,18 +324,30 @@ def _matmul_path(a: torch.Tensor) -> str:
     return "int8" if a.device.type == "cpu" and _int8_matmul_faster() else "float"
 
 
-def _mm01(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, term_max: int = 1) -> torch.Tensor:
-    """``a @ b`` for small non-negative integer matrices (2-D, or 3-D batched), exact, as int32 (into ``out``
-    when given); ``term_max`` bounds every product ``a[i, k] * b[k, j]`` (and every entry fits int8).
+def _exact_operands(a: torch.Tensor, bound: int) -> torch.Tensor:
+    """``a`` (small non-negative integers, int8 or bool) as an operand of :func:`_mm_exact`.
 
-    The int8 GEMM runs where it is the faster one (a CPU with VNNI or AMX, :func:`_int8_matmul_faster`),
-    a float matmul elsewhere and on GPUs; both give the same integers (:func:`matmul_path` forces one).
+    It stays int8 where the int8 GEMM is the faster one (a CPU with VNNI or AMX,
+    :func:`_int8_matmul_faster`; :func:`matmul_path` forces one), and becomes a float elsewhere and on GPUs:
+    float32 while ``bound``, the largest magnitude a product, a sum of products or any later sum of them
+    reaches, is at most ``2**24``, float64 past it (exact to ``2**53``). Below the bound every such value is an
+    integer the float holds, so no step rounds, in whatever order and blocking the BLAS adds the products
+    (fused multiply-adds included): both paths give the same integers. The operands the search passes are 0,
+    1 and powers of two, which bfloat16 and TF32 (``torch.set_float32_matmul_precision``) also hold exactly,
+    and both accumulate in float32.
     """
-    if _matmul_path(a) == "float":
-        return _float_matmul(a, b, out, term_max)
+    if _matmul_path(a) == "int8":
+        return a.to(torch.int8)
+    return a.to(torch.float32 if bound <= _FLOAT32_EXACT else torch.float64)
+
+
+def _mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D, or 3-D batched) of :func:`_exact_operands`: int32 for int8 operands, else their float dtype."""
+    if a.dtype != torch.int8:
+        return torch.matmul(a, b)
     if a.dim() == 2:
-        return _int8_matmul(a, b, out)
-    out = torch.empty(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.int32, device=a.device) if out is None else out
+        return _int8_matmul(a, b)
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[-1], dtype=torch.int32, device=a.device)
     for i in range(a.shape[0]):  # int8 GEMMs are 2-D only
         _int8_matmul(a[i], b[i], out[i])
     return out
@@ -358,13 +359,12 @@ def _gram01(a: torch.Tensor) -> torch.Tensor:
     The float path converts ``a`` once and, the product being symmetric, computes three of its four
     quadrants (the fourth is the transpose of one of them).
     """
-    if _matmul_path(a) == "int8":
-        return _int8_matmul(a, a.T)
-    dtype = torch.float32 if a.shape[-1] <= _FLOAT32_EXACT else torch.float64
-    converted = a.to(dtype)
+    converted = _exact_operands(a, a.shape[-1])
+    if converted.dtype == torch.int8:
+        return _int8_matmul(converted, converted.T)
     rows, half = a.shape[0], a.shape[0] // 2
     top, bottom = converted[:half], converted[half:]
-    out = torch.empty(rows, rows, dtype=dtype, device=a.device)
+    out = torch.empty(rows, rows, dtype=converted.dtype, device=a.device)
     torch.mm(top, top.T, out=out[:half, :half])
     torch.mm(bottom, bottom.T, out=out[half:, half:])
     torch.mm(bottom, top.T, out=out[half:, :half])
@@ -449,6 +449,15 @@ def _block_chunk(block_rows: int, cols: int, m: int) -> int:
     return max(1, GAIN_CHUNK_BYTES // _block_scratch_bytes(block_rows, cols, m))
 
 
+@functools.lru_cache(maxsize=8)
+def _tie_break(size: int, m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(size, size)``: ``m*m - 1 - (i*m + j)`` for rows ``i = a % m`` and ``j = b % m``, so that ties of the
+    encoded swap scores of :func:`_block_swap_gains` go to the first swap index (row ``i`` of the first group,
+    row ``j`` of the second)."""
+    within = torch.arange(size, device=device) % m
+    return ((m * m - 1) - (within.view(size, 1) * m + within.view(1, size))).to(dtype)
+
+
 def _block_swap_gains(rows: torch.Tensor, valid: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best single-row swap between every two groups of each block: ``(B, g, g)`` gains and indices.
 
@@ -456,42 +465,46 @@ def _block_swap_gains(rows: torch.Tensor, valid: torch.Tensor, n: int, m: int) -
     ``(B, g)`` marks real groups (padding: False). With ``lt = [C < n]``, ``le = [C <= n]`` and
     ``eq = le - lt`` per group and column, the gain of swapping row ``a`` (group ``g(a)``) with row
     ``b`` is ``S[a, b] + S[b, a]`` where ``S[a, b] = r_a.lt_{g(b)} - r_a.le_{g(a)} + r_a.(eq_{g(a)} * r_b)``:
-    two exact integer matmuls per block (:func:`_mm01`). Index ``i*m + j`` means row ``i`` of the first group with row ``j`` of
-    the second; pairs within a group and padding score -1.
+    two exact matmuls per block (:func:`_mm_exact`; ``r_a.le_{g(a)} = r_a.lt_{g(a)} + r_a.eq_{g(a)}`` needs
+    none). Index ``i*m + j`` means row ``i`` of the first group with row ``j`` of the second; pairs within a
+    group and padding score -1.
     """
     blocks, size, cols = rows.shape
     g = size // m
     counts = rows.reshape(blocks, g, m, cols).sum(dim=2, dtype=torch.int8 if m < 128 else torch.int32)
-    lt = counts < n
-    le = counts <= n
-    # every score is computed times 2^bits (folded into the int8 operands) so that the swap index fits in the
-    # low bits: one max over the encoded scores gives the best gain and its first index (torch's max with
-    # indices over a short last dimension is several times slower)
+    # every score is computed times 2^bits so that the swap index fits in the low bits: one max over the
+    # encoded scores gives the best gain and its first index (torch's max with indices over a short last
+    # dimension is several times slower). Every value below lies in [-bound, bound]: S and the lt
+    # projections in [0, K], their sums in [-2K, 2K], plus the index.
     bits = (m * m - 1).bit_length()
     scale = 1 << bits
-    lt_le = torch.cat([lt, le], dim=1).to(torch.int8)  # (B, 2g, K)
-    weighted = rows * (le & ~lt).repeat_interleave(m, dim=1)  # rows times eq of their own group
-    if scale <= 64:  # int8 operands hold 0/scale; larger m: scale the int32 products instead
-        lt_le *= scale
-        weighted *= scale
-    term_max = scale if scale <= 64 else 1
-    proj = _mm01(rows, lt_le.transpose(1, 2), term_max=term_max)  # (B, size, 2g)
-    s = _mm01(weighted, rows.transpose(1, 2), term_max=term_max)  # (B, size, size)
-    if scale > 64:
-        if scale * 2 * (cols + 1) >= 2**31:  # encoded scores would overflow int32 (huge K at large M)
+    bound = scale * 2 * (cols + 1)
+    ops = _exact_operands(rows, bound)
+    # int8 operands hold 0/scale up to 64 (larger m: scale the int32 products instead); floats hold any
+    folded = scale <= 64 or ops.dtype != torch.int8
+    lt = (counts < n).to(ops.dtype)  # (B, g, K)
+    eq = (counts == n).to(ops.dtype)
+    if folded:
+        lt *= scale
+        eq *= scale
+    weighted = (ops.view(blocks, g, m, cols) * eq.unsqueeze(2)).view(blocks, size, cols)  # rows times eq of their own group
+    proj = _mm_exact(ops, lt.transpose(1, 2))  # (B, size, g): r_a.lt_h
+    s = _mm_exact(weighted, ops.transpose(1, 2))  # (B, size, size): r_a.(eq_{g(a)} * r_b)
+    if not folded:
+        if bound >= 2**31:  # encoded scores would overflow int32 (huge K at large M)
             s, proj = s.long(), proj.long()
         s *= scale
         proj *= scale
+    own_eq = weighted.sum(dim=2, keepdim=True, dtype=proj.dtype)  # r_a.eq_{g(a)}
+    if not folded:
+        own_eq *= scale
     own = torch.arange(size, device=rows.device) // m
-    self_le = proj[:, :, g:].gather(2, own.view(1, size, 1).expand(blocks, size, 1))  # (B, size, 1)
-    s5 = s.view(blocks, g, m, g, m)
-    s5 += proj[:, :, :g].reshape(blocks, g, m, g, 1)
-    s5 -= self_le.view(blocks, g, m, 1, 1)
-    # gain[g, h, i, j] = S[g*m+i, h*m+j] + S[h*m+j, g*m+i], written in (group, group, swap) order
-    per_pair = torch.empty(blocks, g, g, m, m, dtype=s.dtype, device=rows.device)
-    torch.add(s5.permute(0, 1, 3, 2, 4), s5.permute(0, 3, 1, 4, 2), out=per_pair)
-    per_pair += torch.arange(m * m - 1, -1, -1, dtype=s.dtype, device=rows.device).view(m, m)
-    encoded = per_pair.view(blocks, g, g, m * m).amax(dim=3)
+    proj -= proj.gather(2, own.view(1, size, 1).expand(blocks, size, 1)) + own_eq  # - r_a.le_{g(a)}
+    s += proj.unsqueeze(3).expand(blocks, size, g, m).reshape(blocks, size, size)  # now S of the docstring
+    pair = torch.add(s, s.transpose(1, 2))
+    pair += _tie_break(size, m, pair.dtype, rows.device)
+    # max over the first group's rows, then over the second's: (B, g, g) encoded best swaps
+    encoded = pair.view(blocks, g, m, size).amax(dim=2).view(blocks, g, g, m).amax(dim=3).long()
     best_gain = encoded >> bits  # floor division: exact for negative gains too
     best = (m * m - 1) - (encoded & (scale - 1))
     bad = ~(valid.unsqueeze(2) & valid.unsqueeze(1)) | torch.eye(g, dtype=torch.bool, device=rows.device)
@@ -508,21 +521,21 @@ def _mutual_best_matching(best_gain: torch.Tensor, iterations: int) -> tuple[tor
     blocks, groups, _ = best_gain.shape
     device = best_gain.device
     idx = torch.arange(groups, device=device)
-    free = torch.ones(blocks, groups, dtype=torch.bool, device=device)
     # break ties towards lower indices deterministically
     score = best_gain.double() - idx.double().view(1, 1, -1) * 1e-9 - idx.double().view(1, -1, 1) * 1e-9
     found = []
     for _ in range(iterations):
-        live = score.masked_fill(~(free.unsqueeze(2) & free.unsqueeze(1)), -1.0)
-        value, best = live.max(dim=2)
-        mutual = free & (best.gather(1, best) == idx) & (idx < best) & (value > 0.5)
+        value, best = score.max(dim=2)
+        # a matched group's row and column score -1, so it never points nor is pointed at (value > 0.5)
+        mutual = (best.gather(1, best) == idx) & (idx < best) & (value > 0.5)
         if not bool(mutual.any()):
             break
         block, a = mutual.nonzero(as_tuple=True)
         b = best[block, a]
         found.append((block, a, b))
-        free[block, a] = False
-        free[block, b] = False
+        for taken in (a, b):
+            score[block, taken, :] = -1.0
+            score[block, :, taken] = -1.0
     if not found:
         empty = idx[:0]
         return empty, empty, empty
@@ -682,7 +695,7 @@ def _matched_search(
         round_gain = 0.0
         for lo in range(0, blocks, chunk):
             index, ok = row_index[lo : lo + chunk], valid[lo : lo + chunk]
-            block_rows = rows01[index]
+            block_rows = rows01.index_select(0, index.reshape(-1)).view(*index.shape, cols)
             if not bool(ok.all()):
                 block_rows *= ok.repeat_interleave(m, dim=1).unsqueeze(2)
             best_gain, best = _block_swap_gains(block_rows, ok, n, m)
