@@ -180,7 +180,7 @@ def permutation_retention(forward_mask: torch.Tensor, permutation: torch.Tensor,
     rows, _ = _check_inputs(forward_mask, n, m)
     _check_permutation(permutation, rows)
     mask = forward_mask.bool()
-    total = int(mask.sum())
+    total = int(torch.count_nonzero(mask))  # (a bool sum would copy the mask as int64 first)
     if total == 0:
         return retention_share(0, 0)
     counts = _group_counts(mask, permutation.to(mask.device, torch.long), m)
@@ -418,12 +418,22 @@ def _block_layout(groups: int, block_groups: int, round_index: int, device: torc
     return torch.cat([order, pad]).reshape(blocks, size)
 
 
+def _swap_score_bound(cols: int, m: int) -> int:
+    """Largest magnitude of the encoded swap scores of :func:`_block_swap_gains` on ``K = cols`` columns, and of
+    every value computed on the way to them."""
+    return (1 << (m * m - 1).bit_length()) * 2 * (cols + 1)
+
+
 def _block_scratch_bytes(block_rows: int, cols: int, m: int) -> int:
-    """Upper bound on the scratch bytes of scoring one candidate block in :func:`_block_swap_gains`
-    and matching it: four int32 ``(rows, rows)`` score tensors, the gathered int8 rows and their
-    products/counts (``5 * rows * K``), and the float64 ``(g, g)`` matching scores (three copies)."""
+    """Upper bound on the scratch bytes of scoring one candidate block in :func:`_block_swap_gains` and
+    matching it, on either matmul path: the gathered int8 rows and the group counts (``2 * rows * K``), the
+    rows, their ``eq``-weighted copy, the groups' ``lt`` and ``eq`` (``3 * rows * K`` elements at most) and
+    three ``(rows, rows)`` score tensors, in the float path's dtype (float32, float64 where the scores could pass ``2**24``; the int8 path needs less),
+    and the ``(g, g)`` gains, indices and matching scores (six int64/float64 copies). The same on both paths,
+    so that both cut the same blocks."""
+    item = 4 if _swap_score_bound(cols, m) <= _FLOAT32_EXACT else 8
     groups = block_rows // m
-    return 16 * block_rows * block_rows + 5 * block_rows * cols + 40 * groups * groups
+    return 3 * item * block_rows * block_rows + (2 + 3 * item) * block_rows * cols + 48 * groups * groups
 
 
 def _split_scratch_bytes(groups: int, cols: int, m: int) -> int:
@@ -478,7 +488,7 @@ def _block_swap_gains(rows: torch.Tensor, valid: torch.Tensor, n: int, m: int) -
     # projections in [0, K], their sums in [-2K, 2K], plus the index.
     bits = (m * m - 1).bit_length()
     scale = 1 << bits
-    bound = scale * 2 * (cols + 1)
+    bound = _swap_score_bound(cols, m)
     ops = _exact_operands(rows, bound)
     # int8 operands hold 0/scale up to 64 (larger m: scale the int32 products instead); floats hold any
     folded = scale <= 64 or ops.dtype != torch.int8
@@ -683,7 +693,7 @@ def _matched_search(
     block_groups = _block_groups(groups, cols, m)
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE if block_groups >= groups else BLOCKED_TOLERANCE
-    min_gain = max(0.5, tolerance * float(mask.sum()))
+    min_gain = max(0.5, tolerance * float(torch.count_nonzero(mask)))  # (a bool sum copies it as int64)
     chunk = chunk_blocks or _block_chunk(block_groups * m, cols, m)
     offsets = torch.arange(m, device=device)
     for round_index in range(rounds):
