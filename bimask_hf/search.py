@@ -426,11 +426,11 @@ def _swap_score_bound(cols: int, m: int) -> int:
 
 def _block_scratch_bytes(block_rows: int, cols: int, m: int) -> int:
     """Upper bound on the scratch bytes of scoring one candidate block in :func:`_block_swap_gains` and
-    matching it, on either matmul path: the gathered int8 rows and the group counts (``2 * rows * K``), the
-    rows, their ``eq``-weighted copy, the groups' ``lt`` and ``eq`` (``3 * rows * K`` elements at most) and
-    three ``(rows, rows)`` score tensors, in the float path's dtype (float32, float64 where the scores could pass ``2**24``; the int8 path needs less),
-    and the ``(g, g)`` gains, indices and matching scores (six int64/float64 copies). The same on both paths,
-    so that both cut the same blocks."""
+    matching it: the gathered int8 rows and the group counts (``2 * rows * K``); the rows, their
+    ``eq``-weighted copy, the groups' ``lt`` and ``eq`` (``3 * rows * K`` elements at most) and three
+    ``(rows, rows)`` score tensors in the float path's dtype (float32, or float64 where the scores could pass
+    ``2**24``); the ``(g, g)`` gains, indices and matching scores (six int64/float64 copies). The int8 path
+    needs less, but both use this bound so that both cut the same blocks."""
     item = 4 if _swap_score_bound(cols, m) <= _FLOAT32_EXACT else 8
     groups = block_rows // m
     return 3 * item * block_rows * block_rows + (2 + 3 * item) * block_rows * cols + 48 * groups * groups
@@ -497,7 +497,8 @@ def _block_swap_gains(rows: torch.Tensor, valid: torch.Tensor, n: int, m: int) -
     if folded:
         lt *= scale
         eq *= scale
-    weighted = (ops.view(blocks, g, m, cols) * eq.unsqueeze(2)).view(blocks, size, cols)  # rows times eq of their own group
+    # rows times eq of their own group
+    weighted = (ops.view(blocks, g, m, cols) * eq.unsqueeze(2)).view(blocks, size, cols)
     proj = _mm_exact(ops, lt.transpose(1, 2))  # (B, size, g): r_a.lt_h
     s = _mm_exact(weighted, ops.transpose(1, 2))  # (B, size, size): r_a.(eq_{g(a)} * r_b)
     if not folded:
