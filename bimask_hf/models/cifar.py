@@ -495,109 +495,65 @@ def _create(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs
     return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
 
 
+_ENTRY_POINT_SECTIONS = """
+
+Args:
+    pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
+        published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
+    **kwargs: Arguments of :class:`{model}` and of timm's ``build_model_with_cfg``.
+
+Returns:
+    `{model}`: The model.
+
+Raises:
+    ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
+"""
+
+
+def _entry_point(fn: Any) -> Any:
+    """Complete the one-line docstring of a timm entry point with the sections all of them share."""
+    if fn.__doc__ is not None:  # None under python -OO
+        fn.__doc__ += _ENTRY_POINT_SECTIONS.format(model=fn.__annotations__["return"])
+    return fn
+
+
 @register_model
+@_entry_point
 def resnet8_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-8 for CIFAR (1 block per stage): a tiny model for tests and smoke runs.
-
-    Args:
-        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
-            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
-        **kwargs: Arguments of :class:`CifarResNet` and of timm's ``build_model_with_cfg``.
-
-    Returns:
-        `CifarResNet`: The model.
-
-    Raises:
-        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
-    """
+    """ResNet-8 for CIFAR (1 block per stage): a tiny model for tests and smoke runs."""
     return _create(CifarResNet, "resnet8_cifar", pretrained, **dict(dict(blocks_per_stage=1), **kwargs))
 
 
 @register_model
+@_entry_point
 def resnet20_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-20 for CIFAR (3 blocks per stage).
-
-    Args:
-        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
-            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
-        **kwargs: Arguments of :class:`CifarResNet` and of timm's ``build_model_with_cfg``.
-
-    Returns:
-        `CifarResNet`: The model.
-
-    Raises:
-        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
-    """
+    """ResNet-20 for CIFAR (3 blocks per stage)."""
     return _create(CifarResNet, "resnet20_cifar", pretrained, **dict(dict(blocks_per_stage=3), **kwargs))
 
 
 @register_model
+@_entry_point
 def resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-32 for CIFAR (5 blocks per stage), the Bi-Mask paper's CIFAR ResNet.
-
-    Args:
-        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
-            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
-        **kwargs: Arguments of :class:`CifarResNet` and of timm's ``build_model_with_cfg``.
-
-    Returns:
-        `CifarResNet`: The model.
-
-    Raises:
-        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
-    """
+    """ResNet-32 for CIFAR (5 blocks per stage), the Bi-Mask paper's CIFAR ResNet."""
     return _create(CifarResNet, "resnet32_cifar", pretrained, **dict(dict(blocks_per_stage=5), **kwargs))
 
 
 @register_model
+@_entry_point
 def resnet56_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    """ResNet-56 for CIFAR (9 blocks per stage).
-
-    Args:
-        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
-            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
-        **kwargs: Arguments of :class:`CifarResNet` and of timm's ``build_model_with_cfg``.
-
-    Returns:
-        `CifarResNet`: The model.
-
-    Raises:
-        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
-    """
+    """ResNet-56 for CIFAR (9 blocks per stage)."""
     return _create(CifarResNet, "resnet56_cifar", pretrained, **dict(dict(blocks_per_stage=9), **kwargs))
 
 
 @register_model
+@_entry_point
 def vgg19_cifar(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
-    """VGG-19 with batch norm for CIFAR.
-
-    Args:
-        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
-            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
-        **kwargs: Arguments of :class:`CifarVGG` and of timm's ``build_model_with_cfg``.
-
-    Returns:
-        `CifarVGG`: The model.
-
-    Raises:
-        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
-    """
+    """VGG-19 with batch norm for CIFAR."""
     return _create(CifarVGG, "vgg19_cifar", pretrained, **kwargs)
 
 
 @register_model
+@_entry_point
 def mobilenetv2_cifar(pretrained: bool = False, **kwargs: Any) -> CifarMobileNetV2:
-    """MobileNetV2 (width 1.0) with CIFAR strides.
-
-    Args:
-        pretrained (`bool`, *optional*, defaults to `False`): Must stay False: no pretrained weights are
-            published (timm's ``local-dir:`` / ``hf-hub:`` loads pass a ``pretrained_cfg`` and do load).
-        **kwargs: Arguments of :class:`CifarMobileNetV2` and of timm's ``build_model_with_cfg``.
-
-    Returns:
-        `CifarMobileNetV2`: The model.
-
-    Raises:
-        ValueError: For ``pretrained=True`` without a ``pretrained_cfg``.
-    """
+    """MobileNetV2 (width 1.0) with CIFAR strides."""
     return _create(CifarMobileNetV2, "mobilenetv2_cifar", pretrained, **kwargs)
